@@ -1,0 +1,155 @@
+"""`LoraConfig`: what to adapt and how, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+ALL_LINEAR = "all-linear"
+_INITS = ("kaiming", "gaussian")
+_BIAS_MODES = ("none", "lora_only", "all")
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    """Whether a layer path like ``"encoder/layer_0/query"`` matches one pattern.
+
+    Args:
+      path: ``/``-joined layer path.
+      pattern: ``"re:<regex>"`` (full match on the path); a glob containing ``/``
+        (matched against the whole path); or a bare name/glob without ``/``, matched
+        against the last path component, like PEFT's ``target_modules=["q_proj"]``.
+
+    Returns:
+      True if the pattern selects the path.
+    """
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    if "/" not in pattern:
+        return fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def _first_match(path: str, table: Mapping[str, Any]) -> Any | None:
+    return next((value for pattern, value in table.items() if path_matches(path, pattern)), None)
+
+
+def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """How to adapt a model with LoRA.
+
+    ``y = base(x) + scale · dropout(x) @ A @ B`` with ``scale = alpha / rank``
+    (``alpha / sqrt(rank)`` with ``rslora=True``). B starts at zero, so the adapted
+    model equals the base model at initialisation.
+
+    Attributes:
+      rank: adapter rank r (> 0).
+      alpha: scaling numerator (> 0).
+      targets: ``"all-linear"`` (every Dense, DenseGeneral and Einsum layer) or a list
+        of patterns (see `path_matches`): bare names ``"query"``, globs ``"*/attn/*"``,
+        regexes ``"re:.*layer_[0-3]/query"``. Embedding layers are adapted only when a
+        pattern names them.
+      exclude: patterns removed from the selection.
+      rank_pattern: per-pattern rank overrides, first matching pattern wins.
+      alpha_pattern: per-pattern alpha overrides, first matching pattern wins.
+      dropout: LoRA dropout rate on the adapter input, in [0, 1). Active only when the
+        ``dropout_rng`` stream is passed to ``apply`` (as for Flax's own Dropout).
+      rslora: use ``alpha / sqrt(rank)`` as the scale.
+      init: ``"kaiming"`` (He-uniform A, as PEFT) or ``"gaussian"`` (A ~ N(0, 1/r)).
+      dtype: dtype of the adapter parameters (float32 by default, whatever the base).
+      modules_to_save: patterns of modules trained in full (e.g. a new head).
+      bias: ``"none"``, ``"lora_only"`` (biases of adapted layers train) or ``"all"``.
+      dropout_rng: name of the rng stream driving LoRA dropout.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str | Sequence[str] = ALL_LINEAR
+    exclude: Sequence[str] = ()
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    dtype: str = "float32"
+    modules_to_save: Sequence[str] = ()
+    bias: Literal["none", "lora_only", "all"] = "none"
+    dropout_rng: str = "dropout"
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "targets", _as_tuple(self.targets))
+        set_(self, "exclude", _as_tuple(self.exclude))
+        set_(self, "modules_to_save", _as_tuple(self.modules_to_save))
+        set_(self, "rank_pattern", dict(self.rank_pattern))
+        set_(self, "alpha_pattern", dict(self.alpha_pattern))
+        set_(self, "dtype", jnp.dtype(self.dtype).name)
+        _check_rank("rank", self.rank)
+        _check_alpha("alpha", self.alpha)
+        for pattern, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{pattern!r}]", rank)
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig: dropout={self.dropout} is outside [0, 1).")
+        if self.init not in _INITS:
+            raise ValueError(f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}.")
+        if self.bias not in _BIAS_MODES:
+            raise ValueError(f"LoraConfig: unknown bias={self.bias!r}; use one of {_BIAS_MODES}.")
+        if not self.targets:
+            raise ValueError('LoraConfig: targets is empty; name layers or use "all-linear".')
+        for pattern in (*self.targets, *self.exclude, *self.rank_pattern, *self.alpha_pattern):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ValueError(f"LoraConfig: bad regex {pattern!r}: {e}.") from None
+
+    def selects(self, path: str, *, is_linear: bool) -> bool:
+        """Whether the layer at ``path`` gets an adapter.
+
+        Args:
+          path: ``/``-joined layer path.
+          is_linear: whether the layer is Dense-like (``"all-linear"`` takes only those).
+        """
+        if any(path_matches(path, p) for p in self.exclude):
+            return False
+        return (ALL_LINEAR in self.targets and is_linear) or any(
+            path_matches(path, p) for p in self.targets if p != ALL_LINEAR
+        )
+
+    def rank_for(self, path: str) -> int:
+        """The adapter rank of the layer at ``path``."""
+        rank = _first_match(path, self.rank_pattern)
+        return self.rank if rank is None else rank
+
+    def scale_for(self, path: str) -> float:
+        """The LoRA scale (alpha/r, or alpha/sqrt(r) with rslora) of the layer at ``path``."""
+        alpha = _first_match(path, self.alpha_pattern)
+        alpha = self.alpha if alpha is None else alpha
+        rank = self.rank_for(path)
+        return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `LoraConfig(**d)` rebuilds the config."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _check_rank(name: str, rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoraConfig: {name}={rank!r} must be a positive int (e.g. 8).")
+
+
+def _check_alpha(name: str, alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+        raise ValueError(f"LoraConfig: {name}={alpha!r} must be a positive number (e.g. 16).")

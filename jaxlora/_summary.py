@@ -1,0 +1,116 @@
+"""`summary`: which layers were adapted and how many parameters train."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+from flax import nnx
+from flax.core import meta
+
+from jaxlora import _nnx
+from jaxlora._tree import ADAPTER_KEY, PyTree, iter_layers, kernel_key, params_of, split
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSummary:
+    """One adapted layer: path, kernel/A/B shapes, rank, scale and adapter size."""
+
+    path: str
+    kernel_shape: tuple[int, ...]
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    rank: int
+    scale: float
+    params: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What `lorafy` did: adapted layers and trainable / total parameter counts."""
+
+    layers: tuple[LayerSummary, ...]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        """Trainable / total parameters."""
+        return self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        header = ("layer", "kernel", "A", "B", "r", "scale", "params")
+        rows = [
+            (
+                l.path,
+                str(l.kernel_shape),
+                str(l.a_shape),
+                str(l.b_shape),
+                str(l.rank),
+                f"{l.scale:g}",
+                f"{l.params:,}",
+            )
+            for l in self.layers
+        ]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
+        ]
+        lines.append(
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,}"
+            f" || trainable%: {100 * self.trainable_fraction:.4f}"
+        )
+        return "\n".join(lines)
+
+
+def _size(tree: PyTree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(meta.unbox(tree)))
+
+
+def _layer_summary(path, weight, a, b, scale) -> LayerSummary:
+    return LayerSummary(
+        path=path,
+        kernel_shape=tuple(weight.shape),
+        a_shape=tuple(a.shape),
+        b_shape=tuple(b.shape),
+        rank=a.shape[-1],
+        scale=scale,
+        params=a.size + b.size,
+    )
+
+
+def _nnx_summary(module: nnx.Module) -> Summary:
+    layers = tuple(
+        _layer_summary(path, _nnx._weight(layer.base), layer.lora_a, layer.lora_b, layer.scale)
+        for path, layer in _nnx.lora_layers(module)
+    )
+    trainable = nnx.state(module, _nnx.TrainableParam)
+    return Summary(layers, _size(trainable), _size(nnx.state(module, nnx.Param)))
+
+
+def summary(adapted: PyTree | nnx.Module) -> Summary:
+    """Per-layer adapter shapes and the trainable / total parameter counts.
+
+    Args:
+      adapted: an adapted linen tree (params collection or variables dict) or NNX module.
+
+    Returns:
+      A `Summary`; ``print(summary)`` shows a table like PEFT's
+      ``print_trainable_parameters``, per layer.
+    """
+    if isinstance(adapted, nnx.Module):
+        return _nnx_summary(adapted)
+    inner, _ = params_of(adapted)
+    layers = tuple(
+        _layer_summary(
+            "/".join(path),
+            meta.unbox(layer[kernel_key(layer)]),
+            meta.unbox(layer[ADAPTER_KEY].a),
+            meta.unbox(layer[ADAPTER_KEY].b),
+            layer[ADAPTER_KEY].scale,
+        )
+        for path, layer in iter_layers(inner)
+    )
+    trainable, _ = split(inner)
+    return Summary(layers, _size(trainable), _size(inner))

@@ -1,0 +1,80 @@
+"""Training only the adapters: a masked optimizer and a jitted step over the trainable leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from jaxlora._tree import PyTree, combine, split, trainable_mask
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+def optimizer(
+    tx: optax.GradientTransformation, params: PyTree, mask: PyTree | None = None
+) -> optax.GradientTransformation:
+    """Wraps ``tx`` so it updates only the trainable leaves of an adapted tree.
+
+    Built on ``optax.partition``: trainable leaves go to ``tx``, frozen leaves to
+    ``optax.set_to_zero()``, which holds no state. For Adam that is exactly two floats
+    per trainable parameter (plus the step count).
+
+    Args:
+      tx: any optax transformation, e.g. ``optax.adamw(1e-4)``.
+      params: the adapted tree from `lorafy` (only its structure is read).
+      mask: optional static bool tree (default `trainable_mask(params)`).
+
+    Returns:
+      A transformation to ``init`` with the adapted params and to pass to
+      `make_train_step`. It also works on full-tree gradients, zeroing frozen updates.
+    """
+    mask = trainable_mask(params) if mask is None else mask
+    split(params, mask)  # validates the mask
+    labels = jax.tree.map(lambda m: TRAINABLE if m else FROZEN, mask)
+    return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    donate: bool = True,
+) -> Callable[..., tuple[PyTree, optax.OptState, Any]]:
+    """A jitted training step that differentiates the adapters only.
+
+    Gradients are taken with respect to the trainable part of `split(params)`, so no
+    gradient of a frozen kernel is ever formed, and the frozen leaves come back
+    bit-identical.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux``), where ``params`` is the adapted tree, e.g. calling
+        ``lora_model.apply({"params": params}, ...)``.
+      tx: the optimizer from `optimizer` (its state from ``tx.init(params)``).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      donate: donate ``params`` and ``opt_state`` buffers to the step.
+
+    Returns:
+      ``step(params, opt_state, batch, *args) -> (params, opt_state, loss_or_(loss, aux))``.
+
+    Example:
+      >>> step = jaxlora.make_train_step(loss_fn, tx)
+      >>> params, opt_state, loss = step(params, opt_state, batch)
+    """
+
+    def step(params, opt_state, batch, *args):
+        trainable, frozen = split(params)
+
+        def loss_of(t):
+            return loss_fn(combine(t, frozen), batch, *args)
+
+        out, grads = jax.value_and_grad(loss_of, has_aux=has_aux)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return combine(trainable, frozen), opt_state, out
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())

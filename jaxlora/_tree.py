@@ -1,0 +1,229 @@
+"""The adapted parameter tree: its node types and the pure functions over it.
+
+An adapted linen tree is the base tree plus, inside each adapted layer's dict, a
+`LoraAdapter` under the key ``"lora"`` (next to ``kernel``/``embedding``), and a
+`Trainable` marker around every leaf trained in full (``modules_to_save``, biases).
+The tree alone says what trains, so `split`, `optimizer`, `merge` and checkpoints need
+nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.core import meta
+
+from jaxlora import _layout
+
+ADAPTER_KEY = "lora"
+PyTree = Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraAdapter:
+    """One layer's LoRA factors.
+
+    Attributes:
+      a: ``(*stack, *layout.a_shape)``; the last axis is the rank.
+      b: ``(*stack, *layout.b_shape)``.
+      scale: alpha / rank (or alpha / sqrt(rank)); static.
+      delta_eq: einsum building the kernel-shaped ΔW from ``(a, b)``; static.
+    """
+
+    a: Any
+    b: Any
+    scale: float = dataclasses.field(metadata={"static": True})
+    delta_eq: str = dataclasses.field(metadata={"static": True})
+
+    @property
+    def rank(self) -> int:
+        """The adapter rank r."""
+        return meta.unbox(self.a).shape[-1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Marks a leaf that trains in full (``modules_to_save`` or a trainable bias)."""
+
+    value: Any
+
+
+def _is_marked(x: Any) -> bool:
+    return isinstance(x, LoraAdapter | Trainable)
+
+
+def _is_param_leaf(x: Any) -> bool:
+    return _is_marked(x) or isinstance(x, meta.AxisMetadata)
+
+
+def params_of(tree: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """The ``params`` collection of a variables dict (or the tree itself) and a rebuilder."""
+    if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
+        return tree["params"], lambda params: {**tree, "params": params}
+    return tree, lambda params: params
+
+
+def has_adapters(tree: PyTree) -> bool:
+    """Whether any `LoraAdapter` is in ``tree``."""
+    leaves = jax.tree.leaves(tree, is_leaf=_is_marked)
+    return any(isinstance(x, LoraAdapter) for x in leaves)
+
+
+def path_str(key_path: tuple[Any, ...]) -> str:
+    """``/``-joined names of a JAX key path (dict keys, attributes, indices)."""
+    parts = []
+    for k in key_path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def iter_layers(tree: PyTree, path: tuple[str, ...] = ()):
+    """Yields ``(path, layer_dict)`` for every adapted layer of a params tree."""
+    if not isinstance(tree, Mapping):
+        return
+    if isinstance(tree.get(ADAPTER_KEY), LoraAdapter):
+        yield path, tree
+        return
+    for k, v in tree.items():
+        yield from iter_layers(v, (*path, str(k)))
+
+
+def kernel_key(layer: Mapping[str, Any]) -> str:
+    """The key of the adapted weight in an adapted layer's dict."""
+    return "embedding" if "embedding" in layer else "kernel"
+
+
+def unwrap_trainable(tree: PyTree) -> PyTree:
+    """Removes the `Trainable` markers, leaving the values in place."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, Trainable) else x, tree, is_leaf=_is_marked
+    )
+
+
+def trainable_mask(params: PyTree) -> PyTree:
+    """A tree of Python bools, shaped like ``params``: True for the leaves that train.
+
+    Args:
+      params: an adapted tree from `lorafy`.
+
+    Returns:
+      The mask (static: built from the tree's structure, never from array values).
+    """
+
+    def node_mask(node):
+        return jax.tree.map(lambda _: _is_marked(node), node)
+
+    return jax.tree.map(node_mask, params, is_leaf=_is_param_leaf)
+
+
+def _check_mask(mask: PyTree) -> None:
+    for key_path, m in jax.tree_util.tree_leaves_with_path(mask):
+        if not isinstance(m, bool):
+            raise TypeError(
+                f"trainable mask at {path_str(key_path)!r} is a {type(m).__name__}, not a "
+                "Python bool: masks must be static (build them outside jit, e.g. with "
+                "jaxlora.trainable_mask(params)), never traced or array-valued."
+            )
+
+
+def split(params: PyTree, mask: PyTree | None = None) -> tuple[PyTree, PyTree]:
+    """Splits an adapted tree into ``(trainable, frozen)``.
+
+    Both keep the full structure, with None where a leaf belongs to the other part, so
+    `combine` puts them back together and ``jax.grad`` over ``trainable`` never forms a
+    gradient for a frozen leaf.
+
+    Args:
+      params: an adapted tree from `lorafy`.
+      mask: optional static bool tree (default `trainable_mask(params)`).
+
+    Returns:
+      ``(trainable, frozen)``.
+    """
+    mask = trainable_mask(params) if mask is None else mask
+    _check_mask(mask)
+    trainable = jax.tree.map(lambda m, x: x if m else None, mask, params)
+    frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
+    return trainable, frozen
+
+
+def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
+    """Inverse of `split`."""
+    return jax.tree.map(
+        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+    )
+
+
+def _rebox(old: Any, new: jax.Array) -> Any:
+    return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
+
+
+def _merged_kernel(layer: Mapping[str, Any], sign: float) -> Any:
+    adapter = layer[ADAPTER_KEY]
+    kernel = layer[kernel_key(layer)]
+    w = meta.unbox(kernel)
+    delta = _layout.delta_weight(
+        meta.unbox(adapter.a), meta.unbox(adapter.b), adapter.delta_eq, sign * adapter.scale
+    )
+    return _rebox(kernel, (w.astype(jnp.float32) + delta).astype(w.dtype))
+
+
+def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTree:
+    if not isinstance(tree, Mapping):
+        return tree
+    if isinstance(tree.get(ADAPTER_KEY), LoraAdapter):
+        return fn(tree)
+    return {k: _map_layers(v, fn) for k, v in tree.items()}
+
+
+def merge(params: PyTree) -> PyTree:
+    """Plain params with every adapter folded into its kernel (see `jaxlora.merge`)."""
+    inner, rebuild = params_of(params)
+    if not has_adapters(inner):
+        raise ValueError(
+            "merge: these params hold no LoRA adapters. Pass the tree returned by "
+            "jaxlora.lorafy (or jaxlora.load_adapter), not the base params."
+        )
+
+    def fold(layer):
+        out = {k: v for k, v in layer.items() if k != ADAPTER_KEY}
+        out[kernel_key(layer)] = _merged_kernel(layer, +1.0)
+        return out
+
+    return rebuild(unwrap_trainable(_map_layers(inner, fold)))
+
+
+def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
+    """The adapted tree with kernels ``merged - scale · A ⊗ B`` (see `jaxlora.unmerge`)."""
+    merged_inner, _ = params_of(merged)
+    adapted_inner, rebuild = params_of(adapted)
+
+    def restore(m, a, path):
+        if isinstance(a, Trainable):
+            return Trainable(m)
+        if not isinstance(a, Mapping):
+            return m
+        if not isinstance(m, Mapping):
+            raise ValueError(f"unmerge: merged params have a leaf at {path!r}, expected a dict.")
+        missing = sorted(set(a) - set(m) - {ADAPTER_KEY})
+        if missing:
+            raise ValueError(
+                f"unmerge: merged params lack {missing} at {path!r}; pass the tree that "
+                "jaxlora.merge returned for these adapters."
+            )
+        out = {k: restore(m[k], v, f"{path}/{k}") for k, v in a.items() if k != ADAPTER_KEY}
+        if isinstance(a.get(ADAPTER_KEY), LoraAdapter):
+            out[ADAPTER_KEY] = a[ADAPTER_KEY]
+            out[kernel_key(a)] = _merged_kernel(out, -1.0)
+        return out
+
+    return rebuild(restore(merged_inner, adapted_inner, ""))
