@@ -112,8 +112,8 @@ def einsum_layout(einsum_str: str, kernel_shape: tuple[int, ...], rank: int) -> 
     return Layout(
         kind=EINSUM,
         kernel_shape=tuple(kernel_shape),
-        a_shape=tuple(size[c] for c in a_labels[:-1]) + (rank,),
-        b_shape=tuple(size[c] for c in lab.batch) + (rank,) + tuple(size[c] for c in lab.outs),
+        a_shape=(*(size[c] for c in a_labels[:-1]), rank),
+        b_shape=(*(size[c] for c in lab.batch), rank, *(size[c] for c in lab.outs)),
         fan_in=math.prod(size[c] for c in lab.ins),
         fan_out=math.prod(size[c] for c in lab.outs),
         delta_eq=f"...{a_labels},...{b_labels}->...{lab.rhs}",
