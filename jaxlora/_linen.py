@@ -147,6 +147,11 @@ def _select(config: LoraConfig, found: dict[str, _Found]) -> list[str]:
     return selected
 
 
+def _keys(path: str) -> tuple[str, ...]:
+    """Dict keys of a ``/``-joined path; ``""`` is the root (a model that is one layer)."""
+    return tuple(path.split("/")) if path else ()
+
+
 def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
     for k in path:
         tree = tree[k]
@@ -217,22 +222,16 @@ def _mark_full_training(params: dict, config: LoraConfig, adapted: list[str]) ->
                     f"lorafy: {path!r} is both in modules_to_save and a LoRA target "
                     f"({clash[0]!r}); exclude it from targets or from modules_to_save."
                 )
-            params = _set(
-                params,
-                tuple(path.split("/")),
-                _mark_trainable(_get(params, tuple(path.split("/")))),
-            )
-    bias_layers = (
-        adapted
-        if config.bias == "lora_only"
-        else ["/".join(p) for p in _module_paths(params)]
-        if config.bias == "all"
-        else []
-    )
+            params = _set(params, _keys(path), _mark_trainable(_get(params, _keys(path))))
+    bias_layers = {
+        "none": [],
+        "lora_only": adapted,
+        "all": ["/".join(p) for p in _module_paths(params)],
+    }[config.bias]
     for path in bias_layers:
-        layer = _get(params, tuple(path.split("/")))
+        layer = _get(params, _keys(path))
         if isinstance(layer.get("bias"), jax.Array | meta.AxisMetadata):
-            params = _set(params, (*path.split("/"), "bias"), _mark_trainable(layer["bias"]))
+            params = _set(params, (*_keys(path), "bias"), _mark_trainable(layer["bias"]))
     return params
 
 
@@ -251,7 +250,7 @@ def lorafy(
     selected = _select(config, found)
     adapted = dict(inner)
     for path in selected:
-        keys = tuple(path.split("/"))
+        keys = _keys(path)
         layer = _get(adapted, keys)
         adapter = _make_adapter(path, layer, found[path], config, key)
         adapted = _set(adapted, keys, {**layer, ADAPTER_KEY: adapter})

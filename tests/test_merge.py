@@ -1,0 +1,70 @@
+"""merge / unmerge: pure, jit-able, equal to the adapted model."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxlora
+from tests.support import models
+
+KEY = jax.random.key(0)
+IDS = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64
+
+
+def _trained(params):
+    trainable, frozen = jaxlora.split(params)
+    keys = iter(jax.random.split(KEY, len(jax.tree.leaves(trainable))))
+    trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), trainable)
+    return jaxlora.combine(trainable, frozen)
+
+
+class MergeTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_merge_then_unmerge(self):
+        model = models.TinyLM()
+        params = model.init(KEY, IDS)["params"]
+        cfg = jaxlora.LoraConfig(
+            rank=4,
+            targets=["all-linear", "embed"],
+            rank_pattern={"up": 2},
+            alpha_pattern={"down": 3},
+        )
+        lora_model, lora_params = jaxlora.lorafy(model, params, cfg, IDS, key=KEY)
+        lora_params = _trained(lora_params)
+        merged = self.variant(jaxlora.merge)(lora_params)
+        assert not jaxlora._tree.has_adapters(merged)
+        chex.assert_trees_all_equal_structs(merged, params)
+        chex.assert_trees_all_close(
+            model.apply({"params": merged}, IDS),
+            lora_model.apply({"params": lora_params}, IDS),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        restored = self.variant(jaxlora.unmerge)(merged, lora_params)
+        chex.assert_trees_all_close(restored, lora_params, rtol=1e-5, atol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_merge_keeps_bfloat16_kernels(self):
+        model = models.MLP(features=(16, 8))
+        x = jnp.ones((2, 8))
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init(KEY, x)["params"])
+        _, lp = jaxlora.lorafy(model, params, jaxlora.LoraConfig(rank=2), x, key=KEY)
+        merged = self.variant(jaxlora.merge)(_trained(lp))
+        assert merged["dense_0"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_merge_of_base_params_is_an_error():
+    params = models.MLP().init(KEY, jnp.ones((1, 4)))["params"]
+    with pytest.raises(ValueError, match=r"hold no LoRA adapters"):
+        jaxlora.merge(params)
+
+
+def test_unmerge_of_unrelated_params_is_an_error():
+    model = models.MLP(features=(16, 8))
+    x = jnp.ones((2, 8))
+    _, lp = jaxlora.lorafy(
+        model, model.init(KEY, x)["params"], jaxlora.LoraConfig(rank=2), x, key=KEY
+    )
+    with pytest.raises(ValueError, match=r"merged params lack \['dense_1'\]"):
+        jaxlora.unmerge({"dense_0": jaxlora.merge(lp)["dense_0"]}, lp)

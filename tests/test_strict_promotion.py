@@ -1,0 +1,49 @@
+"""jaxlora never relies on implicit dtype promotion (bf16 base, f32 adapters)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxlora
+from tests.support import models
+
+KEY = jax.random.key(0)
+
+
+class _Bf16Model(nn.Module):
+    """Every adaptable linen layer kind, computing in bfloat16."""
+
+    @nn.compact
+    def __call__(self, ids, deterministic: bool = True):
+        kw = {"dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16}
+        embed = nn.Embed(16, 8, name="embed", **kw)
+        x = nn.Dense(8, **kw)(embed(ids))
+        x = nn.DenseGeneral((2, 4), **kw)(x)
+        x = nn.Einsum((2, 4, 8), "btnh,nhd->btd", **kw)(x)
+        return embed.attend(x)
+
+
+def test_linen_path_is_strict_clean():
+    model = _Bf16Model()
+    ids = jnp.zeros((2, 8), jnp.int32)
+    params = model.init(KEY, ids)["params"]
+    with jax.numpy_dtype_promotion("strict"):
+        cfg = jaxlora.LoraConfig(rank=2, targets=["all-linear", "embed"], dropout=0.1)
+        lora_model, lp = jaxlora.lorafy(model, params, cfg, ids, key=KEY)
+        trainable, frozen = jaxlora.split(lp)
+        lp = jaxlora.combine(
+            jax.tree.map(lambda x: x + jnp.asarray(0.1, x.dtype), trainable), frozen
+        )
+        lora_model.apply({"params": lp}, ids, deterministic=False, rngs={"dropout": KEY})
+        merged = jax.jit(jaxlora.merge)(lp)
+        jaxlora.unmerge(merged, lp)
+
+
+def test_nnx_path_is_strict_clean():
+    with jax.numpy_dtype_promotion("strict"):
+        model = models.NnxModel(nnx.Rngs(0))
+        cfg = jaxlora.LoraConfig(rank=2, targets=["all-linear", "embed"], dropout=0.1)
+        jaxlora.lorafy(model, cfg, rngs=nnx.Rngs(1))
+        model(jnp.zeros((2, 4), jnp.int32))
+        jaxlora.unmerge(jaxlora.merge(model), model)

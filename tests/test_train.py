@@ -1,0 +1,167 @@
+"""The frozen path: gradients, optimizer state and FLOPs of the adapters only."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jaxlora
+from tests.support import models
+
+KEY = jax.random.key(0)
+
+
+def _mlp_setup(targets="all-linear", width=256, batch=128):
+    model = models.MLP(features=(width, width + 64, width // 2))
+    x = jax.random.normal(KEY, (batch, width))
+    y = jax.random.normal(jax.random.key(1), (batch, width // 2))
+    params = model.init(KEY, x)["params"]
+    cfg = jaxlora.LoraConfig(rank=8, alpha=16, targets=targets)
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, x, key=KEY)
+    return model, params, lora_model, lora_params, (x, y)
+
+
+def _mse(apply):
+    def loss_fn(params, batch):
+        x, y = batch
+        return jnp.mean((apply({"params": params}, x) - y) ** 2)
+
+    return loss_fn
+
+
+def _flops(jitted, *args):
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost["flops"]
+
+
+def _full_step(loss_fn, tx):
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def test_lora_step_flops_are_at_most_072_of_full_finetuning():
+    model, params, lora_model, lora_params, batch = _mlp_setup()
+    tx = jaxlora.optimizer(optax.adamw(1e-3), lora_params)
+    lora_step = jaxlora.make_train_step(_mse(lora_model.apply), tx, donate=False)
+    full_tx = optax.adamw(1e-3)
+    full_step = _full_step(_mse(model.apply), full_tx)
+    lora = _flops(lora_step, lora_params, tx.init(lora_params), batch)
+    full = _flops(full_step, params, full_tx.init(params), batch)
+    assert lora / full <= 0.72, (lora, full)
+
+
+def test_transformer_lora_step_flops_ratio():
+    model = models.TinyLM(vocab=256, d_model=256, heads=4, layers=2)
+    ids = jnp.zeros((8, 64), jnp.int32)
+    params = model.init(KEY, ids)["params"]
+    cfg = jaxlora.LoraConfig(rank=8, alpha=16, targets="all-linear")
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, ids, key=KEY)
+
+    def lm_loss(apply):
+        def loss_fn(p, batch):
+            logits = apply({"params": p}, batch)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch).mean()
+
+        return loss_fn
+
+    tx = jaxlora.optimizer(optax.adamw(1e-3), lora_params)
+    lora_step = jaxlora.make_train_step(lm_loss(lora_model.apply), tx, donate=False)
+    full_tx = optax.adamw(1e-3)
+    lora = _flops(lora_step, lora_params, tx.init(lora_params), ids)
+    full = _flops(_full_step(lm_loss(model.apply), full_tx), params, full_tx.init(params), ids)
+    assert lora / full <= 0.72, (lora, full)
+
+
+_DOT = re.compile(r"= f32\[([\d,]+)\]\S* (?:dot|convolution)\(")
+
+
+def test_no_weight_gradient_dot_in_the_compiled_step():
+    """A dot producing a frozen kernel's shape would be dW = xᵀ·g: it must not exist."""
+    _, params, lora_model, lora_params, batch = _mlp_setup(width=96, batch=40)
+    tx = jaxlora.optimizer(optax.adam(1e-3), lora_params)
+    step = jaxlora.make_train_step(_mse(lora_model.apply), tx, donate=False)
+    hlo = step.lower(lora_params, tx.init(lora_params), batch).compile().as_text()
+    dot_shapes = {tuple(int(d) for d in m.group(1).split(",")) for m in _DOT.finditer(hlo)}
+    kernels = {tuple(layer["kernel"].shape) for layer in params.values()}
+    assert dot_shapes, "no dots found: the HLO pattern is stale"
+    assert not dot_shapes & kernels, dot_shapes & kernels
+
+
+def test_optimizer_state_is_two_floats_per_trainable_param():
+    _, params, _, lora_params, _ = _mlp_setup()
+    tx = jaxlora.optimizer(optax.adam(1e-3), lora_params)
+    state = tx.init(lora_params)
+    trainable = jaxlora.summary(lora_params).trainable_params
+    floats = sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+    counts = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.integer)]
+    assert floats == 2 * trainable
+    assert [c.size for c in counts] == [1]
+    assert trainable < 0.1 * sum(x.size for x in jax.tree.leaves(params))
+
+
+class TrainStepTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_frozen_leaves_bit_identical_and_loss_falls(self):
+        _, _, lora_model, lora_params, batch = _mlp_setup(width=64, batch=32)
+        frozen_before = jax.tree.map(jnp.copy, jaxlora.split(lora_params)[1])
+        tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+        step = jaxlora.make_train_step(_mse(lora_model.apply), tx, donate=False)
+        step = self.variant(step.__wrapped__)  # the un-jitted step, jitted again or not
+        opt_state = tx.init(lora_params)
+        losses = []
+        for _ in range(5):
+            lora_params, opt_state, loss = step(lora_params, opt_state, batch)
+            losses.append(float(loss))
+        assert losses[-1] < losses[0]
+        chex.assert_trees_all_equal(jaxlora.split(lora_params)[1], frozen_before)
+        adapter = lora_params["dense_0"]["lora"]
+        assert adapter.b.any()
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_full_tree_gradients_never_move_frozen_leaves(self):
+        """jaxlora.optimizer on whole-tree gradients zeroes the frozen updates."""
+        _, _, lora_model, lora_params, batch = _mlp_setup(width=64, batch=32)
+        tx = jaxlora.optimizer(optax.sgd(0.1), lora_params)
+        grads = jax.grad(_mse(lora_model.apply))(lora_params, batch)
+        updates, _ = self.variant(tx.update)(grads, tx.init(lora_params), lora_params)
+        _, frozen_updates = jaxlora.split(updates)
+        assert not any(u.any() for u in jax.tree.leaves(frozen_updates))
+
+
+def test_donated_step_and_has_aux():
+    _, _, lora_model, lora_params, batch = _mlp_setup(width=64, batch=32)
+
+    def loss_fn(params, batch):
+        loss = _mse(lora_model.apply)(params, batch)
+        return loss, {"loss_x2": 2 * loss}
+
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(loss_fn, tx, has_aux=True)
+    params, opt_state, (loss, aux) = step(lora_params, tx.init(lora_params), batch)
+    assert float(aux["loss_x2"]) == pytest.approx(2 * float(loss))
+    params, opt_state, _ = step(params, opt_state, batch)
+
+
+def test_traced_mask_is_a_clear_error():
+    _, _, _, lora_params, _ = _mlp_setup(width=64, batch=8)
+    mask = jax.tree.map(lambda m: jnp.asarray(m), jaxlora.trainable_mask(lora_params))
+    with pytest.raises(TypeError, match=r"not a Python bool: masks must be static"):
+        jaxlora.split(lora_params, mask)
+    with pytest.raises(TypeError, match=r"masks must be static"):
+        jaxlora.optimizer(optax.adam(1e-3), lora_params, mask)
+
+
+def test_split_combine_round_trip():
+    _, _, _, lora_params, _ = _mlp_setup(width=64, batch=8)
+    trainable, frozen = jaxlora.split(lora_params)
+    assert jax.tree.leaves(trainable) and jax.tree.leaves(frozen)
+    chex.assert_trees_all_equal(jaxlora.combine(trainable, frozen), lora_params)
