@@ -1,0 +1,122 @@
+"""Framework-free pieces shared by the benchmark harness and its per-framework runners.
+
+Nothing here imports JAX or PyTorch, so each benchmark child loads only its own framework.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+TARGETS = {"qv": ("query", "value"), "all": ("query", "key", "value", "out", "up", "down")}
+"""LoRA target layer names per setting; the third setting, ``"full"``, trains every weight."""
+
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Every dimension of the benchmark workload (each one is a CLI flag).
+
+    Attributes:
+        vocab: Vocabulary size.
+        d_model: Residual stream width.
+        layers: Number of decoder blocks.
+        heads: Attention heads.
+        mlp: MLP hidden width.
+        seq: Sequence length.
+        batch: Batch size.
+        rank: LoRA rank.
+        alpha: LoRA alpha (the update is scaled by ``alpha / rank``).
+        steps: Timed steps per child process.
+        warmup: Untimed steps before them (the first one compiles).
+    """
+
+    vocab: int = 8192
+    d_model: int = 512
+    layers: int = 6
+    heads: int = 8
+    mlp: int = 2048
+    seq: int = 128
+    batch: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 20
+    warmup: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """What one child process measured.
+
+    Attributes:
+        times_s: Wall time of each timed step (or forward pass), in seconds.
+        total_params: Number of parameters, adapters included.
+        trainable_params: Number of parameters the optimizer updates (``None`` for inference).
+        opt_state_floats: Number of array elements in the optimizer state, step counters
+            included (``None`` for inference).
+        opt_state_scalars: How many of those elements are 0-d step counters.
+        gflops: XLA's FLOP count of the compiled step, in GFLOP (``None`` outside JAX).
+    """
+
+    times_s: list[float]
+    total_params: int
+    trainable_params: int | None = None
+    opt_state_floats: int | None = None
+    opt_state_scalars: int | None = None
+    gflops: float | None = None
+
+
+def cpu_count() -> int:
+    """Number of CPUs this process may run on (what XLA's CPU thread pool uses)."""
+    return len(os.sched_getaffinity(0))
+
+
+def token_batch(w: Workload) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random batch of next-token prediction data.
+
+    Args:
+        w: The workload.
+
+    Returns:
+        ``(tokens, targets)``, both int32 of shape ``(batch, seq)``; targets are tokens shifted
+        by one.
+    """
+    ids = np.random.default_rng(0).integers(0, w.vocab, (w.batch, w.seq + 1), dtype=np.int32)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def time_calls(call: Callable[[], Any], w: Workload) -> list[float]:
+    """Calls ``call`` ``w.warmup + w.steps`` times and times the last ``w.steps`` calls.
+
+    Args:
+        call: One training step (or forward pass); it must block until its results are ready.
+        w: The workload.
+
+    Returns:
+        Wall times in seconds, one per timed call.
+    """
+    times = []
+    for _ in range(w.warmup + w.steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times[w.warmup :]
+
+
+def array_counts(arrays: Iterable[Any]) -> tuple[int, int]:
+    """Counts elements of arrays (anything with a ``.shape``: NumPy, JAX, torch).
+
+    Args:
+        arrays: The arrays, e.g. the leaves of an optimizer state.
+
+    Returns:
+        ``(elements, scalars)``: the total number of elements, and how many arrays are 0-d.
+    """
+    shapes = [tuple(a.shape) for a in arrays]
+    return sum(math.prod(s) for s in shapes), sum(not s for s in shapes)

@@ -1,0 +1,182 @@
+"""JAX benchmark runners: linen full fine-tuning, Flax NNX (LoRA and full), base forward pass.
+
+Each runner takes ``(setting, workload)`` and returns a :class:`Measurement`. The helpers here
+(model setup, functional train step, timing, FLOP count) are reused by ``bench_jaxlora.py``.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from experiments import gpt2
+from experiments.bench_common import (
+    LEARNING_RATE,
+    TARGETS,
+    WEIGHT_DECAY,
+    Measurement,
+    Workload,
+    array_counts,
+    time_calls,
+    token_batch,
+)
+
+Batch = tuple[jax.Array, jax.Array]
+LossFn = Callable[[Any, Batch], jax.Array]
+
+
+def adamw() -> optax.GradientTransformation:
+    """The optimizer every JAX row uses."""
+    return optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+
+def model_config(w: Workload) -> gpt2.GPT2Config:
+    """The model dimensions of workload ``w``."""
+    return gpt2.GPT2Config(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq)
+
+
+def device_batch(w: Workload) -> Batch:
+    """:func:`token_batch` as JAX arrays."""
+    tokens, targets = token_batch(w)
+    return jnp.asarray(tokens), jnp.asarray(targets)
+
+
+def init_linen(w: Workload) -> tuple[gpt2.GPT2, Any]:
+    """The linen model and its randomly initialised ``params`` collection."""
+    model = gpt2.GPT2(model_config(w))
+    tokens, _ = device_batch(w)
+    return model, jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+
+
+def linen_loss(model: Any) -> LossFn:
+    """``loss_fn(params, (tokens, targets))`` for a linen model (base or LoRA-fied)."""
+
+    def loss_fn(params: Any, batch: Batch) -> jax.Array:
+        tokens, targets = batch
+        return gpt2.cross_entropy(model.apply({"params": params}, tokens), targets)
+
+    return loss_fn
+
+
+def param_count(tree: Any) -> int:
+    """Number of array elements in a pytree."""
+    return array_counts(jax.tree.leaves(tree))[0]
+
+
+def xla_gflops(jitted: Any, *args: Any) -> float | None:
+    """XLA's FLOP count (GFLOP) of ``jitted`` compiled for ``args``; ``None`` if not lowerable."""
+    if not hasattr(jitted, "lower"):
+        return None
+    return jitted.lower(*args).compile().cost_analysis()["flops"] / 1e9
+
+
+def measure_functional(
+    step: Callable, params: Any, opt_state: Any, w: Workload, trainable: int, total: int
+) -> Measurement:
+    """Measures a functional step ``(params, opt_state, batch) -> (params, opt_state, loss)``.
+
+    Each timed step blocks on the loss only: all outputs of one XLA execution become ready
+    together (blocking on the new params afterwards returns at once).
+
+    Args:
+        step: The jitted step; it may donate ``params`` and ``opt_state``.
+        params: Initial parameters.
+        opt_state: Initial optimizer state.
+        w: The workload.
+        trainable: Trainable parameter count to report.
+        total: Total parameter count to report.
+
+    Returns:
+        The measurement, with the optimizer state counted before ``step`` donates it.
+    """
+    batch = device_batch(w)
+    gflops = xla_gflops(step, params, opt_state, batch)
+    floats, scalars = array_counts(jax.tree.leaves(opt_state))
+    state = (params, opt_state)
+
+    def call() -> None:
+        nonlocal state
+        *new_state, loss = step(*state, batch)
+        state = tuple(new_state)
+        loss.block_until_ready()
+
+    return Measurement(time_calls(call, w), total, trainable, floats, scalars, gflops)
+
+
+def measure_forward(model: Any, params: Any, w: Workload) -> Measurement:
+    """Measures the jitted forward pass ``model.apply({"params": params}, tokens)``."""
+    forward = jax.jit(lambda p, tokens: model.apply({"params": p}, tokens))
+    tokens, _ = device_batch(w)
+    gflops = xla_gflops(forward, params, tokens)
+    times = time_calls(lambda: forward(params, tokens).block_until_ready(), w)
+    return Measurement(times, param_count(params), gflops=gflops)
+
+
+def full_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+    """Jitted full fine-tuning step; donates params and optimizer state."""
+
+    def step(params: Any, opt_state: Any, batch: Batch) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_linen_full(setting: str, w: Workload) -> Measurement:
+    """``jax-full``: every linen weight trains with ``optax.adamw``."""
+    del setting  # always "full"
+    model, params = init_linen(w)
+    tx = adamw()
+    step = full_train_step(linen_loss(model), tx)
+    n = param_count(params)
+    return measure_functional(step, params, tx.init(params), w, trainable=n, total=n)
+
+
+def run_forward_base(setting: str, w: Workload) -> Measurement:
+    """``fwd-base``: forward pass of the plain linen model."""
+    del setting  # always "full": no adapters
+    return measure_forward(*init_linen(w), w)
+
+
+def nnx_train_step(wrt: type[nnx.Variable]) -> Callable:
+    """``nnx.jit`` step differentiating (and updating) only variables of type ``wrt``."""
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def step(model: gpt2.NNXGPT2, optimizer: nnx.Optimizer, batch: Batch) -> jax.Array:
+        tokens, targets = batch
+
+        def loss_fn(m: gpt2.NNXGPT2) -> jax.Array:
+            return gpt2.cross_entropy(m(tokens), targets)
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
+
+
+def run_nnx(setting: str, w: Workload) -> Measurement:
+    """``nnx-lora`` (``nnx.LoRALinear`` on the setting's targets) or ``nnx-full``."""
+    targets = TARGETS.get(setting, ())
+    wrt = nnx.LoRAParam if targets else nnx.Param
+    model = gpt2.NNXGPT2(model_config(w), targets, w.rank, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, adamw(), wrt=wrt)
+    step = nnx_train_step(wrt)
+    batch = device_batch(w)
+    gflops = xla_gflops(step, model, optimizer, batch)
+    floats, scalars = array_counts(jax.tree.leaves(nnx.state(optimizer)))
+    times = time_calls(lambda: step(model, optimizer, batch).block_until_ready(), w)
+    total = param_count(nnx.state(model, nnx.Param))  # nnx.LoRAParam subclasses nnx.Param
+    return Measurement(times, total, param_count(nnx.state(model, wrt)), floats, scalars, gflops)
+
+
+RUNNERS = {
+    "jax-full": run_linen_full,
+    "nnx-lora": run_nnx,
+    "nnx-full": run_nnx,
+    "fwd-base": run_forward_base,
+}

@@ -1,0 +1,68 @@
+"""jaxlora benchmark runners: LoRA training, unmerged forward, merged forward.
+
+Kept apart from ``bench_jax.py`` so that while the library is broken or incomplete only these
+rows fail (the harness reports the import error as an error row).
+"""
+
+from typing import Any
+
+import jax
+
+import jaxlora
+from experiments import gpt2
+from experiments.bench_common import TARGETS, Measurement, Workload
+from experiments.bench_jax import (
+    adamw,
+    device_batch,
+    init_linen,
+    linen_loss,
+    measure_forward,
+    measure_functional,
+)
+
+
+def lorafy_linen(setting: str, w: Workload) -> tuple[gpt2.GPT2, Any, Any]:
+    """The base linen model, its LoRA-fied counterpart, and the LoRA params.
+
+    Args:
+        setting: ``"qv"`` or ``"all"``; picks the target layer names.
+        w: The workload (rank, alpha and model dimensions).
+
+    Returns:
+        ``(model, lora_model, lora_params)``.
+    """
+    model, params = init_linen(w)
+    cfg = jaxlora.LoraConfig(rank=w.rank, alpha=w.alpha, targets=list(TARGETS[setting]))
+    tokens, _ = device_batch(w)
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, tokens, key=jax.random.key(1))
+    return model, lora_model, lora_params
+
+
+def run_train(setting: str, w: Workload) -> Measurement:
+    """``jaxlora``: adapters train, the rest is frozen and has no optimizer state."""
+    _, lora_model, lora_params = lorafy_linen(setting, w)
+    tx = jaxlora.optimizer(adamw(), lora_params)
+    step = jaxlora.make_train_step(linen_loss(lora_model), tx)
+    summary = jaxlora.summary(lora_params)
+    return measure_functional(
+        step, lora_params, tx.init(lora_params), w, summary.trainable_params, summary.total_params
+    )
+
+
+def run_forward_unmerged(setting: str, w: Workload) -> Measurement:
+    """``fwd-lora``: forward pass with the adapters applied on the fly."""
+    _, lora_model, lora_params = lorafy_linen(setting, w)
+    return measure_forward(lora_model, lora_params, w)
+
+
+def run_forward_merged(setting: str, w: Workload) -> Measurement:
+    """``fwd-merged``: forward pass of the base model with the adapters merged in."""
+    model, _, lora_params = lorafy_linen(setting, w)
+    return measure_forward(model, jaxlora.merge(lora_params), w)
+
+
+RUNNERS = {
+    "jaxlora": run_train,
+    "fwd-lora": run_forward_unmerged,
+    "fwd-merged": run_forward_merged,
+}

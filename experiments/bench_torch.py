@@ -1,0 +1,64 @@
+"""PyTorch benchmark runners: PEFT LoRA (``torch-peft``) and full fine-tuning (``torch-full``).
+
+Eager mode with ``torch.optim.AdamW`` defaults (no ``torch.compile``, no fused optimizer), as a
+PEFT user would run it. ``torch.set_num_threads`` is set to the CPU count XLA uses.
+"""
+
+import peft
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.bench_common import (
+    LEARNING_RATE,
+    TARGETS,
+    WEIGHT_DECAY,
+    Measurement,
+    Workload,
+    array_counts,
+    cpu_count,
+    time_calls,
+    token_batch,
+)
+from experiments.gpt2_torch import GPT2
+
+
+def build_model(setting: str, w: Workload) -> nn.Module:
+    """The torch GPT-2; PEFT LoRA on the setting's targets unless ``setting`` is ``"full"``."""
+    torch.manual_seed(0)
+    model = GPT2(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq)
+    if setting not in TARGETS:
+        return model
+    config = peft.LoraConfig(
+        r=w.rank, lora_alpha=w.alpha, target_modules=list(TARGETS[setting]), lora_dropout=0.0
+    )
+    return peft.get_peft_model(model, config)
+
+
+def run(setting: str, w: Workload) -> Measurement:
+    """Measures eager training steps of :func:`build_model` with ``torch.optim.AdamW``."""
+    torch.set_num_threads(cpu_count())
+    model = build_model(setting, w)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    tokens, targets = (torch.from_numpy(a).long() for a in token_batch(w))
+
+    def call() -> None:
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = time_calls(call, w)
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    floats, scalars = array_counts(state)
+    return Measurement(
+        times,
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in trainable),
+        opt_state_floats=floats,
+        opt_state_scalars=scalars,
+    )
+
+
+RUNNERS = {"torch-peft": run, "torch-full": run}

@@ -1,0 +1,342 @@
+"""Training and inference step times: jaxlora vs Flax NNX LoRA vs PyTorch + PEFT vs full FT.
+
+Run from the repository root::
+
+    python -m experiments.benchmark                          # markdown tables, full-size workload
+    python -m experiments.benchmark --json --reps 5          # one JSON object per row
+    python -m experiments.benchmark --impls jax-full,nnx-full --settings full --steps 3 --reps 1
+    python -m experiments.benchmark --child nnx-lora qv      # one child: one JSON line
+
+Every (implementation, setting) pair runs in its own subprocess, and repetitions are interleaved
+(A, B, C, A, B, C, ...) so that drifts in machine load hit every implementation alike. A child
+builds the model, compiles, runs ``--warmup`` untimed then ``--steps`` timed steps (each blocked
+until ready) and prints one JSON line. Settings: ``qv`` (LoRA on query/value), ``all`` (LoRA on
+query/key/value/out/up/down) and ``full`` (every weight trains; for ``fwd-base``: no adapters).
+
+Row fields (``--json``):
+    impl, setting, kind: What ran (``kind`` is ``train`` or ``infer``).
+    step_time_median_s, step_time_min_s: Over the timed steps of all repetitions pooled.
+    rep_medians_s: Median of each repetition, to judge run-to-run noise.
+    peak_rss_mb: Peak resident set size of the child (max over repetitions).
+    trainable_params, total_params: Parameter counts (adapters included in the total).
+    opt_state_floats: Array elements in the optimizer state, step counters included.
+    opt_state_scalars: How many of those are 0-d step counters, so for AdamW
+        ``opt_state_floats == 2 * trainable_params + opt_state_scalars``; the counters are one
+        for optax (``jax-full``, ``jaxlora``), two for NNX (optax's plus ``nnx.Optimizer.step``)
+        and one per trainable tensor for ``torch.optim.AdamW``.
+    gflops: XLA's FLOP count of the compiled step (JAX rows only).
+    ratio_to_full: Median over the median of ``jax-full`` (train) or ``fwd-base`` (infer).
+    ratio_to_fastest_peer: Median over the fastest median among the *other* implementations of
+        the same kind and setting (< 1 means this row is the fastest).
+    threads: CPUs available to XLA, and the value given to ``torch.set_num_threads``.
+    reps_ok, error: Successful repetitions; the first failure's message, if any.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.bench_common import TARGETS, Workload, cpu_count
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = (*TARGETS, "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """How to run one implementation.
+
+    Attributes:
+        kind: ``"train"`` or ``"infer"``.
+        lora: Runs in the LoRA settings (``qv``, ``all``) rather than ``full``.
+        module: Module whose ``RUNNERS[impl](setting, workload)`` measures it.
+        requires: Optional packages; without them the implementation is skipped with a note.
+    """
+
+    kind: str
+    lora: bool
+    module: str
+    requires: tuple[str, ...] = ()
+
+
+_TORCH = ("torch", "peft")
+IMPLS = {
+    "jax-full": Impl("train", False, "experiments.bench_jax"),
+    "jaxlora": Impl("train", True, "experiments.bench_jaxlora"),
+    "nnx-lora": Impl("train", True, "experiments.bench_jax"),
+    "nnx-full": Impl("train", False, "experiments.bench_jax"),
+    "torch-peft": Impl("train", True, "experiments.bench_torch", _TORCH),
+    "torch-full": Impl("train", False, "experiments.bench_torch", _TORCH),
+    "fwd-base": Impl("infer", False, "experiments.bench_jax"),
+    "fwd-lora": Impl("infer", True, "experiments.bench_jaxlora"),
+    "fwd-merged": Impl("infer", True, "experiments.bench_jaxlora"),
+}
+BASELINES = {"train": "jax-full", "infer": "fwd-base"}
+MEASURED_ONCE = (
+    "trainable_params",
+    "total_params",
+    "opt_state_floats",
+    "opt_state_scalars",
+    "gflops",
+    "threads",
+)  # the same in every repetition: taken from the first successful one
+MERGED_TOLERANCE = 0.02  # fwd-merged should be within 2% of fwd-base
+ERROR_CHARS = 300  # error messages in rows are cut to this length
+
+
+def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type`` for a comma-separated subset of ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(t for t in text.split(",") if t)
+        unknown = [t for t in items if t not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses the command line; every :class:`Workload` field is a ``--flag``."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    for f in dataclasses.fields(Workload):
+        flag = f"--{f.name.replace('_', '-')}"
+        p.add_argument(flag, type=f.type, default=f.default, help="default: %(default)s")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
+    p.add_argument(
+        "--impls", type=csv_of(list(IMPLS)), default=tuple(IMPLS), help=f"{','.join(IMPLS)}"
+    )
+    p.add_argument(
+        "--settings", type=csv_of(SETTINGS), default=SETTINGS, help=f"{','.join(SETTINGS)}"
+    )
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per child (1800)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--child", nargs=2, metavar=("IMPL", "SETTING"), help="run one measurement")
+    return p.parse_args(argv)
+
+
+def workload_flags(w: Workload) -> list[str]:
+    """The command-line flags that reproduce ``w`` (inverse of :func:`parse_args`)."""
+    pairs = ((f"--{k.replace('_', '-')}", str(v)) for k, v in dataclasses.asdict(w).items())
+    return [token for pair in pairs for token in pair]
+
+
+def plan_jobs(impls: Sequence[str], settings: Sequence[str]) -> list[tuple[str, str]]:
+    """The (impl, setting) pairs to run: LoRA impls in ``qv``/``all``, the others in ``full``."""
+    return [(i, s) for i in impls for s in settings if (s in TARGETS) == IMPLS[i].lora]
+
+
+def missing_packages(impl: str) -> list[str]:
+    """The optional packages ``impl`` needs that are not installed."""
+    return [m for m in IMPLS[impl].requires if importlib.util.find_spec(m) is None]
+
+
+def run_child(impl: str, setting: str, w: Workload) -> dict[str, Any]:
+    """Measures one (impl, setting) in this process; the child side of :func:`spawn_child`."""
+    runner = importlib.import_module(IMPLS[impl].module).RUNNERS[impl]
+    result = dataclasses.asdict(runner(setting, w))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["threads"] = cpu_count()
+    return result
+
+
+def error_message(exc: BaseException) -> str:
+    """``"Type: message"`` on one line, at most ``ERROR_CHARS`` characters."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:ERROR_CHARS]
+
+
+def last_json(text: str) -> dict[str, Any] | None:
+    """The JSON object on the last line of ``text``, or ``None``."""
+    lines = text.strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+
+
+def spawn_child(impl: str, setting: str, w: Workload, timeout: float) -> dict[str, Any]:
+    """Runs :func:`run_child` in a fresh interpreter (``--child``).
+
+    Returns:
+        The child's JSON line: its result, or ``{"error": "Type: message"}`` if it raised. If
+        it crashed or timed out, ``{"error": ...}`` with the exit code and last stderr line.
+    """
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--child", impl, setting]
+    try:
+        proc = subprocess.run(
+            cmd + workload_flags(w), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    result = last_json(proc.stdout)
+    if result is not None:
+        return result
+    stderr = proc.stderr.strip().splitlines() or ["(no output)"]
+    return {"error": f"exit code {proc.returncode}: {stderr[-1][:ERROR_CHARS]}"}
+
+
+def run_interleaved(
+    jobs: Sequence[tuple[str, str]], w: Workload, reps: int, timeout: float
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Runs every job once per repetition, in order, repetition after repetition."""
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {job: [] for job in jobs}
+    for rep in range(reps):
+        for impl, setting in jobs:
+            result = spawn_child(impl, setting, w, timeout)
+            results[impl, setting].append(result)
+            status = result.get("error") or f"median {statistics.median(result['times_s']):.4f} s"
+            print(f"[rep {rep + 1}/{reps}] {impl} {setting}: {status}", file=sys.stderr)
+    return results
+
+
+def aggregate(impl: str, setting: str, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the repetitions of one job; measured fields are ``None`` if all failed.
+
+    Ratios are added by :func:`add_ratios`.
+    """
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    times = [t for r in ok for t in r["times_s"]]
+    first = ok[0] if ok else {}
+    return {
+        "impl": impl,
+        "setting": setting,
+        "kind": IMPLS[impl].kind,
+        "step_time_median_s": statistics.median(times) if times else None,
+        "step_time_min_s": min(times, default=None),
+        "rep_medians_s": [statistics.median(r["times_s"]) for r in ok],
+        "peak_rss_mb": max((r["peak_rss_mb"] for r in ok), default=None),
+        **{key: first.get(key) for key in MEASURED_ONCE},
+        "reps_ok": len(ok),
+        "error": errors[0] if errors else None,
+    }
+
+
+def ratio(median: float, others: Sequence[float]) -> float | None:
+    """``median / min(others)``, or ``None`` without others."""
+    return median / min(others) if others else None
+
+
+def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """``ratio_to_full`` and ``ratio_to_fastest_peer`` of ``row`` among the successful rows."""
+    median = row["step_time_median_s"]
+    if median is None:
+        return {"ratio_to_full": None, "ratio_to_fastest_peer": None}
+    same_kind = [r for r in ok if r["kind"] == row["kind"]]
+    base = [r["step_time_median_s"] for r in same_kind if r["impl"] == BASELINES[r["kind"]]]
+    peers = [
+        r["step_time_median_s"]
+        for r in same_kind
+        if r["setting"] == row["setting"] and r["impl"] != row["impl"]
+    ]
+    return {"ratio_to_full": ratio(median, base), "ratio_to_fastest_peer": ratio(median, peers)}
+
+
+def add_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adds :func:`row_ratios` to every row (see the module docstring for their meaning)."""
+    ok = [r for r in rows if r["step_time_median_s"] is not None]
+    return [row | row_ratios(row, ok) for row in rows]
+
+
+def fmt(value: Any, spec: str) -> str:
+    """``format(value, spec)``, or ``-`` for ``None``."""
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
+    """Markdown lines of a result table; times in milliseconds."""
+    lines = [
+        f"| impl | setting | median ms | min ms | x {baseline} | x fastest peer | GFLOP "
+        "| peak RSS MB | trainable | total | opt-state floats |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        if r["step_time_median_s"] is None:
+            lines.append(f"| {r['impl']} | {r['setting']} | ERROR: {r['error']} |")
+            continue
+        cells = [
+            r["impl"],
+            r["setting"],
+            fmt(r["step_time_median_s"] * 1e3, ".1f"),
+            fmt(r["step_time_min_s"] * 1e3, ".1f"),
+            fmt(r["ratio_to_full"], ".2f"),
+            fmt(r["ratio_to_fastest_peer"], ".2f"),
+            fmt(r["gflops"], ".3g"),
+            fmt(r["peak_rss_mb"], ".0f"),
+            fmt(r["trainable_params"], ","),
+            fmt(r["total_params"], ","),
+            fmt(r["opt_state_floats"], ","),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def merged_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per setting: merged forward time over base forward time, against the target."""
+    lines = []
+    for r in rows:
+        if r["impl"] == "fwd-merged" and r["ratio_to_full"] is not None:
+            verdict = "ok" if abs(r["ratio_to_full"] - 1) <= MERGED_TOLERANCE else "MISSED"
+            lines.append(
+                f"fwd-merged / fwd-base ({r['setting']}): {r['ratio_to_full']:.3f} "
+                f"(target: within {MERGED_TOLERANCE:.0%}: {verdict})"
+            )
+    return lines
+
+
+def report(rows: Sequence[dict[str, Any]], w: Workload, notes: Sequence[str]) -> str:
+    """The markdown report: workload, notes, training table, inference table."""
+    dims = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(w).items())
+    lines = [f"Workload: {dims}", *notes, ""]
+    for kind, title in (("train", "Training step"), ("infer", "Inference (jitted forward)")):
+        table = [r for r in rows if r["kind"] == kind]
+        if table:
+            lines += [f"## {title}", "", *markdown_table(table, BASELINES[kind]), ""]
+    return "\n".join(lines + merged_lines(rows))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: a child measurement with ``--child``, otherwise the whole benchmark."""
+    args = parse_args(argv)
+    w = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
+    if args.child:
+        try:
+            result = run_child(*args.child, w)
+        except Exception as exc:  # any failure becomes an error row; traceback on stderr
+            traceback.print_exc()
+            result = {"error": error_message(exc)}
+        print(json.dumps(result))
+        return
+    runnable = [i for i in args.impls if not missing_packages(i)]
+    notes = [
+        f"Skipped {i}: {', '.join(missing_packages(i))} not importable."
+        for i in args.impls
+        if i not in runnable
+    ]
+    notes.append(
+        f"Threads: XLA uses the {cpu_count()} CPUs of this process; "
+        f"torch.set_num_threads({cpu_count()})."
+    )
+    jobs = plan_jobs(runnable, args.settings)
+    results = run_interleaved(jobs, w, args.reps, args.timeout)
+    rows = add_ratios([aggregate(i, s, results[i, s]) for i, s in jobs])
+    if args.json:
+        print("\n".join(notes), file=sys.stderr)
+        print("\n".join(json.dumps(r) for r in rows))
+    else:
+        print(report(rows, w, notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Smoke tests: `experiments/benchmark.py` end to end on a tiny workload, in a subprocess."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--vocab", "64", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "64"]
+TINY += ["--seq", "8", "--batch", "2", "--steps", "2", "--warmup", "1", "--reps", "1"]
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
+ROW_KEYS = {
+    "impl",
+    "setting",
+    "step_time_median_s",
+    "step_time_min_s",
+    "peak_rss_mb",
+    "trainable_params",
+    "total_params",
+    "opt_state_floats",
+    "ratio_to_full",
+    "ratio_to_fastest_peer",
+    "gflops",
+}
+
+
+def run_benchmark(*flags: str) -> dict[tuple[str, str], dict]:
+    """Runs the benchmark with ``--json`` and returns its rows keyed by (impl, setting)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--json", *TINY, *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert all(row.keys() >= ROW_KEYS for row in rows)
+    return {(r["impl"], r["setting"]): r for r in rows}
+
+
+def check_timed(row: dict) -> None:
+    """A successful row: positive times and memory."""
+    assert row["error"] is None, row["error"]
+    assert 0 < row["step_time_min_s"] <= row["step_time_median_s"]
+    assert row["peak_rss_mb"] > 0
+
+
+def check_adamw(row: dict, counters: int) -> None:
+    """AdamW keeps two moments per trainable parameter plus ``counters`` 0-d step counts."""
+    assert row["opt_state_scalars"] == counters
+    assert row["opt_state_floats"] == 2 * row["trainable_params"] + counters
+
+
+def test_training_rows():
+    rows = run_benchmark("--impls", "jax-full,nnx-lora,torch-peft", "--settings", "qv,full")
+    assert set(rows) == {("jax-full", "full"), ("nnx-lora", "qv")} | (
+        {("torch-peft", "qv")} if HAS_TORCH else set()
+    )
+    for row in rows.values():
+        check_timed(row)
+    full, nnx_lora = rows["jax-full", "full"], rows["nnx-lora", "qv"]
+    assert full["trainable_params"] == full["total_params"]
+    assert full["ratio_to_full"] == 1.0
+    assert full["gflops"] > nnx_lora["gflops"] > 0  # LoRA skips the frozen weight gradients
+    check_adamw(full, counters=1)  # optax's count
+    check_adamw(nnx_lora, counters=2)  # optax's count + nnx.Optimizer.step
+    assert nnx_lora["trainable_params"] == 2 * (32 * 8 + 8 * 32)  # A and B of query and value
+    assert nnx_lora["trainable_params"] < nnx_lora["total_params"]
+    if HAS_TORCH:
+        peft_row = rows["torch-peft", "qv"]
+        check_adamw(peft_row, counters=4)  # one step per tensor: A and B of query and value
+        assert peft_row["trainable_params"] == nnx_lora["trainable_params"]
+        assert peft_row["total_params"] == nnx_lora["total_params"]
+        assert peft_row["gflops"] is None
+        assert nnx_lora["ratio_to_fastest_peer"] == pytest.approx(
+            nnx_lora["step_time_median_s"] / peft_row["step_time_median_s"]
+        )
+
+
+def test_jaxlora_rows():
+    rows = run_benchmark("--impls", "jaxlora,fwd-base,fwd-merged", "--settings", "qv,full")
+    for row in rows.values():
+        check_timed(row)
+    lora = rows["jaxlora", "qv"]
+    check_adamw(lora, counters=1)  # frozen leaves hold no state: optax.set_to_zero
+    assert lora["trainable_params"] == 2 * (32 * 8 + 8 * 32)
+    assert lora["trainable_params"] < lora["total_params"]
+    merged, base = rows["fwd-merged", "qv"], rows["fwd-base", "full"]
+    assert merged["total_params"] == base["total_params"]  # merge leaves plain params
+    assert merged["gflops"] == pytest.approx(base["gflops"])
+
+
+def test_failed_child_is_an_error_row():
+    rows = run_benchmark("--impls", "jax-full", "--settings", "full", "--timeout", "0.01")
+    row = rows["jax-full", "full"]
+    assert row["error"] == "timed out after 0.01 s"
+    assert row["reps_ok"] == 0
+    assert row["ratio_to_full"] is None
