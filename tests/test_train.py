@@ -84,16 +84,49 @@ def test_transformer_lora_step_flops_ratio():
 _DOT = re.compile(r"= f32\[([\d,]+)\]\S* (?:dot|convolution)\(")
 
 
-def test_no_weight_gradient_dot_in_the_compiled_step():
-    """A dot producing a frozen kernel's shape would be dW = xᵀ·g: it must not exist."""
-    _, params, lora_model, lora_params, batch = _mlp_setup(width=96, batch=40)
-    tx = jaxlora.optimizer(optax.adam(1e-3), lora_params)
-    step = jaxlora.make_train_step(_mse(lora_model.apply), tx, donate=False)
-    hlo = step.lower(lora_params, tx.init(lora_params), batch).compile().as_text()
+def _frozen_weight_shapes(params):
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {tuple(x.shape) for path, x in leaves if x.ndim == 2 and "lora" not in str(path)}
+
+
+def _weight_gradient_dots(jitted, params, *args):
+    hlo = jitted.lower(*args).compile().as_text()
     dot_shapes = {tuple(int(d) for d in m.group(1).split(",")) for m in _DOT.finditer(hlo)}
-    kernels = {tuple(layer["kernel"].shape) for layer in params.values()}
     assert dot_shapes, "no dots found: the HLO pattern is stale"
-    assert not dot_shapes & kernels, dot_shapes & kernels
+    return dot_shapes & _frozen_weight_shapes(params)
+
+
+def _arch_setup(arch):
+    if arch == "mlp":
+        model, params, lora_model, lora_params, batch = _mlp_setup(width=96, batch=40)
+        return model, params, lora_model, lora_params, batch, _mse
+    model = models.TinyLM(vocab=80, d_model=48, heads=4, layers=2)
+    batch = jnp.zeros((2, 8), jnp.int32)
+    params = model.init(KEY, batch)["params"]
+    cfg = jaxlora.LoraConfig(rank=4, targets="all-linear")
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, batch, key=KEY)
+
+    def lm_loss(apply):
+        def loss_fn(p, ids):
+            logits = apply({"params": p}, ids)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
+
+        return loss_fn
+
+    return model, params, lora_model, lora_params, batch, lm_loss
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_no_weight_gradient_dot_in_the_compiled_step(arch):
+    """A dot producing a frozen weight's shape would be dW = xᵀ·g: it must not exist."""
+    model, params, lora_model, lora_params, batch, make_loss = _arch_setup(arch)
+    tx = jaxlora.optimizer(optax.adam(1e-3), lora_params)
+    step = jaxlora.make_train_step(make_loss(lora_model.apply), tx, donate=False)
+    assert not _weight_gradient_dots(step, params, lora_params, tx.init(lora_params), batch)
+    # the detector does see the weight gradients of full fine-tuning
+    full_tx = optax.adam(1e-3)
+    full_step = _full_step(make_loss(model.apply), full_tx)
+    assert _weight_gradient_dots(full_step, params, params, full_tx.init(params), batch)
 
 
 def test_optimizer_state_is_two_floats_per_trainable_param():

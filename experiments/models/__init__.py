@@ -1,0 +1,1 @@
+"""Flax (linen) experiment models named after their Hugging Face modules, and weight loaders."""
