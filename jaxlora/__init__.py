@@ -1,9 +1,13 @@
 """jaxlora: LoRA fine-tuning for JAX and Flax."""
 
+from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
 from jaxlora._config import LoraConfig
+from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
 from jaxlora._linen import LoraModel
 from jaxlora._lorafy import lorafy, merge, unmerge
 from jaxlora._nnx import LoraLayer, LoraParam, TrainableParam
+from jaxlora._peft import export_peft, import_peft, peft_module_map, peft_module_maps
+from jaxlora._placement import adapter_partition_specs, shard_params
 from jaxlora._summary import LayerSummary, Summary, summary
 from jaxlora._train import make_train_step, optimizer
 from jaxlora._tree import LoraAdapter, Trainable, combine, split, trainable_mask
@@ -15,14 +19,27 @@ __all__ = [
     "LoraLayer",
     "LoraModel",
     "LoraParam",
+    "ResumeState",
     "Summary",
+    "TrainCheckpointer",
     "Trainable",
     "TrainableParam",
+    "adapter_partition_specs",
     "combine",
+    "export_peft",
+    "import_peft",
+    "initialize_distributed",
+    "load_adapter",
     "lorafy",
     "make_train_step",
     "merge",
     "optimizer",
+    "parse_mesh",
+    "peft_module_map",
+    "peft_module_maps",
+    "save_adapter",
+    "shard_batch",
+    "shard_params",
     "split",
     "summary",
     "trainable_mask",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +209,27 @@ def attend_delta(query: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> 
     """``scale · query @ (A @ B)ᵀ``: the adapter's share of ``Embed.attend``."""
     h = query.astype(b.dtype) @ b.T
     return (h * jnp.asarray(scale, h.dtype)) @ a.T
+
+
+def add_delta(y: jax.Array, delta: Callable[..., jax.Array], *operands: jax.Array) -> jax.Array:
+    """``y + delta(*operands)``, in ``y``'s dtype and, under explicit sharding, its sharding.
+
+    With `jax.sharding.AxisType.Explicit` mesh axes, shardings are part of the types: the
+    adapter matmuls contract axes that may be sharded (a row-parallel A) and a sum needs
+    equal shardings. There the delta is computed with those axes ``Auto`` (XLA picks
+    the collectives, as in classic ``jit``) and resharded to ``y``'s sharding, so the
+    base layer decides the layout and the adapter follows. Otherwise this is plain math.
+
+    Args:
+      y: the base layer's output.
+      delta: the adapter's contribution, e.g. ``functools.partial(linear_delta, ...)``.
+      *operands: the arrays ``delta`` takes (input, A, B).
+
+    Returns:
+      ``y + delta(*operands)``, shaped, typed and sharded like ``y``.
+    """
+    sharding = jax.typeof(y).sharding
+    explicit = getattr(getattr(sharding, "mesh", None), "explicit_axes", ())
+    if explicit:
+        delta = jax.sharding.auto_axes(delta, axes=explicit, out_sharding=sharding)
+    return y + delta(*operands).astype(y.dtype)

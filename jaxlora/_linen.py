@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from jaxlora import _layout
+from jaxlora import _layout, _sharding
 from jaxlora._config import ALL_LINEAR, LoraConfig, path_matches
 from jaxlora._tree import (
     ADAPTER_KEY,
@@ -165,11 +165,19 @@ def _set(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
 
 
 def _make_adapter(
-    path: str, layer: Mapping, found: _Found, config: LoraConfig, key: jax.Array
+    path: str,
+    layer: Mapping,
+    found: _Found,
+    config: LoraConfig,
+    key: jax.Array,
+    rank_axis: str | None,
 ) -> LoraAdapter:
+    """A layer's adapter, placed and boxed like its kernel (see `_sharding`)."""
     rank = config.rank_for(path)
     layout = found.layout(rank)
-    stored = tuple(meta.unbox(layer[kernel_key(layer)]).shape)
+    kernel = layer[kernel_key(layer)]
+    raw = kernel.value if isinstance(kernel, meta.Partitioned) else meta.unbox(kernel)
+    stored = tuple(raw.shape)
     n_stack = len(stored) - len(layout.kernel_shape)
     if n_stack < 0 or stored[n_stack:] != layout.kernel_shape:
         raise ValueError(
@@ -182,13 +190,17 @@ def _make_adapter(
             f"fan_out={layout.fan_out}) of its kernel {layout.kernel_shape}; use a smaller "
             f"rank, or rank_pattern={{{path.rsplit('/', 1)[-1]!r}: ...}} for this layer."
         )
-    a, b = _layout.init_factors(
+    a, b = _sharding.init_factors(
         jax.random.fold_in(key, zlib.crc32(path.encode())),
         layout,
         stored[:n_stack],
         init=config.init,
         dtype=jnp.dtype(config.dtype),
+        shardings=_sharding.factor_shardings(
+            f"layer {path!r}", raw, layout.delta_eq, rank, rank_axis
+        ),
     )
+    a, b = _sharding.box_factors(kernel, a, b, layout.delta_eq, rank_axis)
     return LoraAdapter(a=a, b=b, scale=config.scale_for(path), delta_eq=layout.delta_eq)
 
 
@@ -236,7 +248,13 @@ def _mark_full_training(params: dict, config: LoraConfig, adapted: list[str]) ->
 
 
 def lorafy(
-    model: nn.Module, params: Any, config: LoraConfig, *inputs: Any, key: jax.Array, **kwargs: Any
+    model: nn.Module,
+    params: Any,
+    config: LoraConfig,
+    *inputs: Any,
+    key: jax.Array,
+    rank_axis: str | None = None,
+    **kwargs: Any,
 ) -> tuple[LoraModel, Any]:
     """Adds LoRA adapters to a linen model's params (see `jaxlora.lorafy`)."""
     inner, rebuild = params_of(params)
@@ -252,7 +270,7 @@ def lorafy(
     for path in selected:
         keys = _keys(path)
         layer = _get(adapted, keys)
-        adapter = _make_adapter(path, layer, found[path], config, key)
+        adapter = _make_adapter(path, layer, found[path], config, key, rank_axis)
         adapted = _set(adapted, keys, {**layer, ADAPTER_KEY: adapter})
     adapted = _mark_full_training(adapted, config, selected)
     return LoraModel(model, config), rebuild(adapted)
@@ -261,23 +279,27 @@ def lorafy(
 def _dropout(module: nn.Module, x: jax.Array, rate: float, stream: str) -> jax.Array:
     if rate == 0.0 or not module.scope.has_rng(stream):
         return x
-    keep = jax.random.bernoulli(module.make_rng(stream), 1.0 - rate, x.shape)
+    sharding = jax.typeof(x).sharding  # as nnx.Dropout: the mask must match x's sharding type
+    keep = jax.random.bernoulli(module.make_rng(stream), 1.0 - rate, x.shape, out_sharding=sharding)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _adapted_output(module, method, args, kwargs, adapter, config):
-    """The adapter's contribution to ``module.method(*args, **kwargs)``, or None."""
+def _adapted_output(module, method, y, args, kwargs, adapter, config):
+    """``y = module.method(*args, **kwargs)`` plus the adapter's contribution."""
     a, b = meta.unbox(adapter.a), meta.unbox(adapter.b)
     x = args[0] if args else next(iter(kwargs.values()))
+    scale = adapter.scale
     if isinstance(module, nn.Embed):
-        if method == "attend":
-            return _layout.attend_delta(x, a, b, adapter.scale)
-        return _layout.embed_delta(x, a, b, adapter.scale)
+        delta = _layout.attend_delta if method == "attend" else _layout.embed_delta
+        return _layout.add_delta(y, functools.partial(delta, scale=scale), x, a, b)
     x = _dropout(module, x, config.dropout, config.dropout_rng)
     if isinstance(module, nn.Einsum):
-        return _layout.einsum_delta(x, a, b, _call_einsum_str(module, args, kwargs), adapter.scale)
-    axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
-    return _layout.linear_delta(x, a, b, tuple(np.atleast_1d(axis)), adapter.scale)
+        einsum_str = _call_einsum_str(module, args, kwargs)
+        delta = functools.partial(_layout.einsum_delta, einsum_str=einsum_str, scale=scale)
+    else:
+        axis = tuple(np.atleast_1d(module.axis if isinstance(module, nn.DenseGeneral) else -1))
+        delta = functools.partial(_layout.linear_delta, axis=axis, scale=scale)
+    return _layout.add_delta(y, delta, x, a, b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,8 +329,7 @@ class LoraModel:
         if not adapted:
             return y
         adapter = module.get_variable("params", ADAPTER_KEY)
-        delta = _adapted_output(module, method, args, kwargs, adapter, self.config)
-        return y + delta.astype(y.dtype)
+        return _adapted_output(module, method, y, args, kwargs, adapter, self.config)
 
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.apply`` with the adapters active. Same arguments, same return value."""

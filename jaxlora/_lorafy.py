@@ -16,6 +16,7 @@ def lorafy(
     *args: Any,
     key: jax.Array | None = None,
     rngs: nnx.Rngs | None = None,
+    rank_axis: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Adds LoRA adapters to the targeted layers of a Flax model, without editing its code.
@@ -31,6 +32,13 @@ def lorafy(
 
     A is random, B is zero: the adapted model equals the base model until B trains.
 
+    **Sharding**: adapters follow their kernels. A kernel placed with a `NamedSharding`
+    gets A sharded like its input axes and B like its output axes (stacked layer axes
+    kept, rank replicated), created in place on the devices; linen ``nn.Partitioned`` /
+    ``nn.LogicallyPartitioned`` boxes and NNX ``out_sharding`` metadata get derived
+    names, so ``nn.get_partition_spec`` / ``nnx.get_partition_spec`` cover the adapters.
+    See `adapter_partition_specs`.
+
     Args:
       model: a linen ``nn.Module`` or an NNX ``nnx.Module``.
       *args: linen: ``params`` (the ``params`` collection or the whole variables dict),
@@ -38,6 +46,9 @@ def lorafy(
         ``jax.ShapeDtypeStruct``). NNX: ``config``.
       key: linen: PRNG key for A (folded with each layer's path).
       rngs: NNX: ``nnx.Rngs`` (``params`` stream for A, ``dropout`` for LoRA dropout).
+      rank_axis: a mesh axis to shard the rank axis of A and B over (default None:
+        replicated); skipped in a factor whose other axes already use it. The rank must
+        be divisible by its size.
       **kwargs: linen: example keyword arguments of ``model.apply``
         (``deterministic=True``, ``method=...``).
 
@@ -56,14 +67,14 @@ def lorafy(
                 "lorafy(nnx_module, config, rngs=nnx.Rngs(0)): NNX modules take a "
                 "LoraConfig and rngs, nothing else."
             )
-        return _nnx.lorafy(model, args[0], rngs=rngs)
+        return _nnx.lorafy(model, args[0], rngs=rngs, rank_axis=rank_axis)
     if len(args) < 2 or not isinstance(args[1], LoraConfig) or key is None:
         raise TypeError(
             "lorafy(model, params, config, *example_inputs, key=jax.random.key(0)): linen "
             "models take their params, a LoraConfig, example inputs of model.apply and a key."
         )
     params, config, *inputs = args
-    return _linen.lorafy(model, params, config, *inputs, key=key, **kwargs)
+    return _linen.lorafy(model, params, config, *inputs, key=key, rank_axis=rank_axis, **kwargs)
 
 
 def merge(adapted: Any) -> Any:

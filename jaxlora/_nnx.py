@@ -8,6 +8,7 @@ wrt=jaxlora.TrainableParam)``, ``nnx.DiffState(0, jaxlora.TrainableParam)``,
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora import _layout
+from jaxlora import _layout, _sharding
 from jaxlora._config import ALL_LINEAR, LoraConfig, path_matches
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
@@ -57,6 +58,10 @@ class LoraLayer(nnx.Module):
       lora_b: `LoraParam` ``(*stack, *b_shape)``, zero at creation.
       scale: alpha / rank (or alpha / sqrt(rank)).
       delta_eq: einsum building the kernel-shaped ΔW from A and B.
+
+    A and B are placed like the base kernel (see `jaxlora.lorafy`): a kernel value with a
+    `NamedSharding` gives them derived shardings, its ``out_sharding`` metadata derived
+    names; ``rank_axis`` optionally shards the rank axis over a mesh axis.
     """
 
     def __init__(
@@ -68,15 +73,26 @@ class LoraLayer(nnx.Module):
         key: jax.Array,
         config: LoraConfig,
         rngs: nnx.Rngs,
+        rank_axis: str | None = None,
     ):
-        stored = tuple(_weight(base).shape)
+        weight = _weight(base)
+        stored = tuple(weight.shape)
         stack = stored[: len(stored) - len(layout.kernel_shape)]
-        a, b = _layout.init_factors(
-            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype)
+        rank = layout.a_shape[-1]
+        shardings = _sharding.factor_shardings(
+            f"the {type(base).__name__} with kernel {stored}",
+            weight.get_value(),
+            layout.delta_eq,
+            rank,
+            rank_axis,
         )
+        a, b = _sharding.init_factors(
+            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
+        )
+        a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
         self.base = base
-        self.lora_a = LoraParam(a)
-        self.lora_b = LoraParam(b)
+        self.lora_a = LoraParam(a, **a_meta)
+        self.lora_b = LoraParam(b, **b_meta)
         self.scale = scale
         self.delta_eq = layout.delta_eq
         self.dropout = (
@@ -90,22 +106,24 @@ class LoraLayer(nnx.Module):
         y = self.base(x, *args, **kwargs)
         a, b = self.lora_a[...], self.lora_b[...]
         if isinstance(self.base, nnx.Embed):
-            return y + _layout.embed_delta(x, a, b, self.scale).astype(y.dtype)
+            delta = functools.partial(_layout.embed_delta, scale=self.scale)
+            return _layout.add_delta(y, delta, x, a, b)
         if self.dropout is not None:
             x = self.dropout(x)
         if isinstance(self.base, nnx.Einsum):
-            einsum_str = kwargs.get("einsum_str", args[0] if args else None)
-            delta = _layout.einsum_delta(x, a, b, einsum_str or self.base.einsum_str, self.scale)
+            einsum_str = kwargs.get("einsum_str", args[0] if args else None) or self.base.einsum_str
+            delta = functools.partial(_layout.einsum_delta, einsum_str=einsum_str, scale=self.scale)
         else:
             axis = self.base.axis if isinstance(self.base, nnx.LinearGeneral) else -1
-            delta = _layout.linear_delta(x, a, b, tuple(np.atleast_1d(axis).tolist()), self.scale)
-        return y + delta.astype(y.dtype)
+            axis = tuple(np.atleast_1d(axis).tolist())
+            delta = functools.partial(_layout.linear_delta, axis=axis, scale=self.scale)
+        return _layout.add_delta(y, delta, x, a, b)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """``Embed.attend`` with the adapted table (embedding layers only)."""
         y = self.base.attend(query)
-        delta = _layout.attend_delta(query, self.lora_a[...], self.lora_b[...], self.scale)
-        return y + delta.astype(y.dtype)
+        delta = functools.partial(_layout.attend_delta, scale=self.scale)
+        return _layout.add_delta(y, delta, query, self.lora_a[...], self.lora_b[...])
 
     def delta_weight(self) -> jax.Array:
         """``scale · A ⊗ B`` in the base kernel's layout (float32)."""
@@ -153,7 +171,9 @@ def _listing(paths: list[str]) -> str:
     return "  " + "\n  ".join(paths[:_MAX_LISTED]) + more
 
 
-def lorafy(module: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def lorafy(
+    module: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, rank_axis: str | None = None
+) -> nnx.Module:
     """Wraps the targeted layers of an NNX module in `LoraLayer` (see `jaxlora.lorafy`)."""
     if any(True for _ in _modules(module, (LoraLayer,))):
         raise ValueError(
@@ -194,6 +214,7 @@ def lorafy(module: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
             key=jax.random.fold_in(key, zlib.crc32(name.encode())),
             config=config,
             rngs=rngs,
+            rank_axis=rank_axis,
         )
         _set_child(module, path, wrapper)
     _mark_full_training(module, config)

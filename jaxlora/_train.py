@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 
+from jaxlora._sharding import place_on_mesh_of
 from jaxlora._tree import PyTree, combine, split, trainable_mask
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -30,11 +31,18 @@ def optimizer(
     Returns:
       A transformation to ``init`` with the adapted params and to pass to
       `make_train_step`. It also works on full-tree gradients, zeroing frozen updates.
+      On sharded params, ``init`` gives each moment its param's sharding and replicates
+      the step counts over the params' mesh.
     """
     mask = trainable_mask(params) if mask is None else mask
     split(params, mask)  # validates the mask
     labels = jax.tree.map(lambda m: TRAINABLE if m else FROZEN, mask)
-    return optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+    inner = optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+    def init(params):
+        return place_on_mesh_of(params, inner.init(params))
+
+    return inner._replace(init=init)
 
 
 def make_train_step(

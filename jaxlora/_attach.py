@@ -1,0 +1,419 @@
+"""Saved adapters as records, checked against and re-attached to a base tree.
+
+Shared by the orbax checkpoints and the PEFT format. `collect` reads each adapted layer
+(`LayerSpec` plus its factors) and each fully trained leaf (`LeafSpec` plus its value)
+out of an adapted tree; `plan` checks records against the tree they are loaded into
+(wrong base: error; unmatched: error unless allowed, then a warning); `shardings` says
+where each restored array goes; `attach` builds the adapted tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from flax.core import meta
+from jax.sharding import Sharding
+
+from jaxlora import _sharding
+from jaxlora._config import LoraConfig
+from jaxlora._tree import (
+    ADAPTER_KEY,
+    LoraAdapter,
+    PyTree,
+    Trainable,
+    has_adapters,
+    iter_layers,
+    kernel_key,
+    params_of,
+    path_str,
+)
+
+_MAX_LISTED = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One adapted layer as saved.
+
+    Attributes:
+      path: ``/``-joined layer path in the params tree.
+      weight_key: ``"kernel"`` or ``"embedding"``.
+      kernel_shape: the base weight's stored shape (with stacked-layer axes).
+      kernel_dtype: the base weight's dtype name (recorded; a base in another dtype loads).
+      a_shape: A, ``(*stack, *in, r)``.
+      b_shape: B, ``(*stack, r, *out)``.
+      dtype: dtype name of A and B.
+      scale: alpha / r (or alpha / sqrt(r)).
+      delta_eq: einsum building ΔW from A and B.
+    """
+
+    path: str
+    weight_key: str
+    kernel_shape: tuple[int, ...]
+    kernel_dtype: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    dtype: str
+    scale: float
+    delta_eq: str
+
+    @property
+    def rank(self) -> int:
+        """The adapter rank r."""
+        return self.a_shape[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (`from_json` inverts it)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> LayerSpec:
+        """Rebuilds a spec from `to_json` output; KeyError/TypeError on a malformed one."""
+        return cls(**{f.name: _field(record, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """One fully trained leaf (``modules_to_save`` or bias) as saved."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (`from_json` inverts it)."""
+        return {"path": self.path, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> LeafSpec:
+        """Rebuilds a spec from `to_json` output; KeyError/TypeError on a malformed one."""
+        return cls(**{f.name: _field(record, f.name) for f in dataclasses.fields(cls)})
+
+
+def _field(record: Mapping[str, Any], name: str) -> Any:
+    value = record[name]
+    return tuple(int(n) for n in value) if isinstance(value, list) else value
+
+
+def _keys(path: str) -> tuple[str, ...]:
+    return tuple(path.split("/")) if path else ()
+
+
+def subtree(tree: Any, path: str) -> Any | None:
+    """The subtree at a ``/``-joined path, or None if there is none."""
+    for k in _keys(path):
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def _update(tree: Mapping, keys: tuple[str, ...], fn: Any) -> Any:
+    if not keys:
+        return fn(tree)
+    return {**tree, keys[0]: _update(tree[keys[0]], keys[1:], fn)}
+
+
+def _rebox(old: Any, new: Any) -> Any:
+    return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
+
+
+def unmark(x: Any) -> Any:
+    """The array of a leaf, without its `Trainable` marker or metadata box."""
+    return meta.unbox(x.value if isinstance(x, Trainable) else x)
+
+
+def _dtype_name(x: Any) -> str:
+    return jax.numpy.dtype(x.dtype).name
+
+
+def collect(
+    params: PyTree, *, who: str
+) -> tuple[list[tuple[LayerSpec, Any, Any]], list[tuple[LeafSpec, Any]]]:
+    """The adapters and fully trained leaves of an adapted tree, with their records.
+
+    Args:
+      params: an adapted tree (params collection or variables dict).
+      who: the calling function, for error messages.
+
+    Returns:
+      ``[(spec, A, B)]`` per adapted layer and ``[(spec, value)]`` per `Trainable` leaf,
+      arrays unboxed.
+    """
+    inner, _ = params_of(params)
+    if not has_adapters(inner):
+        raise ValueError(
+            f"{who}: these params hold no LoRA adapters. Pass the tree returned by "
+            "jaxlora.lorafy (or jaxlora.load_adapter / jaxlora.import_peft)."
+        )
+    layers = []
+    for keys, layer in iter_layers(inner):
+        adapter = layer[ADAPTER_KEY]
+        weight_key = kernel_key(layer)
+        kernel, a, b = (meta.unbox(x) for x in (layer[weight_key], adapter.a, adapter.b))
+        spec = LayerSpec(
+            path="/".join(keys),
+            weight_key=weight_key,
+            kernel_shape=tuple(kernel.shape),
+            kernel_dtype=_dtype_name(kernel),
+            a_shape=tuple(a.shape),
+            b_shape=tuple(b.shape),
+            dtype=_dtype_name(a),
+            scale=float(adapter.scale),
+            delta_eq=adapter.delta_eq,
+        )
+        layers.append((spec, a, b))
+    leaves = []
+    for path, marked in _trainable_leaves(inner):
+        value = meta.unbox(marked.value)
+        leaves.append((LeafSpec(path, tuple(value.shape), _dtype_name(value)), value))
+    return layers, leaves
+
+
+def _trainable_leaves(inner: PyTree) -> list[tuple[str, Trainable]]:
+    marked = jax.tree_util.tree_leaves_with_path(
+        inner, is_leaf=lambda x: isinstance(x, Trainable | LoraAdapter)
+    )
+    return [(path_str(k), x) for k, x in marked if isinstance(x, Trainable)]
+
+
+def check_config(layers: Sequence[LayerSpec], config: LoraConfig, *, who: str) -> None:
+    """Raises unless ``config`` describes every adapter (selection, rank and scale).
+
+    Args:
+      layers: the adapted layers.
+      config: the `LoraConfig` the layers are claimed to come from.
+      who: the calling function, for error messages.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"{who}: config is a {type(config).__name__}; pass the jaxlora.LoraConfig the "
+            "params were adapted with."
+        )
+    for spec in layers:
+        is_linear = spec.weight_key != "embedding"
+        rank, scale = config.rank_for(spec.path), config.scale_for(spec.path)
+        if not config.selects(spec.path, is_linear=is_linear):
+            problem = "is adapted but the config does not target it"
+        elif spec.rank != rank:
+            problem = f"has rank {spec.rank} but the config gives rank {rank}"
+        elif not math.isclose(spec.scale, scale, rel_tol=1e-9):
+            problem = f"has scale {spec.scale:g} but the config gives {scale:g}"
+        else:
+            continue
+        raise ValueError(
+            f"{who}: layer {spec.path!r} {problem}. Pass the LoraConfig these params were "
+            "adapted with (the one given to jaxlora.lorafy or returned by load_adapter)."
+        )
+
+
+def listing(items: Sequence[str]) -> str:
+    """A bulleted, truncated listing of ``items`` for error messages."""
+    shown = "\n  - ".join(items[:_MAX_LISTED])
+    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"\n  - {shown}{more}"
+
+
+def report_unmatched(
+    unmatched: Sequence[str], *, source: str, who: str, allow_unmatched: bool
+) -> None:
+    """Raises on unmatched entries, or warns about them with ``allow_unmatched``."""
+    if not unmatched:
+        return
+    if not allow_unmatched:
+        raise ValueError(
+            f"{who}: {source} does not match these params:{listing(unmatched)}\n"
+            "Load it onto the model it was trained for, or pass allow_unmatched=True to "
+            "load the matching part and get the rest as a warning."
+        )
+    warnings.warn(
+        f"{who}: loaded {source} partially (allow_unmatched=True); not loaded:{listing(unmatched)}",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _kernel_mismatch(spec: LayerSpec, node: Any, source: str, who: str) -> None:
+    weight = node.get(spec.weight_key) if isinstance(node, Mapping) else None
+    shape = None if weight is None else tuple(meta.unbox(weight).shape)
+    if shape == spec.kernel_shape:
+        return
+    found = f"has {spec.weight_key} {shape}" if shape else f"has no {spec.weight_key!r}"
+    raise ValueError(
+        f"{who}: layer {spec.path!r} {found}, but {source} was trained on a base whose "
+        f"{spec.weight_key} is {spec.kernel_shape} ({spec.kernel_dtype}). Load it onto the "
+        "base model it was trained on (same architecture and sizes)."
+    )
+
+
+def plan(
+    params: PyTree,
+    layers: Sequence[LayerSpec],
+    leaves: Sequence[LeafSpec],
+    *,
+    source: str,
+    who: str,
+    allow_unmatched: bool,
+    unmatched: Sequence[str] = (),
+) -> tuple[list[LayerSpec], list[LeafSpec]]:
+    """Checks saved records against the tree they are loaded into.
+
+    A layer or leaf whose shape differs from the saved base is an error. Saved entries
+    with no counterpart in ``params``, and adapters or trainable leaves of an adapted
+    ``params`` that nothing saved replaces, are unmatched: an error, or a warning with
+    ``allow_unmatched``.
+
+    Args:
+      params: a base or adapted tree (params collection or variables dict).
+      layers: the saved adapters.
+      leaves: the saved fully trained leaves.
+      source: what is being loaded, for messages (e.g. ``"adapter /ckpt"``).
+      who: the calling function, for messages.
+      allow_unmatched: warn instead of raising on unmatched entries.
+      unmatched: entries the caller already found unmatched, reported together.
+
+    Returns:
+      The layers and leaves to load.
+    """
+    inner, _ = params_of(params)
+    unmatched = list(unmatched)
+    matched_layers = []
+    for spec in layers:
+        node = subtree(inner, spec.path)
+        if node is None:
+            unmatched.append(f"saved adapter for layer {spec.path!r}: no such layer here")
+            continue
+        _kernel_mismatch(spec, node, source, who)
+        matched_layers.append(spec)
+    matched_leaves = []
+    for leaf in leaves:
+        node = subtree(inner, leaf.path)
+        if node is None or isinstance(node, Mapping):
+            unmatched.append(f"saved trainable leaf {leaf.path!r}: no such parameter here")
+            continue
+        shape = tuple(unmark(node).shape)
+        if shape != leaf.shape:
+            raise ValueError(
+                f"{who}: parameter {leaf.path!r} has shape {shape}, but {source} saved it "
+                f"with shape {leaf.shape}. Load it onto the base model it was trained on."
+            )
+        matched_leaves.append(leaf)
+    existing_layers, existing_leaves = _existing(inner)
+    unmatched += [
+        f"layer {p!r} has an adapter that {source} does not replace"
+        for p in sorted(existing_layers - {s.path for s in layers})
+    ]
+    unmatched += [
+        f"trainable leaf {p!r} is not in {source}"
+        for p in sorted(existing_leaves - {s.path for s in leaves})
+    ]
+    report_unmatched(unmatched, source=source, who=who, allow_unmatched=allow_unmatched)
+    return matched_layers, matched_leaves
+
+
+def _existing(inner: PyTree) -> tuple[set[str], set[str]]:
+    """Paths of the adapted layers and trainable leaves already in ``inner``."""
+    layers = {"/".join(keys) for keys, _ in iter_layers(inner)}
+    return layers, {path for path, _ in _trainable_leaves(inner)}
+
+
+def default_sharding() -> Sharding:
+    """Where arrays with no base counterpart go: the first local device."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def delta_labels(delta_eq: str) -> tuple[str, str, str]:
+    """The A, B and kernel labels of a ``delta_eq`` (stack axes ``...`` dropped)."""
+    operands, kernel = delta_eq.replace("...", "").split("->")
+    a, b = operands.split(",")
+    return a, b, kernel
+
+
+def _sharding_of(x: Any) -> Sharding | None:
+    return getattr(x, "sharding", None)
+
+
+def layer_shardings(
+    params: PyTree, spec: LayerSpec, sharding: Sharding | None
+) -> tuple[Sharding, Sharding]:
+    """Where A and B of ``spec`` go: ``sharding`` if given, else following the base kernel.
+
+    A NamedSharding kernel passes each axis's mesh axes on to the factor axes with the
+    same einsum label, stacked axes too (`_sharding.factor_shardings`, as `lorafy`); the
+    rank axis is replicated. Replicated or single-device kernels give their sharding; a
+    layer missing from ``params`` or a kernel without one goes to the first local device.
+    """
+    if sharding is not None:
+        return sharding, sharding
+    node = subtree(params_of(params)[0], spec.path)
+    weight = node.get(spec.weight_key) if isinstance(node, Mapping) else None
+    kernel = None if weight is None else meta.unbox(weight)
+    layer = f"layer {spec.path!r}"
+    named = _sharding.factor_shardings(layer, kernel, spec.delta_eq, spec.rank, None)
+    if named is not None:
+        return named
+    kernel_sharding = _sharding_of(kernel)
+    if kernel_sharding is None:
+        return default_sharding(), default_sharding()
+    if not kernel_sharding.is_fully_replicated:
+        raise ValueError(
+            f"{layer}: its kernel has a {type(kernel_sharding).__name__} that jaxlora cannot "
+            "map onto the adapter factors; place the base with a NamedSharding "
+            "(jaxlora.shard_params) or pass sharding=NamedSharding(mesh, PartitionSpec())."
+        )
+    return kernel_sharding, kernel_sharding
+
+
+def leaf_sharding(params: PyTree, leaf: LeafSpec, sharding: Sharding | None) -> Sharding:
+    """Where a trainable leaf goes: ``sharding`` if given, else like the base leaf."""
+    if sharding is not None:
+        return sharding
+    node = subtree(params_of(params)[0], leaf.path)
+    found = None if node is None or isinstance(node, Mapping) else _sharding_of(unmark(node))
+    return found or default_sharding()
+
+
+def attach(
+    params: PyTree, adapters: Mapping[str, LoraAdapter], leaves: Mapping[str, Any]
+) -> PyTree:
+    """``params`` with ``adapters`` set on their layers and ``leaves`` marked `Trainable`.
+
+    Existing adapters and trainable leaves at those paths are replaced (keeping their
+    metadata boxes); everything else is left as it is.
+
+    Args:
+      params: a base or adapted tree (params collection or variables dict), already
+        checked with `plan`.
+      adapters: layer path -> adapter.
+      leaves: leaf path -> new value.
+
+    Returns:
+      The adapted tree, in the form of ``params``.
+    """
+    inner, rebuild = params_of(params)
+    for path, adapter in adapters.items():
+        inner = _update(inner, _keys(path), functools.partial(_with_adapter, adapter))
+    for path, value in leaves.items():
+        inner = _update(inner, _keys(path), functools.partial(_as_trainable, value))
+    return rebuild(inner)
+
+
+def _with_adapter(adapter: LoraAdapter, layer: Mapping[str, Any]) -> dict[str, Any]:
+    """The layer with ``adapter``: factors boxed like the old ones, else like the kernel."""
+    old = layer.get(ADAPTER_KEY)
+    if isinstance(old, LoraAdapter):
+        a, b = _rebox(old.a, adapter.a), _rebox(old.b, adapter.b)
+    else:
+        kernel = layer[kernel_key(layer)]
+        a, b = _sharding.box_factors(kernel, adapter.a, adapter.b, adapter.delta_eq, None)
+    return {**layer, ADAPTER_KEY: dataclasses.replace(adapter, a=a, b=b)}
+
+
+def _as_trainable(value: Any, old: Any) -> Trainable:
+    return Trainable(_rebox(old.value if isinstance(old, Trainable) else old, value))

@@ -1,0 +1,467 @@
+"""Orbax checkpoints: adapter-only files and resumable training state. All orbax use is here.
+
+`save_adapter` writes the adapters and fully trained leaves of an adapted tree (never
+the frozen base) plus a JSON record of the config and every adapted layer, so
+`load_adapter` can re-attach them to a freshly loaded base without being told the rank
+or alpha. `TrainCheckpointer` keeps the last few complete training states (trainable
+params, optimizer state, step, RNG key, data-pipeline state) with orbax's
+``CheckpointManager``, saving asynchronously.
+
+Both rely on orbax writing into a temporary directory and renaming it when complete, so
+an interrupted save is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxlora import _attach, _files
+from jaxlora._config import LoraConfig
+from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
+
+_FORMAT, _VERSION = "jaxlora.adapter", 1
+_ARRAYS, _RECORD = "arrays", "record"
+_STATE, _META = "state", "meta"
+
+
+def _adapter_checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(
+            **{_ARRAYS: ocp.StandardCheckpointHandler(), _RECORD: ocp.JsonCheckpointHandler()}
+        )
+    )
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / _ARRAYS).is_dir() and (path / _RECORD).is_dir()
+
+
+def _shapes(tree: PyTree) -> dict[str, str]:
+    """``{leaf path: "dtype(shape)"}`` of an array, abstract or metadata tree."""
+    return {
+        path_str(key_path): f"{jnp.dtype(x.dtype).name}{tuple(x.shape)}"
+        for key_path, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _differences(saved: PyTree, expected: PyTree) -> list[str]:
+    saved, expected = _shapes(saved), _shapes(expected)
+    return [
+        f"{k}: saved {saved.get(k, 'nothing')}, expected {expected.get(k, 'nothing')}"
+        for k in sorted(saved.keys() | expected.keys())
+        if saved.get(k) != expected.get(k)
+    ]
+
+
+def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfig) -> None:
+    """Saves only the trained part of an adapted tree: adapters and `Trainable` leaves.
+
+    The directory is an orbax checkpoint with two items: ``arrays`` (A and B of every
+    adapted layer, and every fully trained leaf) and ``record``, a JSON description:
+    the config (``config.to_dict()``), and per adapted layer its path, base kernel shape
+    and dtype (the base fingerprint), A/B shapes and dtype, scale and ``delta_eq``.
+
+    The write is atomic: the checkpoint is completed in a staging directory next to
+    ``directory`` and only then renamed into place, and an existing adapter there is
+    deleted only after that. Killed at any point, the old or the new adapter is on disk.
+
+    Args:
+      directory: where to write; created, or replaced if it holds an adapter.
+      params: the adapted tree (params collection or variables dict).
+      config: the `LoraConfig` the params were adapted with.
+
+    Example:
+      >>> jaxlora.save_adapter("runs/adapter", lora_params, cfg)
+      >>> cfg, lora_params = jaxlora.load_adapter("runs/adapter", base_params)
+    """
+    layers, leaves = _attach.collect(params, who="save_adapter")
+    _attach.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
+    record = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "config": config.to_dict(),
+        "layers": [spec.to_json() for spec, _, _ in layers],
+        "trainable": [spec.to_json() for spec, _ in leaves],
+    }
+    arrays: dict[str, Any] = {"adapters": [{"a": a, "b": b} for _, a, b in layers]}
+    if leaves:
+        arrays["trainable"] = [value for _, value in leaves]
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()) and not _is_adapter(target):
+        raise ValueError(
+            f"save_adapter: {target} exists and is not an adapter saved by jaxlora; "
+            "refusing to replace it. Choose a new directory."
+        )
+    with _files.replacing(target) as new, _adapter_checkpointer() as checkpointer:
+        checkpointer.save(
+            new,
+            args=ocp.args.Composite(
+                **{_ARRAYS: ocp.args.StandardSave(arrays), _RECORD: ocp.args.JsonSave(record)}
+            ),
+        )
+
+
+def _read_record(
+    checkpointer: ocp.Checkpointer, path: Path, source: str
+) -> tuple[LoraConfig, list[_attach.LayerSpec], list[_attach.LeafSpec]]:
+    try:
+        args = ocp.args.Composite(**{_RECORD: ocp.args.JsonRestore()})
+        record = checkpointer.restore(path, args=args)[_RECORD]
+    except Exception as e:
+        raise ValueError(f"load_adapter: cannot read the record of {source}: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise ValueError(
+            f"load_adapter: {source} is not a jaxlora adapter (its record has no "
+            f"format={_FORMAT!r}); save adapters with jaxlora.save_adapter."
+        )
+    if record.get("version") != _VERSION:
+        raise ValueError(
+            f"load_adapter: {source} has format version {record.get('version')!r}; this "
+            f"jaxlora reads version {_VERSION}. Load it with the jaxlora that wrote it."
+        )
+    try:
+        config = LoraConfig(**record["config"])
+        layers = [_attach.LayerSpec.from_json(r) for r in record["layers"]]
+        leaves = [_attach.LeafSpec.from_json(r) for r in record["trainable"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"load_adapter: the record of {source} is malformed ({e}).") from e
+    return config, layers, leaves
+
+
+def _abstract_adapter(
+    params: PyTree,
+    layers: list[_attach.LayerSpec],
+    leaves: list[_attach.LeafSpec],
+    sharding: jax.sharding.Sharding | None,
+) -> dict[str, Any]:
+    """The ``arrays`` item as ShapeDtypeStructs placed where the base says (or ``sharding``)."""
+    adapters = []
+    for spec in layers:
+        a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)
+        adapters.append(
+            {
+                "a": jax.ShapeDtypeStruct(spec.a_shape, spec.dtype, sharding=a_sharding),
+                "b": jax.ShapeDtypeStruct(spec.b_shape, spec.dtype, sharding=b_sharding),
+            }
+        )
+    tree: dict[str, Any] = {"adapters": adapters}
+    if leaves:
+        tree["trainable"] = [
+            jax.ShapeDtypeStruct(
+                leaf.shape, leaf.dtype, sharding=_attach.leaf_sharding(params, leaf, sharding)
+            )
+            for leaf in leaves
+        ]
+    return tree
+
+
+def _restore_arrays(
+    checkpointer: ocp.Checkpointer, path: Path, abstract: dict[str, Any], source: str
+) -> dict[str, Any]:
+    try:
+        stored = checkpointer.metadata(path).item_metadata[_ARRAYS]
+        differences = _differences(stored, abstract)
+        if not differences:
+            args = ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(abstract)})
+            return checkpointer.restore(path, args=args)[_ARRAYS]
+    except Exception as e:
+        raise ValueError(
+            f"load_adapter: cannot read the arrays of {source}; a file is truncated or "
+            f"corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0]}). Re-save it."
+        ) from e
+    raise ValueError(
+        f"load_adapter: {source} is corrupt: its arrays disagree with its record:"
+        f"{_attach.listing(differences)}\nRe-save it."
+    )
+
+
+def load_adapter(
+    directory: str | os.PathLike,
+    params: PyTree,
+    *,
+    sharding: jax.sharding.Sharding | None = None,
+    allow_unmatched: bool = False,
+) -> tuple[LoraConfig, PyTree]:
+    """Re-attaches a saved adapter to a base tree, or replaces the adapters of an adapted one.
+
+    Rank, alpha and layouts come from the saved record. The arrays are restored straight
+    into their target placement: each factor follows its base kernel's sharding (a
+    ``NamedSharding`` kernel ``(in, out)`` sharded ``P('x', 'y')`` gives A ``P('x',
+    None)`` and B ``P(None, 'y')``), each trainable leaf the base leaf's.
+
+    Args:
+      directory: a directory written by `save_adapter`.
+      params: base params (e.g. freshly loaded pretrained weights) or an adapted tree
+        whose adapters are replaced; a params collection or a variables dict.
+      sharding: put every restored array here instead (e.g.
+        ``NamedSharding(mesh, PartitionSpec())``).
+      allow_unmatched: load what matches and warn about the rest, instead of raising
+        when a saved layer is not in ``params`` or an adapter of ``params`` would be left
+        as it was.
+
+    Returns:
+      ``(config, lora_params)``: the saved `LoraConfig` (for ``LoraModel(model,
+      config)``) and the adapted tree, in the form of ``params``.
+
+    Raises:
+      FileNotFoundError: no directory.
+      ValueError: not a jaxlora adapter, a corrupt or truncated file, a base of other
+        shapes, or unmatched layers (without ``allow_unmatched``); the message names the
+        layer and what was expected.
+    """
+    path = Path(directory).absolute()
+    source = f"adapter {str(path)!r}"
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_adapter: no adapter at {path}.{_files.missing_hint(path)}")
+    if not _is_adapter(path):
+        raise ValueError(
+            f"load_adapter: {path} is not an adapter written by jaxlora.save_adapter (it "
+            f"lacks {_ARRAYS}/ or {_RECORD}/).{_files.missing_hint(path)}"
+        )
+    with _adapter_checkpointer() as checkpointer:
+        config, layers, leaves = _read_record(checkpointer, path, source)
+        load_layers, load_leaves = _attach.plan(
+            params,
+            layers,
+            leaves,
+            source=source,
+            who="load_adapter",
+            allow_unmatched=allow_unmatched,
+        )
+        abstract = _abstract_adapter(params, layers, leaves, sharding)
+        arrays = _restore_arrays(checkpointer, path, abstract, source)
+    wanted = {spec.path for spec in load_layers}
+    adapters = {
+        spec.path: LoraAdapter(f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq)
+        for spec, f in zip(layers, arrays["adapters"], strict=True)
+        if spec.path in wanted
+    }
+    wanted = {leaf.path for leaf in load_leaves}
+    trainable = {
+        leaf.path: value
+        for leaf, value in zip(leaves, arrays.get("trainable", []), strict=True)
+        if leaf.path in wanted
+    }
+    return config, _attach.attach(params, adapters, trainable)
+
+
+class ResumeState(NamedTuple):
+    """A training state brought back by `TrainCheckpointer.restore_latest`.
+
+    Attributes:
+      step: the step it was saved at (the number of steps done).
+      params: the adapted tree: trained leaves from the checkpoint, frozen leaves from
+        the ``params`` passed to restore (for NNX: the restored trainable state).
+      opt_state: the optimizer state.
+      rng: the PRNG key as saved (typed key or raw ``uint32`` key data).
+      data_state: the data-pipeline state dict as saved.
+    """
+
+    step: int
+    params: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    data_state: dict[str, Any]
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    def leaf(x):
+        sharding = getattr(x, "sharding", None) or _attach.default_sharding()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _trained_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """What a training checkpoint stores of ``params``, and how to rebuild ``params`` from it."""
+    if isinstance(params, nnx.State):
+        return params, lambda restored: restored
+    trainable, frozen = split(params)
+    if not jax.tree.leaves(trainable):
+        raise ValueError(
+            "TrainCheckpointer: these params hold nothing that trains. Pass the adapted tree "
+            "from jaxlora.lorafy, or for NNX nnx.state(model, jaxlora.TrainableParam)."
+        )
+    return trainable, lambda restored: combine(restored, frozen)
+
+
+def _rng_parts(rng: jax.Array) -> tuple[jax.Array, str | None]:
+    """Key data and implementation name of a typed key (None for raw key data)."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng), str(jax.random.key_impl(rng))
+    return rng, None
+
+
+class TrainCheckpointer:
+    """Resumable training checkpoints: trainable params, optimizer state, step, RNG, data state.
+
+    Each checkpoint is an orbax ``CheckpointManager`` step with two items: ``state``
+    (`split(params)`'s trainable part, never the frozen base; the optimizer state; the
+    RNG key data) and ``meta`` (JSON: the data-pipeline state and the RNG
+    implementation). Saves run in the background (``async_save``); a step becomes
+    visible only once fully written, so a process killed mid-save resumes from the
+    previous complete step. Only the newest ``max_to_keep`` steps are kept.
+
+    Args:
+      directory: the checkpoint root (created if needed).
+      max_to_keep: how many complete checkpoints to keep (None: all).
+      save_interval_steps: `save` writes only steps that are a multiple of this (and
+        the first one, when the directory holds no checkpoint yet).
+      async_save: write in a background thread; `save` returns once the arrays are
+        copied off the device.
+
+    Example:
+      >>> with jaxlora.TrainCheckpointer("runs/ckpt", max_to_keep=2) as ckpt:
+      ...     start, rng, data_state = 0, jax.random.key(0), {"position": 0}
+      ...     if resumed := ckpt.restore_latest(params, opt_state):
+      ...         start, params, opt_state, rng, data_state = resumed
+      ...     for step in range(start, num_steps):
+      ...         batch, data_state = next_batch(data_state)
+      ...         params, opt_state, loss = train_step(params, opt_state, batch)
+      ...         ckpt.save(step + 1, params, opt_state, rng, data_state)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    def save(
+        self,
+        step: int,
+        params: PyTree,
+        opt_state: PyTree,
+        rng: jax.Array,
+        data_state: Mapping[str, Any] | None = None,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving the training state at ``step`` (if the interval says so).
+
+        Args:
+          step: steps done so far; the value `restore_latest` returns.
+          params: the adapted linen tree (only its trainable part is written), or for
+            NNX the trainable state, ``nnx.state(model, jaxlora.TrainableParam)``.
+          opt_state: the optimizer state.
+          rng: the PRNG key to resume with (typed key or raw key data).
+          data_state: JSON-serialisable data-pipeline state (e.g. epoch and position).
+          force: save even if ``step`` is off the interval.
+
+        Returns:
+          Whether a save was started.
+        """
+        data_state = dict(data_state or {})
+        try:
+            json.dumps(data_state)
+        except TypeError as e:
+            raise ValueError(
+                f"TrainCheckpointer.save: data_state must be JSON-serialisable ({e}); "
+                "store plain ints, floats, strings, lists and dicts."
+            ) from None
+        trainable, _ = _trained_part(params)
+        key_data, impl = _rng_parts(rng)
+        state = {"params": trainable, "opt_state": opt_state, "rng": key_data}
+        meta = {"data_state": data_state, "rng_impl": impl}
+        args = ocp.args.Composite(
+            **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+        )
+        return self._manager.save(step, args=args, force=force)
+
+    @property
+    def latest_step(self) -> int | None:
+        """The newest complete step on disk, or None."""
+        return self._manager.latest_step()
+
+    def restore_latest(self, params: PyTree, opt_state: PyTree) -> ResumeState | None:
+        """The newest complete checkpoint (see `restore`), or None if there is none."""
+        self.wait()
+        step = self._manager.latest_step()
+        return None if step is None else self.restore(step, params, opt_state)
+
+    def restore(self, step: int, params: PyTree, opt_state: PyTree) -> ResumeState:
+        """Restores the checkpoint at ``step`` into the placement of the given templates.
+
+        Args:
+          step: a complete step (see `latest_step`).
+          params: the adapted tree of the run (e.g. from `lorafy`); gives the frozen
+            leaves, the structure and the sharding of the trainable ones. For NNX, the
+            trainable state (``nnx.state(model, jaxlora.TrainableParam)``); put the
+            restored one back with ``nnx.update(model, resumed.params)``.
+          opt_state: an optimizer state of the same structure (e.g. ``tx.init(params)``).
+
+        Returns:
+          The `ResumeState`.
+
+        Raises:
+          ValueError: the checkpoint does not fit the templates (another model, config or
+            optimizer); the message lists the differing leaves.
+        """
+        self.wait()
+        trainable, rebuild = _trained_part(params)
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        )[_META]
+        stored = self._manager.item_metadata(step)[_STATE]
+        rng_shape = tuple(stored["rng"].shape)
+        abstract = {
+            "params": _abstract(trainable),
+            "opt_state": _abstract(opt_state),
+            "rng": jax.ShapeDtypeStruct(rng_shape, jnp.uint32, sharding=_attach.default_sharding()),
+        }
+        differences = _differences(stored, abstract)
+        if differences:
+            raise ValueError(
+                f"TrainCheckpointer.restore: step {step} in {self.directory} does not fit the "
+                f"params / opt_state given:{_attach.listing(differences)}\nRestore with the "
+                "model, LoraConfig and optimizer the run was saved with."
+            )
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
+        state = self._manager.restore(step, args=args)[_STATE]
+        rng = state["rng"]
+        if meta["rng_impl"] is not None:
+            rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
+        return ResumeState(
+            step, rebuild(state["params"]), state["opt_state"], rng, meta["data_state"]
+        )
+
+    def wait(self) -> None:
+        """Blocks until the save in flight (if any) is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for the save in flight, then releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
