@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,28 @@ def optimizer(
     return inner._replace(init=init)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainStep:
+    """A compiled step over ``(trainable, frozen, opt_state, batch, *args)``, called on params.
+
+    The frozen part is an input of the compiled program but never an output, so it is
+    neither copied nor donated: the caller's base arrays stay valid and come back as they
+    were passed, and only the adapters and optimizer state are written.
+    """
+
+    jitted: Callable[..., Any]
+
+    def __call__(self, params, opt_state, batch, *args):
+        trainable, frozen = split(params)
+        trainable, opt_state, out = self.jitted(trainable, frozen, opt_state, batch, *args)
+        return combine(trainable, frozen), opt_state, out
+
+    def lower(self, params, opt_state, batch, *args) -> jax.stages.Lowered:
+        """The lowered program for these arguments (for ``cost_analysis`` or the HLO)."""
+        trainable, frozen = split(params)
+        return self.jitted.lower(trainable, frozen, opt_state, batch, *args)
+
+
 def make_train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -55,8 +78,9 @@ def make_train_step(
     """A jitted training step that differentiates the adapters only.
 
     Gradients are taken with respect to the trainable part of `split(params)`, so no
-    gradient of a frozen kernel is ever formed, and the frozen leaves come back
-    bit-identical.
+    gradient of a frozen kernel is ever formed. The frozen leaves are inputs of the
+    compiled program but not outputs: they are never copied or donated and come back
+    as the very arrays that were passed in.
 
     Args:
       loss_fn: ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)`` with
@@ -64,25 +88,24 @@ def make_train_step(
         ``lora_model.apply({"params": params}, ...)``.
       tx: the optimizer from `optimizer` (its state from ``tx.init(params)``).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      donate: donate ``params`` and ``opt_state`` buffers to the step.
+      donate: donate the trainable leaves and ``opt_state`` to the step (updated in
+        place; the arrays passed in are invalid afterwards).
 
     Returns:
-      ``step(params, opt_state, batch, *args) -> (params, opt_state, loss_or_(loss, aux))``.
+      ``step(params, opt_state, batch, *args) -> (params, opt_state, loss_or_(loss, aux))``;
+      ``step.lower(params, opt_state, batch, *args)`` gives the lowered program.
 
     Example:
       >>> step = jaxlora.make_train_step(loss_fn, tx)
       >>> params, opt_state, loss = step(params, opt_state, batch)
     """
 
-    def step(params, opt_state, batch, *args):
-        trainable, frozen = split(params)
-
+    def step(trainable, frozen, opt_state, batch, *args):
         def loss_of(t):
             return loss_fn(combine(t, frozen), batch, *args)
 
         out, grads = jax.value_and_grad(loss_of, has_aux=has_aux)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        return combine(trainable, frozen), opt_state, out
+        return optax.apply_updates(trainable, updates), opt_state, out
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return _TrainStep(jax.jit(step, donate_argnums=(0, 2) if donate else ()))

@@ -119,15 +119,25 @@ def test_sharded_training_equals_one_device_and_keeps_kernels_sharded():
     chex.assert_trees_all_close(_host(trained), _host(reference), rtol=1e-5, atol=1e-6)
 
     compiled = step.lower(trained, opt_state, batch).compile()
-    (params_in, state_in, _), _ = compiled.input_shardings
-    params_out, state_out, _ = compiled.output_shardings
-    leaves = jax.tree_util.tree_leaves_with_path((trained, opt_state))
-    ins, outs = jax.tree.leaves((params_in, state_in)), jax.tree.leaves((params_out, state_out))
+    trainable, frozen = jaxlora.split(trained)
+    (trainable_in, frozen_in, state_in, _), _ = compiled.input_shardings
+    trainable_out, state_out, _ = compiled.output_shardings
+    leaves = jax.tree_util.tree_leaves_with_path((trainable, opt_state))
+    ins = jax.tree.leaves((trainable_in, state_in))
+    outs = jax.tree.leaves((trainable_out, state_out))
     for (path, x), s_in, s_out in zip(leaves, ins, outs, strict=True):
         assert s_out.is_equivalent_to(s_in, x.ndim), (jax.tree_util.keystr(path), s_in, s_out)
         assert s_in.is_equivalent_to(x.sharding, x.ndim), (jax.tree_util.keystr(path), x.sharding)
-    kernels = [s for p, s in jax.tree_util.tree_leaves_with_path(params_out) if "kernel" in str(p)]
-    assert len(kernels) == 6 and not any(s.is_fully_replicated for s in kernels)
+    # frozen kernels are inputs only (never outputs), and enter the step sharded as they are
+    frozen_leaves = jax.tree_util.tree_leaves_with_path(frozen)
+    kernels = [
+        (s, x)
+        for (p, x), s in zip(frozen_leaves, jax.tree.leaves(frozen_in), strict=True)
+        if "kernel" in str(p)
+    ]
+    assert len(kernels) == 6
+    for s, x in kernels:
+        assert not s.is_fully_replicated and s.is_equivalent_to(x.sharding, x.ndim)
 
 
 RULES = (("embed", "data"), ("mlp", "model"), ("layers", None))
