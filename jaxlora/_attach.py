@@ -21,7 +21,7 @@ from flax.core import meta
 from jax.sharding import Sharding
 
 from jaxlora import _sharding
-from jaxlora._config import LoraConfig
+from jaxlora._config import LoraConfig, format_paths
 from jaxlora._tree import (
     ADAPTER_KEY,
     LoraAdapter,
@@ -32,6 +32,9 @@ from jaxlora._tree import (
     kernel_key,
     params_of,
     path_str,
+    rebox,
+    replace_at,
+    subtree,
 )
 
 _MAX_LISTED = 20
@@ -99,29 +102,6 @@ class LeafSpec:
 def _field(record: Mapping[str, Any], name: str) -> Any:
     value = record[name]
     return tuple(int(n) for n in value) if isinstance(value, list) else value
-
-
-def _keys(path: str) -> tuple[str, ...]:
-    return tuple(path.split("/")) if path else ()
-
-
-def subtree(tree: Any, path: str) -> Any | None:
-    """The subtree at a ``/``-joined path, or None if there is none."""
-    for k in _keys(path):
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
-
-
-def _update(tree: Mapping, keys: tuple[str, ...], fn: Any) -> Any:
-    if not keys:
-        return fn(tree)
-    return {**tree, keys[0]: _update(tree[keys[0]], keys[1:], fn)}
-
-
-def _rebox(old: Any, new: Any) -> Any:
-    return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
 def unmark(x: Any) -> Any:
@@ -214,10 +194,8 @@ def check_config(layers: Sequence[LayerSpec], config: LoraConfig, *, who: str) -
 
 
 def listing(items: Sequence[str]) -> str:
-    """A bulleted, truncated listing of ``items`` for error messages."""
-    shown = "\n  - ".join(items[:_MAX_LISTED])
-    more = f"\n  ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return f"\n  - {shown}{more}"
+    """A newline, then a bulleted, truncated listing of ``items``, for error messages."""
+    return "\n" + format_paths(items, limit=_MAX_LISTED, bullet="- ")
 
 
 def report_unmatched(
@@ -328,13 +306,6 @@ def default_sharding() -> Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def delta_labels(delta_eq: str) -> tuple[str, str, str]:
-    """The A, B and kernel labels of a ``delta_eq`` (stack axes ``...`` dropped)."""
-    operands, kernel = delta_eq.replace("...", "").split("->")
-    a, b = operands.split(",")
-    return a, b, kernel
-
-
 def _sharding_of(x: Any) -> Sharding | None:
     return getattr(x, "sharding", None)
 
@@ -398,9 +369,9 @@ def attach(
     """
     inner, rebuild = params_of(params)
     for path, adapter in adapters.items():
-        inner = _update(inner, _keys(path), functools.partial(_with_adapter, adapter))
+        inner = replace_at(inner, path, functools.partial(_with_adapter, adapter))
     for path, value in leaves.items():
-        inner = _update(inner, _keys(path), functools.partial(_as_trainable, value))
+        inner = replace_at(inner, path, functools.partial(_as_trainable, value))
     return rebuild(inner)
 
 
@@ -408,7 +379,7 @@ def _with_adapter(adapter: LoraAdapter, layer: Mapping[str, Any]) -> dict[str, A
     """The layer with ``adapter``: factors boxed like the old ones, else like the kernel."""
     old = layer.get(ADAPTER_KEY)
     if isinstance(old, LoraAdapter):
-        a, b = _rebox(old.a, adapter.a), _rebox(old.b, adapter.b)
+        a, b = rebox(old.a, adapter.a), rebox(old.b, adapter.b)
     else:
         kernel = layer[kernel_key(layer)]
         a, b = _sharding.box_factors(kernel, adapter.a, adapter.b, adapter.delta_eq, None)
@@ -416,4 +387,4 @@ def _with_adapter(adapter: LoraAdapter, layer: Mapping[str, Any]) -> dict[str, A
 
 
 def _as_trainable(value: Any, old: Any) -> Trainable:
-    return Trainable(_rebox(old.value if isinstance(old, Trainable) else old, value))
+    return Trainable(rebox(old.value if isinstance(old, Trainable) else old, value))

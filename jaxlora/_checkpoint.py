@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora import _attach, _files
+from jaxlora import _attach, _files, _sharding
 from jaxlora._config import LoraConfig
+from jaxlora._distributed import same_on_every_process
 from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
 
 _FORMAT, _VERSION = "jaxlora.adapter", 1
@@ -73,6 +74,9 @@ def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfi
     The write is atomic: the checkpoint is completed in a staging directory next to
     ``directory`` and only then renamed into place, and an existing adapter there is
     deleted only after that. Killed at any point, the old or the new adapter is on disk.
+    With several JAX processes, every process calls it with the same ``directory`` on a
+    filesystem they share: each writes its shards, and all return once the adapter is in
+    place.
 
     Args:
       directory: where to write; created, or replaced if it holds an adapter.
@@ -301,6 +305,34 @@ def _rng_parts(rng: jax.Array) -> tuple[jax.Array, str | None]:
     return rng, None
 
 
+def _global_rng(key_data: Any, params: PyTree) -> Any:
+    """Key data that a multi-process checkpoint can write.
+
+    With several processes, a key on this process's devices only (``jax.random.key(0)``)
+    cannot be saved; it is replicated over the mesh of ``params``, after checking that
+    every process passes the same key.
+    """
+    if (
+        jax.process_count() == 1
+        or not isinstance(key_data, jax.Array)
+        or not key_data.is_fully_addressable
+    ):
+        return key_data
+    if _sharding.mesh_of(params) is None:
+        raise ValueError(
+            "TrainCheckpointer.save: in a multi-process run the RNG key must be a global "
+            "array, but it is on this process's devices only and the params are on no mesh "
+            "to replicate it over. Pass jax.device_put(key, NamedSharding(mesh, "
+            "PartitionSpec())), or place the params on the mesh (jaxlora.shard_params)."
+        )
+    if not same_on_every_process(jax.device_get(key_data)):
+        raise ValueError(
+            "TrainCheckpointer.save: the processes passed different RNG keys; a checkpoint "
+            "holds one. Save the key every process derives its own from (the same on all)."
+        )
+    return _sharding.place_on_mesh_of(params, key_data)
+
+
 class TrainCheckpointer:
     """Resumable training checkpoints: trainable params, optimizer state, step, RNG, data state.
 
@@ -371,7 +403,9 @@ class TrainCheckpointer:
           params: the adapted linen tree (only its trainable part is written), or for
             NNX the trainable state, ``nnx.state(model, jaxlora.TrainableParam)``.
           opt_state: the optimizer state.
-          rng: the PRNG key to resume with (typed key or raw key data).
+          rng: the PRNG key to resume with (typed key or raw key data). With several
+            processes, a key on one device (the same on every process) is replicated
+            over the params' mesh for saving.
           data_state: JSON-serialisable data-pipeline state (e.g. epoch and position).
           force: save even if ``step`` is off the interval.
 
@@ -388,6 +422,7 @@ class TrainCheckpointer:
             ) from None
         trainable, _ = _trained_part(params)
         key_data, impl = _rng_parts(rng)
+        key_data = _global_rng(key_data, trainable)
         state = {"params": trainable, "opt_state": opt_state, "rng": key_data}
         meta = {"data_state": data_state, "rng_impl": impl}
         args = ocp.args.Composite(

@@ -35,6 +35,23 @@ def path_matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern)
 
 
+def format_paths(items: Sequence[str], *, limit: int = 40, bullet: str = "") -> str:
+    """Indented lines, one per item (layer paths, mismatches), for error messages.
+
+    Args:
+      items: what to list, in order.
+      limit: list at most this many, then say how many more there are.
+      bullet: put in front of each item, e.g. ``"- "``.
+
+    Returns:
+      ``"  <bullet>item"`` lines joined by newlines (no leading or trailing newline).
+    """
+    lines = [f"  {bullet}{item}" for item in items[:limit]]
+    if len(items) > limit:
+        lines.append(f"  ... and {len(items) - limit} more")
+    return "\n".join(lines)
+
+
 def _first_match(path: str, table: Mapping[str, Any]) -> Any | None:
     return next((value for pattern, value in table.items() if path_matches(path, pattern)), None)
 
@@ -132,12 +149,20 @@ class LoraConfig:
         rank = _first_match(path, self.rank_pattern)
         return self.rank if rank is None else rank
 
+    def alpha_for(self, path: str) -> float:
+        """The LoRA alpha of the layer at ``path``: its `alpha_pattern` entry, else ``alpha``.
+
+        Example:
+          >>> LoraConfig(alpha=16, alpha_pattern={"query": 32}).alpha_for("layer_0/query")
+          32
+        """
+        alpha = _first_match(path, self.alpha_pattern)
+        return self.alpha if alpha is None else alpha
+
     def scale_for(self, path: str) -> float:
         """The LoRA scale (alpha/r, or alpha/sqrt(r) with rslora) of the layer at ``path``."""
-        alpha = _first_match(path, self.alpha_pattern)
-        alpha = self.alpha if alpha is None else alpha
         rank = self.rank_for(path)
-        return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
+        return float(self.alpha_for(path)) / (math.sqrt(rank) if self.rslora else rank)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; `LoraConfig(**d)` rebuilds the config."""

@@ -9,8 +9,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxlora._sharding import mesh_axes_size
 from jaxlora._tree import PyTree, path_str
 
 _MESH_ITEM = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*")
@@ -232,13 +234,9 @@ def shard_batch(
       >>> batch = jaxlora.shard_batch({"ids": ids, "labels": labels}, mesh)
     """
     axes = (axis,) if isinstance(axis, str) else tuple(axis)
-    missing = [ax for ax in axes if ax not in mesh.axis_names]
-    if missing:
-        raise ValueError(
-            f"shard_batch: {missing[0]!r} is not an axis of the mesh (axes "
-            f"{tuple(mesh.axis_names)}); pass the data-parallel axis, e.g. axis='data'."
-        )
-    size = math.prod(mesh.shape[ax] for ax in axes)
+    size = mesh_axes_size(
+        mesh, axes, where="shard_batch: ", fix="pass the data-parallel axis, e.g. axis='data'."
+    )
     shards = _process_shards(mesh, axes, size) if process_local else size
     sharding = NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0]))
 
@@ -261,3 +259,39 @@ def shard_batch(
         return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map_with_path(place, batch)
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes shared files (true with one process)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name``; nothing with one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def from_primary(value: np.ndarray) -> np.ndarray:
+    """Process 0's ``value`` on every process (a collective: every process calls it).
+
+    ``value`` must have the same shape and dtype on every process.
+    """
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def to_host(x: Any) -> np.ndarray:
+    """The whole value of an array as numpy, gathered from the other processes if need be.
+
+    For an array spread over several processes this is a collective: every process must
+    call it for the same arrays in the same order.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def same_on_every_process(value: np.ndarray) -> bool:
+    """Whether every process holds the same ``value`` (a collective: every process calls it)."""
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+    return bool((gathered == gathered[:1]).all())

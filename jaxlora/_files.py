@@ -5,19 +5,29 @@ renamed into place; the previous version is moved aside first and deleted last. 
 at any point, the target is either the old complete directory or the new complete one
 (or, between the two renames, absent, with both complete copies in the staging
 directory, which `missing_hint` points to).
+
+With several JAX processes (``jax.distributed``) every process saves to the same path
+on a filesystem they share: process 0 makes the staging directory and tells the others
+its name, every process writes its part, and process 0 alone installs the result while
+the others wait for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
+from jaxlora._distributed import barrier, from_primary, is_primary
+
 _STAGING = ".staging-"
 _PREVIOUS = "previous"
+_TOKEN_BYTES = 8
 
 
 def _fsync_dir(path: Path) -> None:
@@ -28,33 +38,78 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _staging_path(target: Path, token: np.ndarray) -> Path:
+    return target.parent / f".{target.name}{_STAGING}{token.tobytes().hex()}"
+
+
+def _make_staging(target: Path) -> Path:
+    """A new empty staging directory for ``target``, made by process 0, named alike on all."""
+    token = np.zeros(_TOKEN_BYTES, np.uint8)
+    if is_primary():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            token = np.frombuffer(secrets.token_bytes(_TOKEN_BYTES), np.uint8)
+            try:
+                _staging_path(target, token).mkdir(mode=0o700)
+                break
+            except FileExistsError:
+                continue
+    return _staging_path(target, from_primary(token))
+
+
+def _install(new: Path, target: Path, staging: Path) -> None:
+    if not new.is_dir():
+        raise RuntimeError(f"internal error: nothing was written to {new}")
+    if target.exists():
+        os.rename(target, staging / _PREVIOUS)
+    os.rename(new, target)
+    _fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def replacing(target: str | os.PathLike) -> Iterator[Path]:
     """Yields a path to write the new version of ``target`` to; installs it on success.
+
+    With several JAX processes, every process must enter it with the same ``target``
+    (on a shared filesystem) and run the block: each process writes its shards into the
+    yielded path (orbax's multi-process save does), or only process 0 writes (plain
+    files; check `_distributed.is_primary`). Process 0 then installs the new version;
+    no process leaves before it is in place, and if installing fails every process
+    raises.
 
     Args:
       target: the directory to create or replace.
 
     Yields:
-      A path that does not exist yet, on the same filesystem as ``target``. The block
-      must create it as a directory only once it is complete (write elsewhere, then
-      rename; orbax does so). If the block raises, ``target`` is left untouched and the
-      partial write is deleted.
+      A path that does not exist yet, on the same filesystem as ``target``, the same on
+      every process. The block must create it as a directory only once it is complete
+      (write elsewhere, then rename; orbax does so). If the block raises, ``target`` is
+      left untouched and the partial write is deleted.
     """
     target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING}", dir=target.parent))
+    staging = _make_staging(target)
     new = staging / target.name
     try:
         yield new
-        if not new.is_dir():
-            raise RuntimeError(f"internal error: nothing was written to {new}")
-        if target.exists():
-            os.rename(target, staging / _PREVIOUS)
-        os.rename(new, target)
-        _fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if is_primary():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    barrier(f"jaxlora.replacing:{staging.name}")  # every process has written its part
+    failure = None
+    if is_primary():
+        try:
+            _install(new, target, staging)
+        except BaseException as e:
+            failure = e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if from_primary(np.int32(failure is not None)):  # also waits for process 0 to finish
+        if failure is not None:
+            raise failure
+        raise RuntimeError(
+            f"process 0 could not install the new version of {target}; see its error."
+        )
 
 
 def missing_hint(target: str | os.PathLike) -> str:

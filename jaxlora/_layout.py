@@ -43,6 +43,18 @@ class Layout:
     delta_eq: str
 
 
+def delta_labels(delta_eq: str) -> tuple[str, str, str]:
+    """The A, B and kernel labels of a ``delta_eq`` (stack axes ``...`` dropped).
+
+    Example:
+      >>> delta_labels("...ar,...rb->...ab")
+      ('ar', 'rb', 'ab')
+    """
+    operands, kernel = delta_eq.replace("...", "").split("->")
+    a, b = operands.split(",")
+    return a, b, kernel
+
+
 def linear_layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], rank: int) -> Layout:
     """Layout of a kernel ``(*in_shape, *out_shape)`` contracted over ``in_shape``."""
     letters = iter(string.ascii_letters.replace("r", ""))

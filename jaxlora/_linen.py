@@ -24,19 +24,21 @@ import numpy as np
 from flax.core import meta
 
 from jaxlora import _layout, _sharding
-from jaxlora._config import ALL_LINEAR, LoraConfig, path_matches
+from jaxlora._config import ALL_LINEAR, LoraConfig, format_paths, path_matches
 from jaxlora._tree import (
     ADAPTER_KEY,
     LoraAdapter,
     Trainable,
     has_adapters,
     kernel_key,
+    module_paths,
     params_of,
+    replace_at,
+    subtree,
     unwrap_trainable,
 )
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
-_MAX_LISTED = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +125,6 @@ def _discover(model: nn.Module, variables: Any, args: tuple, kwargs: dict) -> di
     return found
 
 
-def _listing(paths: list[str]) -> str:
-    shown = "\n  ".join(paths[:_MAX_LISTED])
-    more = f"\n  ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
-    return f"  {shown}{more}"
-
-
 def _select(config: LoraConfig, found: dict[str, _Found]) -> list[str]:
     selected = []
     for path, f in found.items():
@@ -142,26 +138,9 @@ def _select(config: LoraConfig, found: dict[str, _Found]) -> list[str]:
     if not selected:
         raise ValueError(
             f"lorafy: targets {list(config.targets)} (exclude {list(config.exclude)}) match no "
-            f"layer. Layers that can be adapted:\n{_listing(sorted(found))}"
+            f"layer. Layers that can be adapted:\n{format_paths(sorted(found))}"
         )
     return selected
-
-
-def _keys(path: str) -> tuple[str, ...]:
-    """Dict keys of a ``/``-joined path; ``""`` is the root (a model that is one layer)."""
-    return tuple(path.split("/")) if path else ()
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
-    if not path:
-        return value
-    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
 
 
 def _make_adapter(
@@ -204,28 +183,27 @@ def _make_adapter(
     return LoraAdapter(a=a, b=b, scale=config.scale_for(path), delta_eq=layout.delta_eq)
 
 
-def _module_paths(tree: Any, path: tuple[str, ...] = ()):
-    """Every dict (module) path of a params tree."""
-    if isinstance(tree, Mapping):
-        if path:
-            yield path
-        for k, v in tree.items():
-            yield from _module_paths(v, (*path, str(k)))
-
-
 def _mark_trainable(tree: Any) -> Any:
     return jax.tree.map(Trainable, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
+def _with_adapter(adapter: LoraAdapter, layer: Mapping[str, Any]) -> dict[str, Any]:
+    return {**layer, ADAPTER_KEY: adapter}
+
+
+def _with_trainable_bias(layer: Mapping[str, Any]) -> dict[str, Any]:
+    return {**layer, "bias": _mark_trainable(layer["bias"])}
 
 
 def _mark_full_training(params: dict, config: LoraConfig, adapted: list[str]) -> dict:
     """Wraps the leaves of ``modules_to_save`` and of trainable biases in `Trainable`."""
     for pattern in config.modules_to_save:
-        paths = ["/".join(p) for p in _module_paths(params)]
+        paths = list(module_paths(params))
         matched = [p for p in paths if path_matches(p, pattern)]
         if not matched:
             raise ValueError(
                 f"lorafy: modules_to_save pattern {pattern!r} matches no module. Modules:\n"
-                f"{_listing(paths)}"
+                f"{format_paths(paths)}"
             )
         for path in matched:
             clash = [a for a in adapted if a == path or a.startswith(path + "/")]
@@ -234,16 +212,15 @@ def _mark_full_training(params: dict, config: LoraConfig, adapted: list[str]) ->
                     f"lorafy: {path!r} is both in modules_to_save and a LoRA target "
                     f"({clash[0]!r}); exclude it from targets or from modules_to_save."
                 )
-            params = _set(params, _keys(path), _mark_trainable(_get(params, _keys(path))))
+            params = replace_at(params, path, _mark_trainable)
     bias_layers = {
         "none": [],
         "lora_only": adapted,
-        "all": ["/".join(p) for p in _module_paths(params)],
+        "all": list(module_paths(params)),
     }[config.bias]
     for path in bias_layers:
-        layer = _get(params, _keys(path))
-        if isinstance(layer.get("bias"), jax.Array | meta.AxisMetadata):
-            params = _set(params, (*_keys(path), "bias"), _mark_trainable(layer["bias"]))
+        if isinstance(subtree(params, path).get("bias"), jax.Array | meta.AxisMetadata):
+            params = replace_at(params, path, _with_trainable_bias)
     return params
 
 
@@ -268,10 +245,9 @@ def lorafy(
     selected = _select(config, found)
     adapted = dict(inner)
     for path in selected:
-        keys = _keys(path)
-        layer = _get(adapted, keys)
+        layer = subtree(adapted, path)
         adapter = _make_adapter(path, layer, found[path], config, key, rank_axis)
-        adapted = _set(adapted, keys, {**layer, ADAPTER_KEY: adapter})
+        adapted = replace_at(adapted, path, functools.partial(_with_adapter, adapter))
     adapted = _mark_full_training(adapted, config, selected)
     return LoraModel(model, config), rebuild(adapted)
 

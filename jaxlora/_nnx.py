@@ -19,10 +19,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlora import _layout, _sharding
-from jaxlora._config import ALL_LINEAR, LoraConfig, path_matches
+from jaxlora._config import ALL_LINEAR, LoraConfig, format_paths, path_matches
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
-_MAX_LISTED = 40
 
 
 class TrainableParam(nnx.Param):
@@ -166,11 +165,6 @@ def _retype_all(module: nnx.Module, old: type, new: type[nnx.Variable]) -> None:
             _retype(module, name, new)
 
 
-def _listing(paths: list[str]) -> str:
-    more = f"\n  ... and {len(paths) - _MAX_LISTED} more" if len(paths) > _MAX_LISTED else ""
-    return "  " + "\n  ".join(paths[:_MAX_LISTED]) + more
-
-
 def lorafy(
     module: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, rank_axis: str | None = None
 ) -> nnx.Module:
@@ -189,7 +183,7 @@ def lorafy(
     if not selected:
         raise ValueError(
             f"lorafy: targets {list(config.targets)} (exclude {list(config.exclude)}) match no "
-            f"layer. Layers that can be adapted:\n{_listing([_path_str(p) for p, _ in layers])}"
+            f"layer. Layers that can be adapted:\n{format_paths([_path_str(p) for p, _ in layers])}"
         )
     key = rngs.params()
     for path, layer in selected:
@@ -231,7 +225,7 @@ def _mark_full_training(module: nnx.Module, config: LoraConfig) -> None:
             paths = [_path_str(p) for p, _ in nnx.iter_modules(module) if p]
             raise ValueError(
                 f"lorafy: modules_to_save pattern {pattern!r} matches no module. Modules:\n"
-                f"{_listing(paths)}"
+                f"{format_paths(paths)}"
             )
         for path, target in matched:
             if _inside_wrapper(path, wrapped) or any(w[: len(path)] == path for w in wrapped):

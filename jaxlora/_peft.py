@@ -36,8 +36,9 @@ import safetensors.numpy
 from flax.core import meta
 
 from jaxlora import _attach, _files, _layout
-from jaxlora._config import LoraConfig, _first_match, path_matches
-from jaxlora._tree import LoraAdapter, PyTree, params_of
+from jaxlora._config import LoraConfig, path_matches
+from jaxlora._distributed import is_primary, to_host
+from jaxlora._tree import LoraAdapter, PyTree, module_paths, params_of, subtree
 
 ModuleMap = Callable[[str], "str | None"]
 
@@ -202,23 +203,15 @@ def _torch_name(module_map: ModuleMap, path: str, *, who: str) -> str:
     return name
 
 
-def _module_paths(tree: Any, path: tuple[str, ...] = ()) -> Iterator[str]:
-    if isinstance(tree, Mapping):
-        if path:
-            yield "/".join(path)
-        for k, v in tree.items():
-            yield from _module_paths(v, (*path, str(k)))
-
-
 def _saved_modules(params: PyTree, patterns: Sequence[str]) -> list[str]:
     """The outermost module paths that ``modules_to_save`` patterns select."""
-    matched = [p for p in _module_paths(params) if any(path_matches(p, q) for q in patterns)]
+    matched = [p for p in module_paths(params) if any(path_matches(p, q) for q in patterns)]
     return [p for p in matched if not any(p.startswith(m + "/") for m in matched)]
 
 
 def _check_dense(spec: _attach.LayerSpec, *, who: str) -> None:
     """Raises unless ``spec`` is a plain 2-D Dense or an Embed: the layouts PEFT has."""
-    a, b, kernel = _attach.delta_labels(spec.delta_eq)
+    a, b, kernel = _layout.delta_labels(spec.delta_eq)
     if len(spec.kernel_shape) == 2 and len(a) == 2 and len(b) == 2 and kernel == a[0] + b[1]:
         return
     raise ValueError(
@@ -231,7 +224,7 @@ def _check_dense(spec: _attach.LayerSpec, *, who: str) -> None:
 
 def _torch_leaf(path: str, value: Any, *, who: str) -> tuple[str, np.ndarray]:
     leaf = path.rsplit("/", 1)[-1]
-    value = np.asarray(jax.device_get(value))
+    value = to_host(value)
     if leaf not in _TORCH_LEAF or (leaf == "kernel" and value.ndim != 2):
         raise ValueError(
             f"{who}: trained parameter {path!r} of shape {value.shape} has no PEFT "
@@ -254,12 +247,10 @@ def _peft_config(
 ) -> dict[str, Any]:
     """``adapter_config.json``; ``adapted`` maps flax layer path -> torch module name."""
     ranks = {name: config.rank_for(path) for path, name in adapted.items()}
-    alphas = {name: _first_match(path, config.alpha_pattern) for path, name in adapted.items()}
+    alphas = {name: config.alpha_for(path) for path, name in adapted.items()}
     return {
         **_PEFT_CONFIG_DEFAULTS,
-        "alpha_pattern": {
-            n: _number(a) for n, a in alphas.items() if a not in (None, config.alpha)
-        },
+        "alpha_pattern": {n: _number(a) for n, a in alphas.items() if a != config.alpha},
         "base_model_name_or_path": base_model_name_or_path,
         "bias": config.bias,
         "lora_alpha": _number(config.alpha),
@@ -289,7 +280,10 @@ def export_peft(
     ``adapter_model.safetensors`` (``base_model.model.<module>.lora_A.weight`` ``(r, in)``,
     ``lora_B.weight`` ``(out, r)``, ``lora_embedding_A/B`` for embeddings, and the
     ``modules_to_save`` and bias tensors). The directory is replaced atomically: written
-    in full next to it, then renamed into place.
+    in full next to it, then renamed into place. With several JAX processes every
+    process calls it (arrays spread over processes are gathered to host) and process 0
+    writes the files on the filesystem they share; every process returns once they
+    are in place.
 
     Args:
       directory: output directory; created, or replaced if it holds only a PEFT adapter.
@@ -318,8 +312,8 @@ def export_peft(
             if spec.weight_key == "kernel"
             else (".lora_embedding_A", ".lora_embedding_B")
         )
-        tensors[PREFIX + name + a_key] = np.asarray(jax.device_get(a)).T
-        tensors[PREFIX + name + b_key] = np.asarray(jax.device_get(b)).T
+        tensors[PREFIX + name + a_key] = to_host(a).T
+        tensors[PREFIX + name + b_key] = to_host(b).T
     saved_modules = _saved_modules(params_of(params)[0], config.modules_to_save)
     for spec, value in leaves:
         module = spec.path.rpartition("/")[0]
@@ -350,15 +344,23 @@ def _write(target: Path, peft_config: dict[str, Any], tensors: dict[str, np.ndar
             "adapter; refusing to replace it. Export to a new directory."
         )
     with _files.replacing(target) as new:
-        partial = new.with_name(new.name + ".partial")
-        partial.mkdir()
-        for name in _KEPT_ON_REPLACE:
-            if (target / name).is_file():
-                (partial / name).write_bytes((target / name).read_bytes())
-        contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        safetensors.numpy.save_file(contiguous, partial / WEIGHTS_NAME, metadata={"format": "pt"})
-        (partial / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-        partial.rename(new)
+        if is_primary():  # process 0 writes the files for every process
+            _write_files(new, target, peft_config, tensors)
+
+
+def _write_files(
+    new: Path, target: Path, peft_config: dict[str, Any], tensors: dict[str, np.ndarray]
+) -> None:
+    """Writes the adapter to ``new``, which appears only once complete."""
+    partial = new.with_name(new.name + ".partial")
+    partial.mkdir()
+    for name in _KEPT_ON_REPLACE:
+        if (target / name).is_file():
+            (partial / name).write_bytes((target / name).read_bytes())
+    contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    safetensors.numpy.save_file(contiguous, partial / WEIGHTS_NAME, metadata={"format": "pt"})
+    (partial / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    partial.rename(new)
 
 
 def _read_peft_config(path: Path) -> dict[str, Any]:
@@ -440,7 +442,7 @@ def _targeted(peft_config: Mapping[str, Any], name: str) -> bool:
 def _index(params: PyTree, module_map: ModuleMap, *, who: str) -> dict[str, str]:
     """torch module name -> flax module path, for every module of ``params``."""
     index: dict[str, str] = {}
-    for path in _module_paths(params):
+    for path in module_paths(params):
         name = module_map(path)
         if name is None:
             continue
@@ -602,14 +604,14 @@ def _expected_leaves(
     expected = {}
     for name, path in index.items():
         if _in_modules_to_save(peft_config, name):
-            for leaf, value in _attach.subtree(inner, path).items():
+            for leaf, value in subtree(inner, path).items():
                 if leaf in _TORCH_LEAF and not isinstance(value, Mapping):
                     expected[f"{path}/{leaf}"] = f"{PREFIX}{name}.{_TORCH_LEAF[leaf]}"
     return expected
 
 
 def _is_lora_candidate(inner: PyTree, path: str) -> bool:
-    node = _attach.subtree(inner, path)
+    node = subtree(inner, path)
     return any(not isinstance(node.get(k, {}), Mapping) for k in ("kernel", "embedding"))
 
 
@@ -626,7 +628,7 @@ def _layers(
         if path is None:
             unmatched.append(f"LoRA factors of {name!r}: no flax layer{_prefix_hint(name, index)}")
         else:
-            layers.append(_layer(name, entry, path, _attach.subtree(inner, path), peft_config))
+            layers.append(_layer(name, entry, path, subtree(inner, path), peft_config))
     found = {spec.path for spec, _, _ in layers}
     unmatched += [
         f"layer {path!r} ({name}) is targeted by {CONFIG_NAME} but has no factors in the file"
@@ -653,7 +655,7 @@ def _leaves(
         elif not (_in_modules_to_save(peft_config, name) or (biases and torch_leaf == "bias")):
             unmatched.append(f"{key}: neither in modules_to_save nor a bias PEFT trains")
         else:
-            leaves.append(_leaf(name, torch_leaf, value, path, _attach.subtree(inner, path)))
+            leaves.append(_leaf(name, torch_leaf, value, path, subtree(inner, path)))
     loaded = {spec.path for spec, _ in leaves}
     unmatched += [
         f"{key} (modules_to_save) is missing from the file"

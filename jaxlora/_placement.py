@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import _nnx
 from jaxlora._config import path_matches
-from jaxlora._sharding import AxisEntry, concrete_sharding, entry_axes
+from jaxlora._sharding import AxisEntry, concrete_sharding, entry_axes, mesh_axes_size
 from jaxlora._tree import ADAPTER_KEY, PyTree, iter_layers, params_of, path_str
 
 LogicalRules = Sequence[tuple[str, AxisEntry]]
@@ -46,14 +45,12 @@ def _check_spec(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Me
             f"PartitionSpec {spec} has {len(spec)} entries; give one entry per axis."
         )
     for dim, (size, entry) in enumerate(zip(shape, spec, strict=False)):
-        axes = entry_axes(entry)
-        unknown = [ax for ax in axes if ax not in mesh.axis_names]
-        if unknown:
-            raise ValueError(
-                f"shard_params: {path!r} is sharded as {spec}, but {unknown[0]!r} is not an "
-                f"axis of the mesh (axes {tuple(mesh.axis_names)}); fix its spec or axis rule."
-            )
-        shards = math.prod(mesh.shape[ax] for ax in axes)
+        shards = mesh_axes_size(
+            mesh,
+            entry_axes(entry),
+            where=f"shard_params: {path!r} is sharded as {spec}, but ",
+            fix="fix its spec or axis rule.",
+        )
         if size % shards:
             raise ValueError(
                 f"shard_params: {path!r} of shape {shape} cannot be sharded as {spec}: "

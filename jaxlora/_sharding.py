@@ -11,6 +11,7 @@ mesh axis for it. The same mapping applies to `PartitionSpec` entries (arrays pl
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +31,7 @@ def _kernel_axes_of_factors(
     delta_eq: str,
 ) -> tuple[tuple[int | None, ...], tuple[int | None, ...], int]:
     """For each axis of A and of B (without stack axes): its kernel axis, None for the rank."""
-    operands, kernel = delta_eq.replace("...", "").split("->")
-    a, b = operands.split(",")
+    a, b, kernel = _layout.delta_labels(delta_eq)
 
     def axes(labels):
         return tuple(kernel.index(c) if c in kernel else None for c in labels)
@@ -79,6 +79,27 @@ def factor_axes(
     return one(a_idx), one(b_idx)
 
 
+def mesh_axes_size(mesh: Any, axes: Sequence[str], *, where: str, fix: str) -> int:
+    """How many devices the mesh axes ``axes`` span together.
+
+    Args:
+      mesh: the device mesh.
+      axes: mesh axis names.
+      where: start of the error message, up to the unknown axis (``"shard_batch: "``).
+      fix: end of the error message: what to do instead.
+
+    Raises:
+      ValueError: an axis that is not in ``mesh``, naming it and the mesh's axes.
+    """
+    unknown = [ax for ax in axes if ax not in mesh.axis_names]
+    if unknown:
+        raise ValueError(
+            f"{where}{unknown[0]!r} is not an axis of the mesh (axes {tuple(mesh.axis_names)}); "
+            f"{fix}"
+        )
+    return math.prod(mesh.shape[ax] for ax in axes)
+
+
 def _is_concrete(x: Any) -> bool:
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
@@ -89,6 +110,12 @@ def concrete_sharding(x: Any) -> NamedSharding | None:
     return sharding if isinstance(sharding, NamedSharding) else None
 
 
+def mesh_of(tree: Any) -> Any | None:
+    """The mesh of the first leaf of ``tree`` placed with a `NamedSharding`, or None."""
+    shardings = (concrete_sharding(x) for x in jax.tree.leaves(tree))
+    return next((s.mesh for s in shardings if s is not None), None)
+
+
 def place_on_mesh_of(params: Any, tree: Any) -> Any:
     """``tree`` with its arrays that are on no mesh replicated over the mesh of ``params``.
 
@@ -97,8 +124,7 @@ def place_on_mesh_of(params: Any, tree: Any) -> Any:
     checkpoint restore) and a multi-host checkpoint cannot save. Unchanged if no leaf
     of ``params`` is placed with a `NamedSharding`.
     """
-    shardings = (concrete_sharding(x) for x in jax.tree.leaves(params))
-    mesh = next((s.mesh for s in shardings if s is not None), None)
+    mesh = mesh_of(params)
     if mesh is None:
         return tree
     replicated = NamedSharding(mesh, PartitionSpec())

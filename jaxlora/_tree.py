@@ -10,7 +10,7 @@ nothing else.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -84,6 +84,42 @@ def path_str(key_path: tuple[Any, ...]) -> str:
                 parts.append(str(getattr(k, attr)))
                 break
     return "/".join(parts)
+
+
+def _path_keys(path: str) -> tuple[str, ...]:
+    """Dict keys of a ``/``-joined path; ``""`` is the root (a model that is one layer)."""
+    return tuple(path.split("/")) if path else ()
+
+
+def subtree(tree: Any, path: str) -> Any | None:
+    """The subtree at a ``/``-joined path, or None if there is none."""
+    for k in _path_keys(path):
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def replace_at(tree: Mapping, path: str, fn: Callable[[Any], Any]) -> Any:
+    """A copy of ``tree`` (new dicts along ``path``) whose node at ``path`` is ``fn(node)``."""
+
+    def go(node, keys):
+        return fn(node) if not keys else {**node, keys[0]: go(node[keys[0]], keys[1:])}
+
+    return go(tree, _path_keys(path))
+
+
+def module_paths(tree: Any) -> Iterator[str]:
+    """The ``/``-joined path of every dict (module) below the root of a params tree."""
+
+    def go(node, path):
+        if isinstance(node, Mapping):
+            if path:
+                yield "/".join(path)
+            for k, v in node.items():
+                yield from go(v, (*path, str(k)))
+
+    return go(tree, ())
 
 
 def iter_layers(tree: PyTree, path: tuple[str, ...] = ()):
@@ -163,7 +199,8 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
     )
 
 
-def _rebox(old: Any, new: jax.Array) -> Any:
+def rebox(old: Any, new: Any) -> Any:
+    """``new`` in the metadata box of ``old`` (e.g. ``nn.Partitioned``), or bare if it has none."""
     return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
@@ -174,7 +211,7 @@ def _merged_kernel(layer: Mapping[str, Any], sign: float) -> Any:
     delta = _layout.delta_weight(
         meta.unbox(adapter.a), meta.unbox(adapter.b), adapter.delta_eq, sign * adapter.scale
     )
-    return _rebox(kernel, (w.astype(jnp.float32) + delta).astype(w.dtype))
+    return rebox(kernel, (w.astype(jnp.float32) + delta).astype(w.dtype))
 
 
 def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTree:

@@ -40,6 +40,8 @@ def test_rank_alpha_patterns_and_scale():
     )
     assert cfg.rank_for("a/value") == 4
     assert cfg.rank_for("a/query") == 8
+    assert cfg.alpha_for("a/query") == 4.0
+    assert cfg.alpha_for("a/value") == 16
     assert cfg.scale_for("a/value") == 16 / 4
     assert cfg.scale_for("a/query") == 4.0 / 8
     rs = jaxlora.LoraConfig(rank=16, alpha=8, rslora=True)

@@ -1,8 +1,9 @@
 """A real two-process run: ``jax.distributed`` over localhost, 2 processes x 4 CPU devices.
 
 Both processes form one ``data=2,model=4`` mesh, train sharded adapters, checkpoint the
-training state (each process writes its shards), and a fresh pair of processes resumes
-from it and loads an adapter; every number matches one process driving all 8 devices.
+training state, save the adapter (over an older one) and export it to PEFT, every process
+writing its shards; a fresh pair of processes resumes from the checkpoint, loads the
+adapter and imports the export; every number matches one process driving all 8 devices.
 Processes run in their own session and are SIGKILLed (JAX catches SIGTERM) on failure,
 timeout or test exit, so none is left behind.
 """
@@ -114,16 +115,21 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
         # The one-process reference runs while the two processes start up.
         run, losses = worker.train(mesh, worker.setup(mesh), 0, STEPS)
         saved = worker.trainable_leaves(run.params)
-        jaxlora.save_adapter(tmp_path / "adapter", run.params, run.config)
         run, more = worker.train(mesh, run, STEPS, STEPS)
         train = train_result()
     assert "does not split the batch between processes [0, 1]" in train["unsplit_axis_error"]
     np.testing.assert_allclose(train["losses"], losses, rtol=1e-5)
     _close(train["trainable"], saved)
+    assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
+    # What the two processes saved loads in one process too.
+    _, loaded = jaxlora.load_adapter(tmp_path / "adapter", run.base)
+    chex.assert_trees_all_equal(worker.trainable_leaves(loaded), train["trainable"])
     with _launch(tmp_path, "resume") as resume_result:
         resumed = resume_result()
     chex.assert_trees_all_equal(resumed["restored"], train["trainable"])
-    _close(resumed["loaded"], saved)
+    chex.assert_trees_all_equal(resumed["loaded"], train["trainable"])
+    chex.assert_trees_all_equal(resumed["imported"], train["trainable"])
+    assert resumed["rng"] == np.asarray(jax.random.key_data(run.rng)).tolist()
     np.testing.assert_allclose(resumed["losses"], more, rtol=1e-5)
     _close(resumed["trainable"], worker.trainable_leaves(run.params))
 

@@ -7,11 +7,13 @@ Joins the run through `jaxlora.initialize_distributed` (``JAX_COORDINATOR_ADDRES
 devices of every process, shards the base (FSDP over ``data``, tensor parallel over
 ``model``) and trains the adapters, each process feeding its rows of every global batch.
 
-``train`` runs N steps from scratch and saves the training state to ``DIR/state`` (each
-process writes its shards, one commit). ``resume`` restores it into a fresh run, loads
-the adapter at ``DIR/adapter`` onto the sharded base, and trains N more steps. Process
-0 writes the losses and trainable leaves to OUT.json. The test runs the same functions
-in one process on 8 devices as the reference.
+``train`` saves the fresh adapter to ``DIR/adapter``, runs N steps from scratch, then
+saves the training state to ``DIR/state`` (RNG key on one device, as a script makes it),
+saves the trained adapter over ``DIR/adapter`` and exports it to ``DIR/peft``: every
+process calls each save and writes its shards. ``resume`` restores the training state
+into a fresh run, loads the adapter and imports the PEFT export onto the sharded base,
+and trains N more steps. Process 0 writes the losses and trainable leaves to OUT.json.
+The test runs the same functions in one process on 8 devices as the reference.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import jaxlora
 from jaxlora._tree import path_str
 
 MESH = "data=2,model=4"
+RNG_SEED = 7
+MODULE_MAP = jaxlora.peft_module_map()
 FEATURES, HIDDEN, BATCH = 16, 32, 16
 SPECS = [
     ("dense_0/kernel", P("data", "model")),  # FSDP + column-parallel
@@ -92,11 +96,8 @@ def setup(mesh: jax.sharding.Mesh) -> Run:
         x, y = batch
         return jnp.mean((lora_model.apply({"params": params}, x) - y) ** 2)
 
-    # A replicated global key: a multi-process checkpoint cannot save a single-device one.
-    replicated = NamedSharding(mesh, P())
-    rng = jax.random.wrap_key_data(jax.device_put(np.array([0, 7], np.uint32), replicated))
     step_fn = jaxlora.make_train_step(loss_fn, tx)
-    return Run(config, base, params, tx.init(params), step_fn, rng)
+    return Run(config, base, params, tx.init(params), step_fn, jax.random.key(RNG_SEED))
 
 
 def train(mesh: jax.sharding.Mesh, run: Run, start: int, steps: int) -> tuple[Run, list]:
@@ -135,17 +136,28 @@ def main() -> None:
     jaxlora.initialize_distributed(initialization_timeout=60)
     mesh = jaxlora.parse_mesh(MESH)
     run, start, result = setup(mesh), 0, {}
+    adapter, peft_dir = f"{args.directory}/adapter", f"{args.directory}/peft"
     with jaxlora.TrainCheckpointer(f"{args.directory}/state") as checkpointer:
         if args.phase == "resume":
             start, params, opt_state, rng, _ = checkpointer.restore_latest(
                 run.params, run.opt_state
             )
             run = run._replace(params=params, opt_state=opt_state, rng=rng)
-            _, loaded = jaxlora.load_adapter(f"{args.directory}/adapter", run.base)
-            result = {"restored": trainable_leaves(params), "loaded": trainable_leaves(loaded)}
+            _, loaded = jaxlora.load_adapter(adapter, run.base)
+            _, imported = jaxlora.import_peft(peft_dir, run.base, module_map=MODULE_MAP)
+            result = {
+                "restored": trainable_leaves(params),
+                "loaded": trainable_leaves(loaded),
+                "imported": trainable_leaves(imported),
+                "rng": np.asarray(jax.random.key_data(rng)).tolist(),
+            }
+        else:
+            jaxlora.save_adapter(adapter, run.params, run.config)  # replaced after training
         run, losses = train(mesh, run, start, args.steps)
         if args.phase == "train":
             checkpointer.save(start + args.steps, run.params, run.opt_state, run.rng, force=True)
+            jaxlora.save_adapter(adapter, run.params, run.config)
+            jaxlora.export_peft(peft_dir, run.params, run.config, module_map=MODULE_MAP)
             result["unsplit_axis_error"] = _unsplit_axis_error()
     result.update(losses=losses, trainable=trainable_leaves(run.params))
     if jax.process_index() == 0:
