@@ -60,9 +60,15 @@ def _make_staging(target: Path) -> Path:
 def _install(new: Path, target: Path, staging: Path) -> None:
     if not new.is_dir():
         raise RuntimeError(f"internal error: nothing was written to {new}")
+    previous = staging / _PREVIOUS
     if target.exists():
-        os.rename(target, staging / _PREVIOUS)
-    os.rename(new, target)
+        os.rename(target, previous)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if previous.is_dir():  # put the old version back before the staging dir is deleted
+            os.rename(previous, target)
+        raise
     _fsync_dir(target.parent)
 
 

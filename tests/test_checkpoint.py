@@ -205,6 +205,28 @@ def test_saving_over_an_adapter_is_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
+def test_failed_install_keeps_the_old_adapter(tmp_path, monkeypatch):
+    """If moving the new version in fails, the old one is put back, not deleted."""
+    _, params, cfg, _, old = _adapted()
+    trainable, frozen = jaxlora.split(old)
+    new = jaxlora.combine(jax.tree.map(lambda x: x * 2, trainable), frozen)
+    adapter = tmp_path / "adapter"
+    jaxlora.save_adapter(adapter, old, cfg)
+    real_rename = jaxlora._files.os.rename
+
+    def failing_install(src, dst):
+        if Path(dst) == adapter.absolute() and Path(src).name == "adapter":  # the new version
+            raise OSError("disk full while installing the new adapter")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(jaxlora._files.os, "rename", failing_install)
+    with pytest.raises(OSError, match="disk full"):
+        jaxlora.save_adapter(adapter, new, cfg)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    chex.assert_trees_all_equal(jaxlora.load_adapter(adapter, params)[1], old)
+
+
 def test_interrupted_swap_is_reported_with_both_copies(tmp_path):
     _, params, cfg, _, lora_params = _adapted()
     adapter = tmp_path / "adapter"
