@@ -1,0 +1,407 @@
+"""Fine-tune a pretrained model with LoRA (or in full) and report what it achieved.
+
+Run from the repository root::
+
+    python experiments/finetune.py                      # MiniLM + Rotten Tomatoes, LoRA q,v r=8
+    python experiments/finetune.py --full-finetune      # the same budget, every weight trains
+    python experiments/finetune.py --model smollm2      # SmolLM2-135M on Hamlet (data default)
+    python experiments/finetune.py --model path/to/hf_dir --targets query,key,value --rank 16
+    python experiments/finetune.py --stop-at 100        # stop after step 100 ...
+    python experiments/finetune.py --resume             # ... and continue, bit-identically
+
+Everything lands in ``--output-dir`` (default ``runs/<model>-<data>-<lora|full>``):
+``results.json``, ``curves.png``, ``checkpoints/`` (the resumable training state) and the
+weights: ``adapter/`` (for ``jaxlora.load_adapter``) and ``peft/`` (for PEFT) under LoRA,
+``model.safetensors`` (Hugging Face names) under full fine-tuning. Bad input ends with one
+line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python experiments/finetune.py`: import from the repo
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+try:
+    import jax
+    from jax.experimental import multihost_utils
+    from safetensors.numpy import save_file
+
+    import jaxlora
+    from experiments import report, tasks, training
+    from experiments.models.loading import flax_to_hf_state_dict
+except ModuleNotFoundError as e:
+    print(
+        f"error: the package {(e.name or '?').split('.')[0]!r} is not installed; install jaxlora "
+        "with the experiment dependencies: `pip install -e '.[experiments]'`.",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parses the command line.
+
+    Args:
+        argv: Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The options; budget flags left unset are None (see `settings`).
+    """
+    p = argparse.ArgumentParser(
+        description="LoRA (or full) fine-tuning: MiniLM on Rotten Tomatoes sentiment, "
+        "SmolLM2-135M on Hamlet, or a local Hugging Face BERT/Llama directory.",
+    )
+    add = p.add_argument
+    add("--model", default="minilm", help="minilm (default), smollm2, HF directory or .gguf file")
+    add("--data", choices=tasks.DATASETS, help="default: rotten_tomatoes (bert), hamlet (llama)")
+    add("--full-finetune", action="store_true", help="train every weight (plain optax), no LoRA")
+    add("--rank", type=int, default=8, help="LoRA rank (8)")
+    add("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha/rank (16)")
+    add(
+        "--targets", help="comma-separated layer patterns (bert: query,value; llama: q_proj,v_proj)"
+    )
+    add("--steps", type=int, help="optimizer steps (rotten_tomatoes 300, hamlet 100)")
+    add("--lr", type=float, help="peak learning rate (LoRA 1e-3, hamlet 5e-4; full 5e-5)")
+    add("--batch-size", type=int, help="examples per step (16; hamlet 4)")
+    add("--seq-len", type=int, help="tokens per example (64; hamlet 128)")
+    add("--eval-every", type=int, help="steps between evaluations (100; hamlet 50)")
+    add("--save-every", type=int, help="steps between checkpoints (default: --eval-every)")
+    add("--max-eval-examples", type=int, help="evaluate on the first N examples only")
+    add("--seed", type=int, default=0, help="seed of the head and adapter init, batches, dropout")
+    add("--output-dir", type=Path, help="default: runs/<model>-<data>-<lora|full>")
+    add("--resume", action="store_true", help="continue the run in --output-dir")
+    add("--stop-at", type=int, help="stop after this step (continue later with --resume)")
+    add("--mesh", help="device mesh, e.g. data=2,model=4 (batches over data, weights over model)")
+    add(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run set up by $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES "
+        "and $JAX_PROCESS_ID (default mesh: data=-1)",
+    )
+    return p.parse_args(argv)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (a multi-line listing joined with spaces).
+
+    Args:
+        error: The exception.
+
+    Returns:
+        The message, or the exception's type name if it has none.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
+
+
+def settings(args: argparse.Namespace, family: str, data_name: str) -> dict[str, Any]:
+    """The settings that determine a run's trajectory: flags, else the dataset's defaults.
+
+    A resumed run must have the same settings (the checkpoint records them).
+
+    Args:
+        args: From `parse_args`.
+        family: ``"bert"`` or ``"llama"``.
+        data_name: The dataset.
+
+    Returns:
+        JSON-serialisable settings.
+
+    Raises:
+        ValueError: If a count is not positive.
+    """
+    budget = tasks.BUDGETS[data_name]
+    full = args.full_finetune
+    targets = args.targets.split(",") if args.targets else tasks.DEFAULT_TARGETS[family]
+    values = {
+        "model": args.model,
+        "data": data_name,
+        "method": "full" if full else "lora",
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "targets": [t.strip() for t in targets if t.strip()],
+        "steps": _given(args.steps, budget.steps),
+        "lr": _given(args.lr, budget.lr_full if full else budget.lr_lora),
+        "batch_size": _given(args.batch_size, budget.batch_size),
+        "seq_len": _given(args.seq_len, budget.seq_len),
+        "seed": args.seed,
+    }
+    counts = {
+        "--steps": args.steps,
+        "--batch-size": args.batch_size,
+        "--seq-len": args.seq_len,
+        "--eval-every": args.eval_every,
+        "--save-every": args.save_every,
+        "--max-eval-examples": args.max_eval_examples,
+        "--stop-at": args.stop_at,
+    }
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}.")
+    if not values["lr"] > 0:
+        raise ValueError(f"--lr must be positive, got {values['lr']}.")
+    return values
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def prepare_output(output_dir: Path, resume: bool, run: dict[str, Any]) -> Path:
+    """Checks a run to resume against its recorded settings, or starts a fresh one.
+
+    A fresh run removes the directory's old checkpoints and records its settings in
+    ``settings.json``; a resumed run must have the same settings.
+
+    Args:
+        output_dir: The run's output directory.
+        resume: Whether the run continues from its checkpoints.
+        run: From `settings`.
+
+    Returns:
+        The checkpoint directory, ``output_dir / "checkpoints"``.
+
+    Raises:
+        FileNotFoundError: If resuming and there is no run in ``output_dir``.
+        ValueError: If resuming with other settings (naming them).
+    """
+    checkpoints, recorded = output_dir / "checkpoints", output_dir / "settings.json"
+    if resume:
+        if not (checkpoints.is_dir() and recorded.is_file()):
+            raise FileNotFoundError(
+                f"--resume: no run to continue in {output_dir} (it needs checkpoints/ and "
+                "settings.json); start without --resume, or pass the run's --output-dir."
+            )
+        saved = json.loads(recorded.read_text())
+        changed = sorted(k for k in run.keys() | saved.keys() if run.get(k) != saved.get(k))
+        if changed:
+            was = ", ".join(f"{k}={saved.get(k)!r} (now {run.get(k)!r})" for k in changed)
+            raise ValueError(
+                f"--resume: the run in {output_dir} was started with {was}; resume it with "
+                "the settings it was started with."
+            )
+    elif jax.process_index() == 0:
+        if checkpoints.exists():
+            print(f"note: starting afresh, removing the earlier run's checkpoints in {output_dir}")
+            shutil.rmtree(checkpoints)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        report.write_json(recorded, run)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("finetune: output directory ready")
+    return checkpoints
+
+
+def save_weights(
+    output_dir: Path,
+    pretrained: tasks.Pretrained,
+    task: tasks.Task,
+    method: training.Method,
+    params: tasks.Params,
+) -> Path:
+    """Saves what was trained: the adapter (jaxlora and PEFT formats) or the full weights.
+
+    Every process calls it (in a multi-process run the jaxlora savers gather and write
+    together; the full weights are gathered here and written by process 0).
+
+    Args:
+        output_dir: The run's output directory.
+        pretrained: The base model (family and name, for the PEFT export).
+        task: The task (PEFT task type).
+        method: How the params trained.
+        params: The trained params.
+
+    Returns:
+        The adapter directory (LoRA) or ``model.safetensors`` (full fine-tuning).
+    """
+    config = method.lora_config
+    if config is None:
+        path = output_dir / "model.safetensors"
+        host_params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() == 0:
+            save_file(flax_to_hf_state_dict(host_params), path)
+        return path
+    jaxlora.export_peft(
+        output_dir / "peft",
+        params,
+        config,
+        module_map=jaxlora.peft_module_maps[pretrained.family],
+        base_model_name_or_path=pretrained.source,
+        task_type=task.peft_task_type,
+    )
+    path = output_dir / "adapter"
+    jaxlora.save_adapter(path, params, config)
+    return path
+
+
+def _metrics(evaluation: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in evaluation.items() if k != "step"}
+
+
+def results_of(
+    run: dict[str, Any],
+    method: training.Method,
+    state: training.RunState,
+    times: list[float],
+    saved: Path,
+    metric: str,
+) -> dict[str, Any]:
+    """Everything ``results.json`` records.
+
+    Args:
+        run: From `settings`.
+        method: How the params trained.
+        state: The final state (its history holds the metrics and samples).
+        times: Step times of this process.
+        saved: Where the weights went.
+        metric: The task's headline metric.
+
+    Returns:
+        The results.
+    """
+    evals = state.history["eval"]
+    what = (
+        "full fine-tuning"
+        if method.lora_config is None
+        else (f"LoRA r={run['rank']} alpha={run['alpha']:g} on {','.join(run['targets'])}")
+    )
+    return {
+        "title": f"{run['model']} on {run['data']}, {what}, {run['steps']} steps",
+        "date": datetime.date.today().isoformat(),
+        "settings": run,
+        "metric": metric,
+        "before": _metrics(evals[0]),
+        "after": _metrics(evals[-1]),
+        "trainable_params": method.trainable_params,
+        "total_params": method.total_params,
+        "trainable_percent": 100 * method.trainable_params / method.total_params,
+        "step_time_median_s": training.median_step_time(times),
+        "steps_timed": max(len(times) - 1, 0),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "saved_path": str(saved),
+        "saved_bytes": report.directory_bytes(saved),
+        "lora_config": None if method.lora_config is None else method.lora_config.to_dict(),
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "devices": [str(d) for d in jax.devices()],
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+        },
+        "samples": state.history["samples"],
+        "history": {"train_loss": state.history["train_loss"], "eval": evals},
+    }
+
+
+def make_method(task: tasks.Task, run: dict[str, Any], key: jax.Array) -> training.Method:
+    """LoRA on the run's targets (new heads trained in full), or full fine-tuning.
+
+    Args:
+        task: The task.
+        run: From `settings`.
+        key: PRNG key for the adapters' A factors.
+
+    Returns:
+        The method, with AdamW at the run's learning rate over its steps.
+
+    Raises:
+        ValueError: For a bad LoRA config or a target that matches no layer.
+    """
+    tx = training.make_optimizer(run["lr"], run["steps"])
+    if run["method"] == "full":
+        return training.full_method(task, tx)
+    config = jaxlora.LoraConfig(
+        rank=run["rank"],
+        alpha=run["alpha"],
+        targets=run["targets"],
+        modules_to_save=task.modules_to_save,
+    )
+    return training.lora_method(task, config, tx, run["seq_len"], key)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads, trains, evaluates and writes everything (see the module docstring).
+
+    Args:
+        args: From `parse_args`.
+
+    Returns:
+        The exit status, 0.
+    """
+    if args.distributed:
+        jaxlora.initialize_distributed()
+    mesh_spec = args.mesh or ("data=-1" if args.distributed else None)
+    mesh = jaxlora.parse_mesh(mesh_spec) if mesh_spec else None
+    feed = training.batch_feeder(mesh)
+    pretrained = tasks.load_pretrained(args.model)
+    data_name = args.data or tasks.DEFAULT_DATA[pretrained.family]
+    run_settings = settings(args, pretrained.family, data_name)
+    method_name = run_settings["method"]
+    output_dir = args.output_dir or Path("runs") / f"{pretrained.name}-{data_name}-{method_name}"
+    head_key, lora_key, rng = jax.random.split(jax.random.key(args.seed), 3)
+    task = tasks.build_task(pretrained, data_name, run_settings["seq_len"], head_key)
+    task = training.fit_task(task, run_settings["batch_size"], args.max_eval_examples, mesh)
+    method = make_method(task, run_settings, lora_key)
+    checkpoints = prepare_output(output_dir, args.resume, run_settings)  # input is valid
+    if method.lora_config is not None:
+        print(jaxlora.summary(method.params))
+    eval_every = _given(args.eval_every, tasks.BUDGETS[data_name].eval_every)
+    schedule = training.Schedule(
+        steps=run_settings["steps"],
+        batch_size=run_settings["batch_size"],
+        eval_every=eval_every,
+        save_every=_given(args.save_every, eval_every),
+        stop_at=args.stop_at,
+    )
+    state = training.initial_state(method, args.seed, rng, mesh)
+    with jaxlora.TrainCheckpointer(checkpoints, max_to_keep=2) as checkpointer:
+        if args.resume:
+            state = training.restore_state(checkpointer, method, state)
+            print(f"resumed after step {state.step} from {checkpoints}")
+        state, times = training.train(task, method, schedule, state, checkpointer, feed)
+    if state.step < schedule.steps:
+        print(f"stopped after step {state.step} of {schedule.steps}; continue with --resume")
+        return 0
+
+    saved = save_weights(output_dir, pretrained, task, method, state.params)
+    if jax.process_index() == 0:
+        results = results_of(run_settings, method, state, times, saved, task.metric)
+        report.write_json(output_dir / "results.json", results)
+        report.plot_curves(
+            output_dir / "curves.png", results["history"], task.metric, results["title"]
+        )
+        for when, text in results["samples"].items():
+            print(f"sample {when}: {text!r}")
+        print(report.format_table(results))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; bad input prints ``error: ...`` (one line) and returns 2.
+
+    Args:
+        argv: Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status.
+    """
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""`experiments/finetune.py` end to end on tiny budgets: outputs, resume, local models, errors."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import jaxlora
+from experiments import data, finetune
+from experiments.models.bert import init_classification_params
+from experiments.models.llama import LlamaConfig, LlamaForCausalLM
+from experiments.models.loading import flax_to_hf_state_dict, load_hf_model, minilm_path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "experiments" / "finetune.py"
+TINY_BUDGET = ["--steps", "4", "--batch-size", "4", "--max-eval-examples", "8", "--eval-every", "2"]
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+    "eos_token_id": 0,
+}
+
+
+def run_script(*flags: str) -> subprocess.CompletedProcess:
+    """Runs the script as the README does (``python experiments/finetune.py ...``)."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def peft_tensors(output_dir: Path) -> dict[str, np.ndarray]:
+    """The exported PEFT adapter's tensors."""
+    return load_file(output_dir / "peft" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    """The default task (MiniLM, Rotten Tomatoes, LoRA) for 4 steps in one go."""
+    output_dir = tmp_path_factory.mktemp("minilm") / "run"
+    proc = run_script(*TINY_BUDGET, "--output-dir", str(output_dir))
+    assert proc.returncode == 0, proc.stderr
+    return output_dir, proc
+
+
+def test_default_task_writes_results_plot_adapter_and_table(minilm_run):
+    output_dir, proc = minilm_run
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["settings"]["model"] == "minilm"
+    assert results["settings"]["targets"] == ["query", "value"]
+    assert set(results["before"]) == set(results["after"]) == {"loss", "accuracy"}
+    assert [e["step"] for e in results["history"]["eval"]] == [0, 2, 4]
+    assert [s for s, _ in results["history"]["train_loss"]] == [1, 2, 3, 4]
+    assert results["trainable_params"] == 74_498  # q, v at r=8 (73,728) + classifier (770)
+    assert results["total_params"] == 22_713_986 + 73_728
+    assert results["step_time_median_s"] > 0 and results["peak_rss_mb"] > 0
+    assert results["saved_bytes"] == sum(
+        f.stat().st_size for f in (output_dir / "adapter").rglob("*") if f.is_file()
+    )
+    _, config, body, _ = load_hf_model(minilm_path())
+    base = init_classification_params(config, body, num_labels=2, key=jax.random.key(0))
+    lora_config, adapted = jaxlora.load_adapter(output_dir / "adapter", base)
+    assert lora_config.targets == ("query", "value") and lora_config.rank == 8
+    assert jaxlora.summary(adapted).trainable_params == 74_498
+    assert (output_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    peft_config = json.loads((output_dir / "peft" / "adapter_config.json").read_text())
+    assert peft_config["task_type"] == "SEQ_CLS"
+    assert peft_config["modules_to_save"] == ["classifier"]
+    assert len(peft_tensors(output_dir)) == 2 * 12 + 2  # A, B of 12 layers; classifier W, b
+    table = proc.stdout[proc.stdout.index("minilm on rotten_tomatoes") :]
+    for row in ("eval accuracy", "trainable params", "step time", "peak memory", "saved on disk"):
+        assert row in table
+
+
+def test_resume_is_bit_identical(minilm_run, tmp_path):
+    uninterrupted, _ = minilm_run
+    output_dir = tmp_path / "run"
+    first = run_script(*TINY_BUDGET, "--output-dir", str(output_dir), "--stop-at", "2")
+    assert first.returncode == 0, first.stderr
+    assert "stopped after step 2 of 4" in first.stdout
+    assert not (output_dir / "results.json").exists()
+    second = run_script(*TINY_BUDGET, "--output-dir", str(output_dir), "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed after step 2" in second.stdout
+
+    expected, resumed = peft_tensors(uninterrupted), peft_tensors(output_dir)
+    assert expected.keys() == resumed.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(resumed[name], array, err_msg=name)
+    history = [
+        json.loads((d / "results.json").read_text())["history"] for d in (uninterrupted, output_dir)
+    ]
+    assert history[0] == history[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A random Llama as a Hugging Face directory, with a word-level tokenizer for Hamlet."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    config = LlamaConfig.from_dict(TINY_LLAMA)
+    params = LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    save_file(flax_to_hf_state_dict(params["params"]), str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    words = Counter(data.load_hamlet().split()).most_common(TINY_LLAMA["vocab_size"] - 1)
+    vocab = {"<unk>": 0, **{word: i + 1 for i, (word, _) in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_local_llama_directory_trains_on_hamlet(tiny_llama_dir, tmp_path):
+    budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--max-eval-examples", "4"]
+    proc = run_script("--model", str(tiny_llama_dir), *budget, "--output-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["data"] == "hamlet"
+    assert results["settings"]["targets"] == ["q_proj", "v_proj"]
+    assert set(results["after"]) == {"loss", "perplexity"}
+    assert set(results["samples"]) == {"before", "after"}
+    assert "sample after:" in proc.stdout and "eval perplexity" in proc.stdout
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["task_type"] == "CAUSAL_LM"
+
+
+def one_error_line(capsys, *argv: str) -> str:
+    """Runs ``main`` in-process; asserts exit status 2 and a single ``error:`` line."""
+    assert finetune.main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_unknown_model_family(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    for name in ("model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("")
+    assert "model_type 'gpt2'" in one_error_line(capsys, "--model", str(tmp_path))
+
+
+def test_unknown_model_name(capsys, tmp_path):
+    err = one_error_line(capsys, "--model", str(tmp_path / "absent"))
+    assert "unknown model" in err and "'minilm'" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--targets", "no_such_layer"], "match no layer. Layers that can be adapted: model/"),
+        (["--batch-size", "100000"], "--batch-size 100000 is larger than the"),
+        (["--resume"], "no run to continue in"),
+        (["--data", "rotten_tomatoes"], "use --data hamlet"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+    ],
+    ids=["target", "batch", "resume", "data", "steps"],
+)
+def test_bad_flags(capsys, tiny_llama_dir, tmp_path, flags, message):
+    output = ["--output-dir", str(tmp_path / "run"), "--seq-len", "16"]
+    assert message in one_error_line(capsys, "--model", str(tiny_llama_dir), *output, *flags)
+
+
+def test_resume_with_other_settings_is_refused(capsys, tiny_llama_dir, tmp_path):
+    run = ["--model", str(tiny_llama_dir), "--output-dir", str(tmp_path), "--seq-len", "16"]
+    run += ["--steps", "2"]
+    assert finetune.main([*run, "--batch-size", "2", "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    err = one_error_line(capsys, *run, "--batch-size", "4", "--resume")
+    assert "was started with batch_size=2 (now 4); resume it with the settings" in err
+    one_error_line(capsys, *run, "--batch-size", "2", "--targets", "typo")  # a fresh start...
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["1"]  # ...left them
+
+
+def test_missing_package_names_the_install_command():
+    block = "import sys; sys.modules['matplotlib'] = None; import runpy; "
+    block += f"sys.argv = [{str(SCRIPT)!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    proc = subprocess.run(
+        [sys.executable, "-c", block], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: the package 'matplotlib' is not installed; install jaxlora with the experiment "
+        "dependencies: `pip install -e '.[experiments]'`.\n"
+    )
