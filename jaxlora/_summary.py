@@ -55,7 +55,8 @@ class Summary:
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]
         ]
         lines.append(
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,}"

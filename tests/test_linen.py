@@ -53,6 +53,7 @@ def test_finds_every_layer_kind_and_reports_it(tiny_lm):
     assert report.total_params == base + adapter_params
     text = str(report)
     assert "block_0/attn/query" in text and "trainable%" in text
+    assert all(line == line.rstrip() for line in text.splitlines())
 
 
 def test_adapter_delta_matches_the_formula():
