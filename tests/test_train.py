@@ -61,25 +61,30 @@ def test_lora_step_flops_are_at_most_072_of_full_finetuning():
     assert lora / full <= 0.72, (lora, full)
 
 
-def test_transformer_lora_step_flops_ratio():
-    model = models.TinyLM(vocab=256, d_model=256, heads=4, layers=2)
-    ids = jnp.zeros((8, 64), jnp.int32)
+def _lm_loss(apply):
+    def loss_fn(p, ids):
+        logits = apply({"params": p}, ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
+
+    return loss_fn
+
+
+def _lm_setup(batch, seq, rank, **dims):
+    model = models.TinyLM(**dims, heads=4, layers=2)
+    ids = jnp.zeros((batch, seq), jnp.int32)
     params = model.init(KEY, ids)["params"]
-    cfg = jaxlora.LoraConfig(rank=8, alpha=16, targets="all-linear")
+    cfg = jaxlora.LoraConfig(rank=rank, alpha=16, targets="all-linear")
     lora_model, lora_params = jaxlora.lorafy(model, params, cfg, ids, key=KEY)
+    return model, params, lora_model, lora_params, ids
 
-    def lm_loss(apply):
-        def loss_fn(p, batch):
-            logits = apply({"params": p}, batch)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch).mean()
 
-        return loss_fn
-
+def test_transformer_lora_step_flops_ratio():
+    model, params, lora_model, lora_params, ids = _lm_setup(8, 64, 8, vocab=256, d_model=256)
     tx = jaxlora.optimizer(optax.adamw(1e-3), lora_params)
-    lora_step = jaxlora.make_train_step(lm_loss(lora_model.apply), tx, donate=False)
+    lora_step = jaxlora.make_train_step(_lm_loss(lora_model.apply), tx, donate=False)
     full_tx = optax.adamw(1e-3)
     lora = _flops(lora_step, lora_params, tx.init(lora_params), ids)
-    full = _flops(_full_step(lm_loss(model.apply), full_tx), params, full_tx.init(params), ids)
+    full = _flops(_full_step(_lm_loss(model.apply), full_tx), params, full_tx.init(params), ids)
     assert lora / full <= 0.72, (lora, full)
 
 
@@ -102,20 +107,7 @@ def _arch_setup(arch):
     if arch == "mlp":
         model, params, lora_model, lora_params, batch = _mlp_setup(width=96, batch=40)
         return model, params, lora_model, lora_params, batch, _mse
-    model = models.TinyLM(vocab=80, d_model=48, heads=4, layers=2)
-    batch = jnp.zeros((2, 8), jnp.int32)
-    params = model.init(KEY, batch)["params"]
-    cfg = jaxlora.LoraConfig(rank=4, targets="all-linear")
-    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, batch, key=KEY)
-
-    def lm_loss(apply):
-        def loss_fn(p, ids):
-            logits = apply({"params": p}, ids)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
-
-        return loss_fn
-
-    return model, params, lora_model, lora_params, batch, lm_loss
+    return (*_lm_setup(2, 8, 4, vocab=80, d_model=48), _lm_loss)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "transformer"])
