@@ -176,12 +176,18 @@ def test_corrupt_truncated_or_half_written_adapters_never_load(tmp_path):
         jaxlora.load_adapter(tmp_path, params)
 
 
-def test_saving_over_an_adapter_is_atomic(tmp_path, monkeypatch):
+def _saved_and_doubled(tmp_path):
+    """An adapter saved at ``tmp_path/adapter`` and a second version with doubled leaves."""
     _, params, cfg, _, old = _adapted()
     trainable, frozen = jaxlora.split(old)
     new = jaxlora.combine(jax.tree.map(lambda x: x * 2, trainable), frozen)
     adapter = tmp_path / "adapter"
     jaxlora.save_adapter(adapter, old, cfg)
+    return params, cfg, old, new, adapter
+
+
+def test_saving_over_an_adapter_is_atomic(tmp_path, monkeypatch):
+    params, cfg, old, new, adapter = _saved_and_doubled(tmp_path)
 
     real_save = ocp.Checkpointer.save
 
@@ -207,11 +213,7 @@ def test_saving_over_an_adapter_is_atomic(tmp_path, monkeypatch):
 
 def test_failed_install_keeps_the_old_adapter(tmp_path, monkeypatch):
     """If moving the new version in fails, the old one is put back, not deleted."""
-    _, params, cfg, _, old = _adapted()
-    trainable, frozen = jaxlora.split(old)
-    new = jaxlora.combine(jax.tree.map(lambda x: x * 2, trainable), frozen)
-    adapter = tmp_path / "adapter"
-    jaxlora.save_adapter(adapter, old, cfg)
+    params, cfg, old, new, adapter = _saved_and_doubled(tmp_path)
     real_rename = jaxlora._files.os.rename
 
     def failing_install(src, dst):
