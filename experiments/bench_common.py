@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 
 TARGETS = {"qv": ("query", "value"), "all": ("query", "key", "value", "out", "up", "down")}
-"""LoRA target layer names per setting; the third setting, ``"full"``, trains every weight."""
+"""LoRA target layer names per setting; ``"full"`` trains every weight, ``FROZEN`` none."""
+
+FROZEN = "frozen"
+"""The floor setting: no adapters, and only ``FLOOR_PARAM`` (the position table) trains."""
+
+FLOOR_PARAM = "wpe"
 
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01

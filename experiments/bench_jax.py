@@ -1,4 +1,4 @@
-"""JAX benchmark runners: linen full fine-tuning, Flax NNX (LoRA and full), base forward pass.
+"""JAX benchmark runners: linen full fine-tuning and floor, Flax NNX (LoRA, full), base forward.
 
 Each runner takes ``(setting, workload)`` and returns a :class:`Measurement`. The helpers here
 (model setup, functional train step, timing, FLOP count) are reused by ``bench_jaxlora.py``.
@@ -14,6 +14,7 @@ from flax import nnx
 
 from experiments import gpt2
 from experiments.bench_common import (
+    FLOOR_PARAM,
     LEARNING_RATE,
     TARGETS,
     WEIGHT_DECAY,
@@ -136,6 +137,36 @@ def run_linen_full(setting: str, w: Workload) -> Measurement:
     return measure_functional(step, params, tx.init(params), w, trainable=n, total=n)
 
 
+def floor_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+    """Jitted step that differentiates and updates only ``params[FLOOR_PARAM]``.
+
+    Every layer's activation gradient is computed on the way back to the position table,
+    but no weight gradient of any other parameter: the work a LoRA step cannot avoid.
+    """
+
+    def step(params: Any, opt_state: Any, batch: Batch) -> tuple[Any, Any, jax.Array]:
+        def loss_of(trained: jax.Array) -> jax.Array:
+            return loss_fn({**params, FLOOR_PARAM: trained}, batch)
+
+        trained = params[FLOOR_PARAM]
+        loss, grads = jax.value_and_grad(loss_of)(trained)
+        updates, opt_state = tx.update(grads, opt_state, trained)
+        return {**params, FLOOR_PARAM: optax.apply_updates(trained, updates)}, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_linen_floor(setting: str, w: Workload) -> Measurement:
+    """``jax-floor``: the linen model with only the position table training."""
+    del setting  # always FROZEN
+    model, params = init_linen(w)
+    tx = adamw()
+    step = floor_train_step(linen_loss(model), tx)
+    opt_state = tx.init(params[FLOOR_PARAM])
+    trainable = param_count(params[FLOOR_PARAM])
+    return measure_functional(step, params, opt_state, w, trainable, param_count(params))
+
+
 def run_forward_base(setting: str, w: Workload) -> Measurement:
     """``fwd-base``: forward pass of the plain linen model."""
     del setting  # always "full": no adapters
@@ -159,23 +190,28 @@ def nnx_train_step(wrt: type[nnx.Variable]) -> Callable:
     return step
 
 
-def run_nnx(setting: str, w: Workload) -> Measurement:
-    """``nnx-lora`` (``nnx.LoRALinear`` on the setting's targets) or ``nnx-full``."""
-    targets = TARGETS.get(setting, ())
-    wrt = nnx.LoRAParam if targets else nnx.Param
-    model = gpt2.NNXGPT2(model_config(w), targets, w.rank, nnx.Rngs(0))
+def measure_nnx(model: nnx.Module, wrt: type[nnx.Variable], w: Workload) -> Measurement:
+    """Measures :func:`nnx_train_step` on ``model``, training the variables of type ``wrt``."""
     optimizer = nnx.Optimizer(model, adamw(), wrt=wrt)
     step = nnx_train_step(wrt)
     batch = device_batch(w)
     gflops = xla_gflops(step, model, optimizer, batch)
     floats, scalars = array_counts(jax.tree.leaves(nnx.state(optimizer)))
     times = time_calls(lambda: step(model, optimizer, batch).block_until_ready(), w)
-    total = param_count(nnx.state(model, nnx.Param))  # nnx.LoRAParam subclasses nnx.Param
+    total = param_count(nnx.state(model, nnx.Param))  # LoRA variables subclass nnx.Param
     return Measurement(times, total, param_count(nnx.state(model, wrt)), floats, scalars, gflops)
+
+
+def run_nnx(setting: str, w: Workload) -> Measurement:
+    """``nnx-lora`` (``nnx.LoRALinear`` on the setting's targets) or ``nnx-full``."""
+    targets = TARGETS.get(setting, ())
+    model = gpt2.NNXGPT2(model_config(w), targets, w.rank, nnx.Rngs(0))
+    return measure_nnx(model, nnx.LoRAParam if targets else nnx.Param, w)
 
 
 RUNNERS = {
     "jax-full": run_linen_full,
+    "jax-floor": run_linen_floor,
     "nnx-lora": run_nnx,
     "nnx-full": run_nnx,
     "fwd-base": run_forward_base,

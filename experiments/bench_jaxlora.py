@@ -1,4 +1,4 @@
-"""jaxlora benchmark runners: LoRA training, unmerged forward, merged forward.
+"""jaxlora benchmark runners: LoRA training (linen and NNX), unmerged forward, merged forward.
 
 Kept apart from ``bench_jax.py`` so that while the library is broken or incomplete only these
 rows fail (the harness reports the import error as an error row).
@@ -7,6 +7,7 @@ rows fail (the harness reports the import error as an error row).
 from typing import Any
 
 import jax
+from flax import nnx
 
 import jaxlora
 from experiments import gpt2
@@ -18,7 +19,14 @@ from experiments.bench_jax import (
     linen_loss,
     measure_forward,
     measure_functional,
+    measure_nnx,
+    model_config,
 )
+
+
+def lora_config(setting: str, w: Workload) -> jaxlora.LoraConfig:
+    """The jaxlora config of ``setting`` (``"qv"`` or ``"all"``)."""
+    return jaxlora.LoraConfig(rank=w.rank, alpha=w.alpha, targets=list(TARGETS[setting]))
 
 
 def lorafy_linen(setting: str, w: Workload) -> tuple[gpt2.GPT2, Any, Any]:
@@ -32,9 +40,10 @@ def lorafy_linen(setting: str, w: Workload) -> tuple[gpt2.GPT2, Any, Any]:
         ``(model, lora_model, lora_params)``.
     """
     model, params = init_linen(w)
-    cfg = jaxlora.LoraConfig(rank=w.rank, alpha=w.alpha, targets=list(TARGETS[setting]))
     tokens, _ = device_batch(w)
-    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, tokens, key=jax.random.key(1))
+    lora_model, lora_params = jaxlora.lorafy(
+        model, params, lora_config(setting, w), tokens, key=jax.random.key(1)
+    )
     return model, lora_model, lora_params
 
 
@@ -47,6 +56,13 @@ def run_train(setting: str, w: Workload) -> Measurement:
     return measure_functional(
         step, lora_params, tx.init(lora_params), w, summary.trainable_params, summary.total_params
     )
+
+
+def run_train_nnx(setting: str, w: Workload) -> Measurement:
+    """``jaxlora-nnx``: the NNX model with plain ``nnx.Linear`` layers, adapted by jaxlora."""
+    model = gpt2.NNXGPT2(model_config(w), (), w.rank, nnx.Rngs(0))
+    model = jaxlora.lorafy(model, lora_config(setting, w), rngs=nnx.Rngs(1))
+    return measure_nnx(model, jaxlora.TrainableParam, w)
 
 
 def run_forward_unmerged(setting: str, w: Workload) -> Measurement:
@@ -63,6 +79,7 @@ def run_forward_merged(setting: str, w: Workload) -> Measurement:
 
 RUNNERS = {
     "jaxlora": run_train,
+    "jaxlora-nnx": run_train_nnx,
     "fwd-lora": run_forward_unmerged,
     "fwd-merged": run_forward_merged,
 }

@@ -1,4 +1,4 @@
-"""PyTorch benchmark runners: PEFT LoRA (``torch-peft``) and full fine-tuning (``torch-full``).
+"""PyTorch runners: PEFT LoRA (``torch-peft``), full fine-tuning (``torch-full``), the floor.
 
 Eager mode with ``torch.optim.AdamW`` defaults (no ``torch.compile``, no fused optimizer), as a
 PEFT user would run it. ``torch.set_num_threads`` is set to the CPU count XLA uses.
@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.bench_common import (
+    FLOOR_PARAM,
+    FROZEN,
     LEARNING_RATE,
     TARGETS,
     WEIGHT_DECAY,
@@ -24,9 +26,13 @@ from experiments.gpt2_torch import GPT2
 
 
 def build_model(setting: str, w: Workload) -> nn.Module:
-    """The torch GPT-2; PEFT LoRA on the setting's targets unless ``setting`` is ``"full"``."""
+    """The torch GPT-2: PEFT LoRA on the setting's targets, all trainable for ``"full"``, or
+    only the position table for ``FROZEN`` (the floor)."""
     torch.manual_seed(0)
     model = GPT2(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq)
+    if setting == FROZEN:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(f"{FLOOR_PARAM}."))
     if setting not in TARGETS:
         return model
     config = peft.LoraConfig(
@@ -61,4 +67,4 @@ def run(setting: str, w: Workload) -> Measurement:
     )
 
 
-RUNNERS = {"torch-peft": run, "torch-full": run}
+RUNNERS = {"torch-peft": run, "torch-full": run, "torch-floor": run}

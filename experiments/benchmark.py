@@ -11,7 +11,10 @@ Every (implementation, setting) pair runs in its own subprocess, and repetitions
 (A, B, C, A, B, C, ...) so that drifts in machine load hit every implementation alike. A child
 builds the model, compiles, runs ``--warmup`` untimed then ``--steps`` timed steps (each blocked
 until ready) and prints one JSON line. Settings: ``qv`` (LoRA on query/value), ``all`` (LoRA on
-query/key/value/out/up/down) and ``full`` (every weight trains; for ``fwd-base``: no adapters).
+query/key/value/out/up/down), ``full`` (every weight trains; for ``fwd-base``: no adapters) and
+``frozen`` (the floor: no adapters and only the position table trains, so the backward pass runs
+through every layer but forms no weight gradient of a linear layer; the least work any LoRA
+step on this model can do, measured per framework by ``jax-floor`` and ``torch-floor``).
 
 Row fields (``--json``):
     impl, setting, kind: What ran (``kind`` is ``train`` or ``infer``).
@@ -22,12 +25,15 @@ Row fields (``--json``):
     opt_state_floats: Array elements in the optimizer state, step counters included.
     opt_state_scalars: How many of those are 0-d step counters, so for AdamW
         ``opt_state_floats == 2 * trainable_params + opt_state_scalars``; the counters are one
-        for optax (``jax-full``, ``jaxlora``), two for NNX (optax's plus ``nnx.Optimizer.step``)
-        and one per trainable tensor for ``torch.optim.AdamW``.
+        for optax (``jax-full``, ``jax-floor``, ``jaxlora``), two for NNX (``nnx-lora``,
+        ``jaxlora-nnx``: optax's plus ``nnx.Optimizer.step``) and one per trainable tensor for
+        ``torch.optim.AdamW``.
     gflops: XLA's FLOP count of the compiled step (JAX rows only).
     ratio_to_full: Median over the median of ``jax-full`` (train) or ``fwd-base`` (infer).
     ratio_to_fastest_peer: Median over the fastest median among the *other* implementations of
         the same kind and setting (< 1 means this row is the fastest).
+    ratio_to_floor: Training rows: median over the median of the same framework's floor
+        (``jax-floor`` or ``torch-floor``); what the implementation adds to the unavoidable.
     threads: CPUs available to XLA, and the value given to ``torch.set_num_threads``.
     reps_ok, error: Successful repetitions; the first failure's message, if any.
 """
@@ -46,10 +52,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.bench_common import TARGETS, Workload, cpu_count
+from experiments.bench_common import FROZEN, TARGETS, Workload, cpu_count
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = (*TARGETS, "full")
+SETTINGS = (*TARGETS, "full", FROZEN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,30 +64,43 @@ class Impl:
 
     Attributes:
         kind: ``"train"`` or ``"infer"``.
-        lora: Runs in the LoRA settings (``qv``, ``all``) rather than ``full``.
+        settings: The settings it runs in.
         module: Module whose ``RUNNERS[impl](setting, workload)`` measures it.
+        framework: ``"jax"`` or ``"torch"``: whose floor its ``ratio_to_floor`` divides by.
         requires: Optional packages; without them the implementation is skipped with a note.
     """
 
     kind: str
-    lora: bool
+    settings: tuple[str, ...]
     module: str
+    framework: str = "jax"
     requires: tuple[str, ...] = ()
 
 
-_TORCH = ("torch", "peft")
+_LORA, _FULL, _FLOOR = tuple(TARGETS), ("full",), (FROZEN,)
+_JAX, _JAXLORA = "experiments.bench_jax", "experiments.bench_jaxlora"
+
+
+def _torch(kind: str, settings: tuple[str, ...]) -> Impl:
+    return Impl(kind, settings, "experiments.bench_torch", "torch", ("torch", "peft"))
+
+
 IMPLS = {
-    "jax-full": Impl("train", False, "experiments.bench_jax"),
-    "jaxlora": Impl("train", True, "experiments.bench_jaxlora"),
-    "nnx-lora": Impl("train", True, "experiments.bench_jax"),
-    "nnx-full": Impl("train", False, "experiments.bench_jax"),
-    "torch-peft": Impl("train", True, "experiments.bench_torch", _TORCH),
-    "torch-full": Impl("train", False, "experiments.bench_torch", _TORCH),
-    "fwd-base": Impl("infer", False, "experiments.bench_jax"),
-    "fwd-lora": Impl("infer", True, "experiments.bench_jaxlora"),
-    "fwd-merged": Impl("infer", True, "experiments.bench_jaxlora"),
+    "jax-full": Impl("train", _FULL, _JAX),
+    "jax-floor": Impl("train", _FLOOR, _JAX),
+    "jaxlora": Impl("train", _LORA, _JAXLORA),
+    "jaxlora-nnx": Impl("train", _LORA, _JAXLORA),
+    "nnx-lora": Impl("train", _LORA, _JAX),
+    "nnx-full": Impl("train", _FULL, _JAX),
+    "torch-peft": _torch("train", _LORA),
+    "torch-full": _torch("train", _FULL),
+    "torch-floor": _torch("train", _FLOOR),
+    "fwd-base": Impl("infer", _FULL, _JAX),
+    "fwd-lora": Impl("infer", _LORA, _JAXLORA),
+    "fwd-merged": Impl("infer", _LORA, _JAXLORA),
 }
 BASELINES = {"train": "jax-full", "infer": "fwd-base"}
+FLOORS = {"jax": "jax-floor", "torch": "torch-floor"}
 MEASURED_ONCE = (
     "trainable_params",
     "total_params",
@@ -133,8 +152,8 @@ def workload_flags(w: Workload) -> list[str]:
 
 
 def plan_jobs(impls: Sequence[str], settings: Sequence[str]) -> list[tuple[str, str]]:
-    """The (impl, setting) pairs to run: LoRA impls in ``qv``/``all``, the others in ``full``."""
-    return [(i, s) for i in impls for s in settings if (s in TARGETS) == IMPLS[i].lora]
+    """The (impl, setting) pairs to run: each impl in those of ``settings`` it supports."""
+    return [(i, s) for i in impls for s in settings if s in IMPLS[i].settings]
 
 
 def missing_packages(impl: str) -> list[str]:
@@ -229,18 +248,26 @@ def ratio(median: float, others: Sequence[float]) -> float | None:
 
 
 def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """``ratio_to_full`` and ``ratio_to_fastest_peer`` of ``row`` among the successful rows."""
+    """``ratio_to_full``, ``ratio_to_fastest_peer``, ``ratio_to_floor`` of ``row`` among ``ok``."""
     median = row["step_time_median_s"]
     if median is None:
-        return {"ratio_to_full": None, "ratio_to_fastest_peer": None}
+        return {"ratio_to_full": None, "ratio_to_fastest_peer": None, "ratio_to_floor": None}
     same_kind = [r for r in ok if r["kind"] == row["kind"]]
-    base = [r["step_time_median_s"] for r in same_kind if r["impl"] == BASELINES[r["kind"]]]
+
+    def medians_of(impl: str | None) -> list[float]:
+        return [r["step_time_median_s"] for r in same_kind if r["impl"] == impl]
+
     peers = [
         r["step_time_median_s"]
         for r in same_kind
         if r["setting"] == row["setting"] and r["impl"] != row["impl"]
     ]
-    return {"ratio_to_full": ratio(median, base), "ratio_to_fastest_peer": ratio(median, peers)}
+    floor = FLOORS[IMPLS[row["impl"]].framework] if row["kind"] == "train" else None
+    return {
+        "ratio_to_full": ratio(median, medians_of(BASELINES[row["kind"]])),
+        "ratio_to_fastest_peer": ratio(median, peers),
+        "ratio_to_floor": ratio(median, medians_of(floor)),
+    }
 
 
 def add_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -257,9 +284,9 @@ def fmt(value: Any, spec: str) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
     """Markdown lines of a result table; times in milliseconds."""
     lines = [
-        f"| impl | setting | median ms | min ms | x {baseline} | x fastest peer | GFLOP "
-        "| peak RSS MB | trainable | total | opt-state floats |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| impl | setting | median ms | min ms | x {baseline} | x fastest peer | x floor "
+        "| GFLOP | peak RSS MB | trainable | total | opt-state floats |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if r["step_time_median_s"] is None:
@@ -272,6 +299,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
             fmt(r["step_time_min_s"] * 1e3, ".1f"),
             fmt(r["ratio_to_full"], ".2f"),
             fmt(r["ratio_to_fastest_peer"], ".2f"),
+            fmt(r["ratio_to_floor"], ".2f"),
             fmt(r["gflops"], ".3g"),
             fmt(r["peak_rss_mb"], ".0f"),
             fmt(r["trainable_params"], ","),

@@ -23,6 +23,7 @@ ROW_KEYS = {
     "opt_state_floats",
     "ratio_to_full",
     "ratio_to_fastest_peer",
+    "ratio_to_floor",
     "gflops",
 }
 
@@ -56,39 +57,64 @@ def check_adamw(row: dict, counters: int) -> None:
 
 
 def test_training_rows():
-    rows = run_benchmark("--impls", "jax-full,nnx-lora,torch-peft", "--settings", "qv,full")
-    assert set(rows) == {("jax-full", "full"), ("nnx-lora", "qv")} | (
-        {("torch-peft", "qv")} if HAS_TORCH else set()
+    impls = "jax-full,jax-floor,nnx-lora,torch-peft,torch-floor"
+    rows = run_benchmark("--impls", impls, "--settings", "qv,full,frozen")
+    assert set(rows) == {("jax-full", "full"), ("jax-floor", "frozen"), ("nnx-lora", "qv")} | (
+        {("torch-peft", "qv"), ("torch-floor", "frozen")} if HAS_TORCH else set()
     )
     for row in rows.values():
         check_timed(row)
-    full, nnx_lora = rows["jax-full", "full"], rows["nnx-lora", "qv"]
+    full, floor, nnx_lora = (
+        rows["jax-full", "full"],
+        rows["jax-floor", "frozen"],
+        rows["nnx-lora", "qv"],
+    )
     assert full["trainable_params"] == full["total_params"]
     assert full["ratio_to_full"] == 1.0
     assert full["gflops"] > nnx_lora["gflops"] > 0  # LoRA skips the frozen weight gradients
+    assert full["gflops"] > floor["gflops"] > 0
     check_adamw(full, counters=1)  # optax's count
+    check_adamw(floor, counters=1)
     check_adamw(nnx_lora, counters=2)  # optax's count + nnx.Optimizer.step
+    assert floor["trainable_params"] == 8 * 32  # the position table: seq x d_model
+    assert floor["total_params"] == full["total_params"]
+    assert floor["ratio_to_floor"] == 1.0
     assert nnx_lora["trainable_params"] == 2 * (32 * 8 + 8 * 32)  # A and B of query and value
     assert nnx_lora["trainable_params"] < nnx_lora["total_params"]
+    assert nnx_lora["ratio_to_floor"] == pytest.approx(
+        nnx_lora["step_time_median_s"] / floor["step_time_median_s"]
+    )
     if HAS_TORCH:
-        peft_row = rows["torch-peft", "qv"]
+        peft_row, torch_floor = rows["torch-peft", "qv"], rows["torch-floor", "frozen"]
         check_adamw(peft_row, counters=4)  # one step per tensor: A and B of query and value
+        check_adamw(torch_floor, counters=1)
+        assert torch_floor["trainable_params"] == floor["trainable_params"]
         assert peft_row["trainable_params"] == nnx_lora["trainable_params"]
         assert peft_row["total_params"] == nnx_lora["total_params"]
         assert peft_row["gflops"] is None
         assert nnx_lora["ratio_to_fastest_peer"] == pytest.approx(
             nnx_lora["step_time_median_s"] / peft_row["step_time_median_s"]
         )
+        assert peft_row["ratio_to_floor"] == pytest.approx(
+            peft_row["step_time_median_s"] / torch_floor["step_time_median_s"]
+        )
 
 
 def test_jaxlora_rows():
-    rows = run_benchmark("--impls", "jaxlora,fwd-base,fwd-merged", "--settings", "qv,full")
+    impls = "jaxlora,jaxlora-nnx,fwd-base,fwd-merged"
+    rows = run_benchmark("--impls", impls, "--settings", "qv,full")
     for row in rows.values():
         check_timed(row)
-    lora = rows["jaxlora", "qv"]
+    lora, lora_nnx = rows["jaxlora", "qv"], rows["jaxlora-nnx", "qv"]
     check_adamw(lora, counters=1)  # frozen leaves hold no state: optax.set_to_zero
+    check_adamw(lora_nnx, counters=2)  # optax's count + nnx.Optimizer.step
     assert lora["trainable_params"] == 2 * (32 * 8 + 8 * 32)
     assert lora["trainable_params"] < lora["total_params"]
+    assert (lora_nnx["trainable_params"], lora_nnx["total_params"]) == (
+        lora["trainable_params"],
+        lora["total_params"],
+    )
+    assert lora_nnx["gflops"] == pytest.approx(lora["gflops"], rel=0.05)
     merged, base = rows["fwd-merged", "qv"], rows["fwd-base", "full"]
     assert merged["total_params"] == base["total_params"]  # merge leaves plain params
     assert merged["gflops"] == pytest.approx(base["gflops"])
