@@ -52,19 +52,38 @@ class _TrainStep:
 
     The frozen part is an input of the compiled program but never an output, so it is
     neither copied nor donated: the caller's base arrays stay valid and come back as they
-    were passed, and only the adapters and optimizer state are written.
+    were passed, and only the adapters and optimizer state are written. The trainable mask
+    depends on the tree structure only, so it is computed once per structure: each call
+    then costs one flatten and one unflatten on the host.
     """
 
     jitted: Callable[..., Any]
+    masks: dict[Any, tuple[bool, ...]] = dataclasses.field(default_factory=dict)
+
+    def _split(self, params) -> tuple[Any, Any, Callable[[Any], Any]]:
+        """``(trainable, frozen)`` and a function putting updated trainable leaves back."""
+        leaves, treedef = jax.tree.flatten(params)
+        mask = self.masks.get(treedef)
+        if mask is None:
+            mask = self.masks[treedef] = tuple(jax.tree.leaves(trainable_mask(params)))
+        pairs = list(zip(mask, leaves, strict=True))
+        trainable = treedef.unflatten([x if m else None for m, x in pairs])
+        frozen = treedef.unflatten([None if m else x for m, x in pairs])
+
+        def with_trainable(updated):
+            new = iter(jax.tree.leaves(updated))
+            return treedef.unflatten([next(new) if m else x for m, x in pairs])
+
+        return trainable, frozen, with_trainable
 
     def __call__(self, params, opt_state, batch, *args):
-        trainable, frozen = split(params)
+        trainable, frozen, with_trainable = self._split(params)
         trainable, opt_state, out = self.jitted(trainable, frozen, opt_state, batch, *args)
-        return combine(trainable, frozen), opt_state, out
+        return with_trainable(trainable), opt_state, out
 
     def lower(self, params, opt_state, batch, *args) -> jax.stages.Lowered:
         """The lowered program for these arguments (for ``cost_analysis`` or the HLO)."""
-        trainable, frozen = split(params)
+        trainable, frozen, _ = self._split(params)
         return self.jitted.lower(trainable, frozen, opt_state, batch, *args)
 
 

@@ -180,6 +180,23 @@ def test_donated_step_and_has_aux():
     params, opt_state, _ = step(params, opt_state, batch)
 
 
+def test_one_step_serves_trees_with_different_trainable_leaves():
+    """The step caches the trainable mask per tree structure, never across structures."""
+    model, params, _, _, batch = _mlp_setup(width=64, batch=32)
+    step = None
+    for bias in ("none", "lora_only", "none"):
+        cfg = jaxlora.LoraConfig(rank=4, targets="all-linear", bias=bias)
+        lora_model, lora_params = jaxlora.lorafy(model, params, cfg, batch[0], key=KEY)
+        tx = optax.sgd(0.1)  # acts on the trainable part only, whatever its structure
+        step = step or jaxlora.make_train_step(_mse(lora_model.apply), tx, donate=False)
+        new_params, _, _ = step(lora_params, tx.init(jaxlora.split(lora_params)[0]), batch)
+        old_bias = jaxlora.split(lora_params)[bias == "none"]["dense_0"]["bias"]
+        new_bias = jaxlora.split(new_params)[bias == "none"]["dense_0"]["bias"]
+        moved = not jnp.array_equal(jax.tree.leaves(old_bias)[0], jax.tree.leaves(new_bias)[0])
+        assert moved == (bias == "lora_only")
+        assert jax.tree.structure(new_params) == jax.tree.structure(lora_params)
+
+
 def test_traced_mask_is_a_clear_error():
     _, _, _, lora_params, _ = _mlp_setup(width=64, batch=8)
     mask = jax.tree.map(lambda m: jnp.asarray(m), jaxlora.trainable_mask(lora_params))
