@@ -38,6 +38,8 @@ class Workload:
         batch: Batch size.
         rank: LoRA rank.
         alpha: LoRA alpha (the update is scaled by ``alpha / rank``).
+        attention: ``"causal"``, or ``"none"`` to leave the softmax attention out of every
+            model (a diagnostic: what remains is the linear layers LoRA touches).
         steps: Timed steps per child process.
         warmup: Untimed steps before them (the first one compiles).
     """
@@ -51,6 +53,7 @@ class Workload:
     batch: int = 8
     rank: int = 8
     alpha: float = 16.0
+    attention: str = dataclasses.field(default="causal", metadata={"choices": ("causal", "none")})
     steps: int = 20
     warmup: int = 3
 

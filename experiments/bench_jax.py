@@ -36,7 +36,7 @@ def adamw() -> optax.GradientTransformation:
 
 def model_config(w: Workload) -> gpt2.GPT2Config:
     """The model dimensions of workload ``w``."""
-    return gpt2.GPT2Config(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq)
+    return gpt2.GPT2Config(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq, w.attention)
 
 
 def device_batch(w: Workload) -> Batch:

@@ -29,7 +29,7 @@ def build_model(setting: str, w: Workload) -> nn.Module:
     """The torch GPT-2: PEFT LoRA on the setting's targets, all trainable for ``"full"``, or
     only the position table for ``FROZEN`` (the floor)."""
     torch.manual_seed(0)
-    model = GPT2(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq)
+    model = GPT2(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq, w.attention)
     if setting == FROZEN:
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith(f"{FLOOR_PARAM}."))

@@ -131,7 +131,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     for f in dataclasses.fields(Workload):
         flag = f"--{f.name.replace('_', '-')}"
-        p.add_argument(flag, type=f.type, default=f.default, help="default: %(default)s")
+        choices = f.metadata.get("choices")
+        p.add_argument(
+            flag, type=f.type, choices=choices, default=f.default, help="default: %(default)s"
+        )
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
     p.add_argument(
         "--impls", type=csv_of(list(IMPLS)), default=tuple(IMPLS), help=f"{','.join(IMPLS)}"

@@ -30,6 +30,9 @@ class GPT2Config:
         heads: Attention heads; must divide ``d_model``.
         mlp: MLP hidden width.
         seq: Maximum sequence length (size of the position table).
+        attention: ``"causal"``, or ``"none"`` to skip the softmax attention: each block's
+            attention output is then ``out(value(x))`` (query and key go unused), a diagnostic
+            that leaves only the layers LoRA touches, to tell their cost from attention's.
     """
 
     vocab: int = 8192
@@ -38,6 +41,7 @@ class GPT2Config:
     heads: int = 8
     mlp: int = 2048
     seq: int = 128
+    attention: str = "causal"
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
@@ -55,6 +59,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> ja
     b, t, d = q.shape
     q, k, v = (x.reshape(b, t, heads, d // heads) for x in (q, k, v))
     return jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
+
+
+def mix_tokens(q: jax.Array, k: jax.Array, v: jax.Array, config: GPT2Config) -> jax.Array:
+    """:func:`causal_attention`, or just ``v`` when ``config.attention == "none"``."""
+    return causal_attention(q, k, v, config.heads) if config.attention == "causal" else v
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -85,7 +94,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = self.config.d_model
         q, k, v = (nn.Dense(d, name=name)(x) for name in ("query", "key", "value"))
-        return nn.Dense(d, name="out")(causal_attention(q, k, v, self.config.heads))
+        return nn.Dense(d, name="out")(mix_tokens(q, k, v, self.config))
 
 
 class MLP(nn.Module):
@@ -148,7 +157,7 @@ class NNXAttention(nnx.Module):
 
     def __init__(self, c: GPT2Config, targets: tuple[str, ...], rank: int, rngs: nnx.Rngs):
         d = c.d_model
-        self.heads = c.heads
+        self.config = c
         self.query = nnx_linear("query", d, d, targets, rank, rngs)
         self.key = nnx_linear("key", d, d, targets, rank, rngs)
         self.value = nnx_linear("value", d, d, targets, rank, rngs)
@@ -156,7 +165,7 @@ class NNXAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = self.query(x), self.key(x), self.value(x)
-        return self.out(causal_attention(q, k, v, self.heads))
+        return self.out(mix_tokens(q, k, v, self.config))
 
 
 class NNXMLP(nnx.Module):

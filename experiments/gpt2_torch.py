@@ -14,15 +14,18 @@ LAYER_NORM_EPS = 1e-5
 class Attention(nn.Module):
     """Causal self-attention with separate ``query``/``key``/``value``/``out`` projections."""
 
-    def __init__(self, d_model: int, heads: int):
+    def __init__(self, d_model: int, heads: int, attention: str):
         super().__init__()
         self.heads = heads
+        self.attention = attention
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention == "none":  # the diagnostic of gpt2.GPT2Config.attention
+            return self.out(self.value(x))
         b, t, d = x.shape
         q, k, v = (
             proj(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
@@ -47,10 +50,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm decoder block."""
 
-    def __init__(self, d_model: int, heads: int, mlp: int):
+    def __init__(self, d_model: int, heads: int, mlp: int, attention: str):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
-        self.attn = Attention(d_model, heads)
+        self.attn = Attention(d_model, heads, attention)
         self.ln2 = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
         self.mlp = MLP(d_model, mlp)
 
@@ -69,13 +72,23 @@ class GPT2(nn.Module):
         heads: Attention heads.
         mlp: MLP hidden width.
         seq: Maximum sequence length.
+        attention: ``"causal"``, or ``"none"`` (see ``gpt2.GPT2Config.attention``).
     """
 
-    def __init__(self, vocab: int, d_model: int, layers: int, heads: int, mlp: int, seq: int):
+    def __init__(
+        self,
+        vocab: int,
+        d_model: int,
+        layers: int,
+        heads: int,
+        mlp: int,
+        seq: int,
+        attention: str = "causal",
+    ):
         super().__init__()
         self.wte = nn.Embedding(vocab, d_model)
         self.wpe = nn.Embedding(seq, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, heads, mlp) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, mlp, attention) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
         self.lm_head = nn.Linear(d_model, vocab, bias=False)
 

@@ -100,9 +100,10 @@ def test_training_rows():
         )
 
 
-def test_jaxlora_rows():
-    impls = "jaxlora,jaxlora-nnx,fwd-base,fwd-merged"
-    rows = run_benchmark("--impls", impls, "--settings", "qv,full")
+def test_jaxlora_rows_without_attention():
+    """jaxlora's rows, on the diagnostic model whose blocks skip the softmax attention."""
+    impls = "jaxlora,jaxlora-nnx,fwd-base,fwd-merged,torch-peft"
+    rows = run_benchmark("--impls", impls, "--settings", "qv,full", "--attention", "none")
     for row in rows.values():
         check_timed(row)
     lora, lora_nnx = rows["jaxlora", "qv"], rows["jaxlora-nnx", "qv"]
@@ -115,6 +116,10 @@ def test_jaxlora_rows():
         lora["total_params"],
     )
     assert lora_nnx["gflops"] == pytest.approx(lora["gflops"], rel=0.05)
+    if HAS_TORCH:  # query goes unused, so AdamW holds moments for value's A and B only
+        peft_row = rows["torch-peft", "qv"]
+        assert peft_row["trainable_params"] == lora["trainable_params"]
+        assert peft_row["opt_state_floats"] == lora["trainable_params"] + 2
     merged, base = rows["fwd-merged", "qv"], rows["fwd-base", "full"]
     assert merged["total_params"] == base["total_params"]  # merge leaves plain params
     assert merged["gflops"] == pytest.approx(base["gflops"])
