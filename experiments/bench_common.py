@@ -3,6 +3,7 @@
 Nothing here imports JAX or PyTorch, so each benchmark child loads only its own framework.
 """
 
+import argparse
 import dataclasses
 import math
 import os
@@ -78,6 +79,23 @@ class Measurement:
     opt_state_floats: int | None = None
     opt_state_scalars: int | None = None
     gflops: float | None = None
+
+
+def add_workload_flags(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """Adds a ``--flag`` for every :class:`Workload` field; ``defaults`` override its defaults."""
+    for f in dataclasses.fields(Workload):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=f.type,
+            choices=f.metadata.get("choices"),
+            default=defaults.get(f.name, f.default),
+            help="default: %(default)s",
+        )
+
+
+def workload_of(args: argparse.Namespace) -> Workload:
+    """The :class:`Workload` of parsed :func:`add_workload_flags` flags."""
+    return Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
 
 
 def cpu_count() -> int:

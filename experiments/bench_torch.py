@@ -4,6 +4,8 @@ Eager mode with ``torch.optim.AdamW`` defaults (no ``torch.compile``, no fused o
 PEFT user would run it. ``torch.set_num_threads`` is set to the CPU count XLA uses.
 """
 
+from collections.abc import Callable
+
 import peft
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,10 @@ def build_model(setting: str, w: Workload) -> nn.Module:
     return peft.get_peft_model(model, config)
 
 
-def run(setting: str, w: Workload) -> Measurement:
-    """Measures eager training steps of :func:`build_model` with ``torch.optim.AdamW``."""
+def training(
+    setting: str, w: Workload
+) -> tuple[Callable[[], None], nn.Module, torch.optim.Optimizer]:
+    """One eager training step as a call, with the model and ``torch.optim.AdamW`` it updates."""
     torch.set_num_threads(cpu_count())
     model = build_model(setting, w)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -55,6 +59,13 @@ def run(setting: str, w: Workload) -> Measurement:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return call, model, optimizer
+
+
+def run(setting: str, w: Workload) -> Measurement:
+    """Measures eager training steps of :func:`build_model` with ``torch.optim.AdamW``."""
+    call, model, optimizer = training(setting, w)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     times = time_calls(call, w)
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     floats, scalars = array_counts(state)

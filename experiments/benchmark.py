@@ -52,7 +52,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.bench_common import FROZEN, TARGETS, Workload, cpu_count
+from experiments.bench_common import (
+    FROZEN,
+    TARGETS,
+    Workload,
+    add_workload_flags,
+    cpu_count,
+    workload_of,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = (*TARGETS, "full", FROZEN)
@@ -129,12 +136,7 @@ def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parses the command line; every :class:`Workload` field is a ``--flag``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    for f in dataclasses.fields(Workload):
-        flag = f"--{f.name.replace('_', '-')}"
-        choices = f.metadata.get("choices")
-        p.add_argument(
-            flag, type=f.type, choices=choices, default=f.default, help="default: %(default)s"
-        )
+    add_workload_flags(p)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
     p.add_argument(
         "--impls", type=csv_of(list(IMPLS)), default=tuple(IMPLS), help=f"{','.join(IMPLS)}"
@@ -284,13 +286,13 @@ def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
-    """Markdown lines of a result table; times in milliseconds."""
-    lines = [
-        f"| impl | setting | median ms | min ms | x {baseline} | x fastest peer | x floor "
-        "| GFLOP | peak RSS MB | trainable | total | opt-state floats |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) -> list[str]:
+    """Markdown lines of a result table; times in milliseconds; an "x floor" column if asked."""
+    ratios = ["ratio_to_full", "ratio_to_fastest_peer"] + (["ratio_to_floor"] if floors else [])
+    ratio_titles = [f"x {baseline}", "x fastest peer"] + (["x floor"] if floors else [])
+    titles = ["impl", "setting", "median ms", "min ms", *ratio_titles, "GFLOP", "peak RSS MB"]
+    titles += ["trainable", "total", "opt-state floats"]
+    lines = ["| " + " | ".join(titles) + " |", "|---|---|" + "--:|" * (len(titles) - 2)]
     for r in rows:
         if r["step_time_median_s"] is None:
             lines.append(f"| {r['impl']} | {r['setting']} | ERROR: {r['error']} |")
@@ -300,9 +302,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
             r["setting"],
             fmt(r["step_time_median_s"] * 1e3, ".1f"),
             fmt(r["step_time_min_s"] * 1e3, ".1f"),
-            fmt(r["ratio_to_full"], ".2f"),
-            fmt(r["ratio_to_fastest_peer"], ".2f"),
-            fmt(r["ratio_to_floor"], ".2f"),
+            *(fmt(r[key], ".2f") for key in ratios),
             fmt(r["gflops"], ".3g"),
             fmt(r["peak_rss_mb"], ".0f"),
             fmt(r["trainable_params"], ","),
@@ -333,14 +333,15 @@ def report(rows: Sequence[dict[str, Any]], w: Workload, notes: Sequence[str]) ->
     for kind, title in (("train", "Training step"), ("infer", "Inference (jitted forward)")):
         table = [r for r in rows if r["kind"] == kind]
         if table:
-            lines += [f"## {title}", "", *markdown_table(table, BASELINES[kind]), ""]
+            table_lines = markdown_table(table, BASELINES[kind], floors=kind == "train")
+            lines += [f"## {title}", "", *table_lines, ""]
     return "\n".join(lines + merged_lines(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: a child measurement with ``--child``, otherwise the whole benchmark."""
     args = parse_args(argv)
-    w = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
+    w = workload_of(args)
     if args.child:
         try:
             result = run_child(*args.child, w)
