@@ -348,14 +348,6 @@ def save_state(checkpointer: jaxlora.TrainCheckpointer, method: Method, state: R
     checkpointer.save(state.step, params, state.opt_state, state.rng, meta, force=True)
 
 
-def _key_like(key: jax.Array, template: jax.Array) -> jax.Array:
-    """``key`` placed like ``template``: the checkpointer restores keys onto one device, which
-    in a multi-process run is a host-local array that cannot be checkpointed again."""
-    key_data = np.asarray(jax.random.key_data(key))
-    placed = jax.make_array_from_process_local_data(template.sharding, key_data)
-    return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(template))
-
-
 def restore_state(
     checkpointer: jaxlora.TrainCheckpointer, method: Method, fresh: RunState
 ) -> RunState:
@@ -380,9 +372,8 @@ def restore_state(
         )
     params = _unmarked(method, resumed.params)
     batches = data.BatchState(**resumed.data_state["batches"])
-    rng = _key_like(resumed.rng, fresh.rng)
     history = resumed.data_state["history"]
-    return RunState(resumed.step, params, resumed.opt_state, rng, batches, history)
+    return RunState(resumed.step, params, resumed.opt_state, resumed.rng, batches, history)
 
 
 def _evaluate_into(

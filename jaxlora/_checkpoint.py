@@ -305,6 +305,15 @@ def _rng_parts(rng: jax.Array) -> tuple[jax.Array, str | None]:
     return rng, None
 
 
+def _rng_sharding(params: PyTree) -> jax.sharding.Sharding:
+    """Where a restored key goes: replicated over the params' mesh, so a jitted step can take
+    it next to them; on the first local device if they are on no mesh."""
+    mesh = _sharding.mesh_of(params)
+    if mesh is None:
+        return _attach.default_sharding()
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def _global_rng(key_data: Any, params: PyTree) -> Any:
     """Key data that a multi-process checkpoint can write.
 
@@ -469,7 +478,7 @@ class TrainCheckpointer:
         abstract = {
             "params": _abstract(trainable),
             "opt_state": _abstract(opt_state),
-            "rng": jax.ShapeDtypeStruct(rng_shape, jnp.uint32, sharding=_attach.default_sharding()),
+            "rng": jax.ShapeDtypeStruct(rng_shape, jnp.uint32, sharding=_rng_sharding(trainable)),
         }
         differences = _differences(stored, abstract)
         if differences:

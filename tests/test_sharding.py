@@ -140,6 +140,26 @@ def test_sharded_training_equals_one_device_and_keeps_kernels_sharded():
         assert not s.is_fully_replicated and s.is_equivalent_to(x.sharding, x.ndim)
 
 
+def test_restored_rng_key_is_replicated_on_the_params_mesh(tmp_path):
+    """A restored key must enter a jitted step next to mesh-sharded params (was: device 0)."""
+    mesh = _mesh()
+    model = models.TinyLM(vocab=64, d_model=32, heads=4, layers=1)
+    ids = jax.random.randint(KEY, (8, 12), 0, 64)
+    params = jaxlora.shard_params(jax.device_get(model.init(KEY, ids)["params"]), mesh, FSDP_TP)
+    _, params = jaxlora.lorafy(model, params, jaxlora.LoraConfig(rank=4), ids, key=KEY)
+    tx = jaxlora.optimizer(optax.adam(1e-2), params)
+    with jaxlora.TrainCheckpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, params, tx.init(params), jax.random.key(3))
+        resumed = ckpt.restore_latest(params, tx.init(params))
+    assert resumed.rng.sharding == NamedSharding(mesh, P())
+    chex.assert_trees_all_equal(
+        jax.random.key_data(resumed.rng), jax.random.key_data(jax.random.key(3))
+    )
+    noise = jax.jit(lambda p, k: jax.random.normal(k, p.shape) + p)
+    kernel = resumed.params["block_0"]["up"]["kernel"]
+    assert noise(kernel, resumed.rng).sharding.mesh == mesh
+
+
 RULES = (("embed", "data"), ("mlp", "model"), ("layers", None))
 
 
