@@ -266,7 +266,8 @@ class ResumeState(NamedTuple):
       params: the adapted tree: trained leaves from the checkpoint, frozen leaves from
         the ``params`` passed to restore (for NNX: the restored trainable state).
       opt_state: the optimizer state.
-      rng: the PRNG key as saved (typed key or raw ``uint32`` key data).
+      rng: the PRNG key as saved (typed key or raw ``uint32`` key data), replicated over
+        the mesh of the params passed to restore (on the first local device if none).
       data_state: the data-pipeline state dict as saved.
     """
 
