@@ -266,12 +266,6 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier ``name``; nothing with one process."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 def from_primary(value: np.ndarray) -> np.ndarray:
     """Process 0's ``value`` on every process (a collective: every process calls it).
 
@@ -289,6 +283,13 @@ def to_host(x: Any) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def process_flags(flag: bool) -> np.ndarray:
+    """Every process's ``flag``, indexed by process (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return np.array([flag])
+    return np.asarray(multihost_utils.process_allgather(np.asarray(flag))).reshape(-1)
 
 
 def same_on_every_process(value: np.ndarray) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxlora._distributed import barrier, from_primary, is_primary
+from jaxlora._distributed import from_primary, is_primary, process_flags
 
 _STAGING = ".staging-"
 _PREVIOUS = "previous"
@@ -79,9 +79,11 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
     With several JAX processes, every process must enter it with the same ``target``
     (on a shared filesystem) and run the block: each process writes its shards into the
     yielded path (orbax's multi-process save does), or only process 0 writes (plain
-    files; check `_distributed.is_primary`). Process 0 then installs the new version;
-    no process leaves before it is in place, and if installing fails every process
-    raises.
+    files; check `_distributed.is_primary`). The processes then agree whether every block
+    succeeded: if one raised, it re-raises and the others raise an error naming it, with
+    ``target`` untouched (rather than waiting for it at a barrier). Otherwise process 0
+    installs the new version; no process leaves before it is in place, and if installing
+    fails every process raises.
 
     Args:
       target: the directory to create or replace.
@@ -95,13 +97,25 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target).absolute()
     staging = _make_staging(target)
     new = staging / target.name
+    error = None
     try:
         yield new
-    except BaseException:
+    except Exception as e:  # agreed on below, so no process waits for one that gave up
+        error = e
+    except BaseException:  # interrupted: no collective, just leave nothing half-written
         if is_primary():
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    barrier(f"jaxlora.replacing:{staging.name}")  # every process has written its part
+    failed = [i for i, ok in enumerate(process_flags(error is None)) if not ok]
+    if failed:
+        if is_primary():
+            shutil.rmtree(staging, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise RuntimeError(
+            f"process(es) {failed} failed to write their part of {target}, which is left as "
+            "it was; see their error."
+        )
     failure = None
     if is_primary():
         try:

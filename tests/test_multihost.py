@@ -4,6 +4,7 @@ Both processes form one ``data=2,model=4`` mesh, train sharded adapters, checkpo
 training state, save the adapter (over an older one) and export it to PEFT, every process
 writing its shards; a fresh pair of processes resumes from the checkpoint, loads the
 adapter and imports the export; every number matches one process driving all 8 devices.
+Last, a save in which one process fails leaves the saved adapter intact and fails fast.
 Processes run in their own session and are SIGKILLed (JAX catches SIGTERM) on failure,
 timeout or test exit, so none is left behind.
 """
@@ -132,6 +133,13 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path):
     assert resumed["rng"] == np.asarray(jax.random.key_data(run.rng)).tolist()
     np.testing.assert_allclose(resumed["losses"], more, rtol=1e-5)
     _close(resumed["trainable"], worker.trainable_leaves(run.params))
+    # One process failing mid-save: the other hears of it at once (no barrier timeout), and
+    # the adapter already on disk is left as it was.
+    assert resumed["partial_write"].startswith("RuntimeError: process(es) [1] failed to write")
+    assert "OSError: disk full on process 1" in (tmp_path / "resume.1.log").read_text()
+    _, after = jaxlora.load_adapter(tmp_path / "adapter", run.base)
+    chex.assert_trees_all_equal(worker.trainable_leaves(after), train["trainable"])
+    assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
 
 
 def test_mismatched_process_counts_are_clear_errors(monkeypatch):

@@ -12,7 +12,8 @@ saves the training state to ``DIR/state`` (RNG key on one device, as a script ma
 saves the trained adapter over ``DIR/adapter`` and exports it to ``DIR/peft``: every
 process calls each save and writes its shards. ``resume`` restores the training state
 into a fresh run, loads the adapter and imports the PEFT export onto the sharded base,
-and trains N more steps. Process 0 writes the losses and trainable leaves to OUT.json.
+and trains N more steps, then tries to replace ``DIR/adapter`` while process 1 fails to
+write its part. Process 0 writes the losses and trainable leaves to OUT.json.
 The test runs the same functions in one process on 8 devices as the reference.
 """
 
@@ -32,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
+from jaxlora._files import replacing
 from jaxlora._tree import path_str
 
 MESH = "data=2,model=4"
@@ -126,6 +128,20 @@ def trainable_leaves(params: Any) -> dict[str, list]:
     return {path_str(k): np.asarray(v).tolist() for k, v in leaves}
 
 
+def one_process_fails_to_write(target: str) -> str:
+    """Replaces ``target`` while process 1 fails; this process's error, as a line."""
+    try:
+        with replacing(target) as new:
+            if jax.process_index() == 1:
+                raise OSError("disk full on process 1")
+            new.mkdir()
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+        print(message, flush=True)
+        return message
+    return "no error"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory")
@@ -159,6 +175,8 @@ def main() -> None:
             jaxlora.save_adapter(adapter, run.params, run.config)
             jaxlora.export_peft(peft_dir, run.params, run.config, module_map=MODULE_MAP)
             result["unsplit_axis_error"] = _unsplit_axis_error()
+        else:
+            result["partial_write"] = one_process_fails_to_write(adapter)
     result.update(losses=losses, trainable=trainable_leaves(run.params))
     if jax.process_index() == 0:
         with open(args.out, "w") as f:
