@@ -71,7 +71,8 @@ class LoraConfig:
     Attributes:
       rank: adapter rank r (> 0).
       alpha: scaling numerator (> 0).
-      targets: ``"all-linear"`` (every Dense, DenseGeneral and Einsum layer) or a list
+      targets: ``"all-linear"`` (every Dense, DenseGeneral and Einsum layer; unlike
+        PEFT's, an untied output head too: add ``exclude=["lm_head"]``) or a list
         of patterns (see `path_matches`): bare names ``"query"``, globs ``"*/attn/*"``,
         regexes ``"re:.*layer_[0-3]/query"``. Embedding layers are adapted only when a
         pattern names them.
