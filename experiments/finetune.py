@@ -70,7 +70,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--rank", type=int, default=8, help="LoRA rank (8)")
     add("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha/rank (16)")
     add(
-        "--targets", help="comma-separated layer patterns (bert: query,value; llama: q_proj,v_proj)"
+        "--targets",
+        help="comma-separated layer patterns (bert: query,value; llama: every block linear)",
     )
     add("--steps", type=int, help="optimizer steps (rotten_tomatoes 300, hamlet 100)")
     add("--lr", type=float, help="peak learning rate (LoRA 1e-3, hamlet 5e-4; full 5e-5)")

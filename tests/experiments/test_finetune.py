@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jaxlora
-from experiments import data, finetune
+from experiments import data, finetune, tasks
 from experiments.models.bert import init_classification_params
 from experiments.models.llama import LlamaConfig, LlamaForCausalLM
 from experiments.models.loading import flax_to_hf_state_dict, load_hf_model, minilm_path
@@ -133,7 +133,7 @@ def test_local_llama_directory_trains_on_hamlet(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["data"] == "hamlet"
-    assert results["settings"]["targets"] == ["q_proj", "v_proj"]
+    assert results["settings"]["targets"] == list(tasks.LLAMA_LINEARS)
     assert set(results["after"]) == {"loss", "perplexity"}
     assert set(results["samples"]) == {"before", "after"}
     assert "sample after:" in proc.stdout and "eval perplexity" in proc.stdout
