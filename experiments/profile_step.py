@@ -11,9 +11,10 @@ JAX rows (``jax-full``, ``jax-floor``, ``jaxlora``) trace ``--steps`` compiled s
 ``jax.profiler`` and attribute each XLA op's time to the module its HLO metadata names:
 ``query``...``down`` (that layer's base matmul and its adapter), ``attention`` (the softmax
 attention between them), ``gelu``, ``layernorm``, ``lm_head``, ``embed``, ``loss+update``
-(the loss and the optimizer). A fused op counts for the module of its root (the LM head's
-forward matmul is fused with ``ln_f``, so it shows under ``layernorm``), and ops run two at a
-time on two cores, so read the columns as approximate: their sum exceeds the wall time.
+(the loss and the optimizer). A fused op counts for the module its metadata names (the LM
+head's forward matmul is fused into the loss's softmax, so it shows under ``loss+update``),
+and ops run two at a time on two cores, so read the columns as approximate: their sum
+exceeds the wall time.
 Comparing ``jaxlora all`` with ``jax-floor frozen`` shows what the adapters cost per layer
 type. Torch rows (``torch-floor``, ``torch-peft``, ``torch-full``) print
 ``torch.profiler``'s top operators by self CPU time. Every :class:`Workload` field is a flag.
