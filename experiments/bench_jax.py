@@ -5,7 +5,7 @@ Each runner takes ``(setting, workload)`` and returns a :class:`Measurement`. Th
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,37 +74,47 @@ def xla_gflops(jitted: Any, *args: Any) -> float | None:
     return jitted.lower(*args).compile().cost_analysis()["flops"] / 1e9
 
 
-def measure_functional(
-    step: Callable, params: Any, opt_state: Any, w: Workload, trainable: int, total: int
-) -> Measurement:
-    """Measures a functional step ``(params, opt_state, batch) -> (params, opt_state, loss)``.
+class FunctionalRun(NamedTuple):
+    """A functional training setup: its step and initial state, and what to report.
+
+    Attributes:
+        step: Jitted ``(params, opt_state, batch) -> (params, opt_state, loss)``; it may
+            donate ``params`` and ``opt_state``.
+        params: Initial parameters.
+        opt_state: Initial optimizer state.
+        trainable: Trainable parameter count.
+        total: Total parameter count.
+    """
+
+    step: Callable
+    params: Any
+    opt_state: Any
+    trainable: int
+    total: int
+
+
+def measure_functional(run: FunctionalRun, w: Workload) -> Measurement:
+    """Measures ``run.step``, carrying the state from step to step.
 
     Each timed step blocks on the loss only: all outputs of one XLA execution become ready
     together (blocking on the new params afterwards returns at once).
-
-    Args:
-        step: The jitted step; it may donate ``params`` and ``opt_state``.
-        params: Initial parameters.
-        opt_state: Initial optimizer state.
-        w: The workload.
-        trainable: Trainable parameter count to report.
-        total: Total parameter count to report.
 
     Returns:
         The measurement, with the optimizer state counted before ``step`` donates it.
     """
     batch = device_batch(w)
-    gflops = xla_gflops(step, params, opt_state, batch)
-    floats, scalars = array_counts(jax.tree.leaves(opt_state))
-    state = (params, opt_state)
+    gflops = xla_gflops(run.step, run.params, run.opt_state, batch)
+    floats, scalars = array_counts(jax.tree.leaves(run.opt_state))
+    state = (run.params, run.opt_state)
 
     def call() -> None:
         nonlocal state
-        *new_state, loss = step(*state, batch)
+        *new_state, loss = run.step(*state, batch)
         state = tuple(new_state)
         loss.block_until_ready()
 
-    return Measurement(time_calls(call, w), total, trainable, floats, scalars, gflops)
+    times = time_calls(call, w)
+    return Measurement(times, run.total, run.trainable, floats, scalars, gflops)
 
 
 def measure_forward(model: Any, params: Any, w: Workload) -> Measurement:
@@ -127,14 +137,13 @@ def full_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callab
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def run_linen_full(setting: str, w: Workload) -> Measurement:
+def linen_full(setting: str, w: Workload) -> FunctionalRun:
     """``jax-full``: every linen weight trains with ``optax.adamw``."""
     del setting  # always "full"
     model, params = init_linen(w)
     tx = adamw()
-    step = full_train_step(linen_loss(model), tx)
     n = param_count(params)
-    return measure_functional(step, params, tx.init(params), w, trainable=n, total=n)
+    return FunctionalRun(full_train_step(linen_loss(model), tx), params, tx.init(params), n, n)
 
 
 def floor_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
@@ -156,15 +165,23 @@ def floor_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Calla
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def run_linen_floor(setting: str, w: Workload) -> Measurement:
+def linen_floor(setting: str, w: Workload) -> FunctionalRun:
     """``jax-floor``: the linen model with only the position table training."""
     del setting  # always FROZEN
     model, params = init_linen(w)
     tx = adamw()
-    step = floor_train_step(linen_loss(model), tx)
-    opt_state = tx.init(params[FLOOR_PARAM])
-    trainable = param_count(params[FLOOR_PARAM])
-    return measure_functional(step, params, opt_state, w, trainable, param_count(params))
+    return FunctionalRun(
+        floor_train_step(linen_loss(model), tx),
+        params,
+        tx.init(params[FLOOR_PARAM]),
+        param_count(params[FLOOR_PARAM]),
+        param_count(params),
+    )
+
+
+def measured(setup: Callable[[str, Workload], FunctionalRun]) -> Callable[..., Measurement]:
+    """The benchmark runner that measures the run ``setup(setting, w)`` builds."""
+    return lambda setting, w: measure_functional(setup(setting, w), w)
 
 
 def run_forward_base(setting: str, w: Workload) -> Measurement:
@@ -210,8 +227,8 @@ def run_nnx(setting: str, w: Workload) -> Measurement:
 
 
 RUNNERS = {
-    "jax-full": run_linen_full,
-    "jax-floor": run_linen_floor,
+    "jax-full": measured(linen_full),
+    "jax-floor": measured(linen_floor),
     "nnx-lora": run_nnx,
     "nnx-full": run_nnx,
     "fwd-base": run_forward_base,

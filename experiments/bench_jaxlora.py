@@ -13,13 +13,14 @@ import jaxlora
 from experiments import gpt2
 from experiments.bench_common import TARGETS, Measurement, Workload
 from experiments.bench_jax import (
+    FunctionalRun,
     adamw,
     device_batch,
     init_linen,
     linen_loss,
     measure_forward,
-    measure_functional,
     measure_nnx,
+    measured,
     model_config,
 )
 
@@ -47,14 +48,15 @@ def lorafy_linen(setting: str, w: Workload) -> tuple[gpt2.GPT2, Any, Any]:
     return model, lora_model, lora_params
 
 
-def run_train(setting: str, w: Workload) -> Measurement:
+def linen_lora(setting: str, w: Workload) -> FunctionalRun:
     """``jaxlora``: adapters train, the rest is frozen and has no optimizer state."""
     _, lora_model, lora_params = lorafy_linen(setting, w)
     tx = jaxlora.optimizer(adamw(), lora_params)
     step = jaxlora.make_train_step(linen_loss(lora_model), tx)
     summary = jaxlora.summary(lora_params)
-    return measure_functional(
-        step, lora_params, tx.init(lora_params), w, summary.trainable_params, summary.total_params
+    opt_state = tx.init(lora_params)
+    return FunctionalRun(
+        step, lora_params, opt_state, summary.trainable_params, summary.total_params
     )
 
 
@@ -78,7 +80,7 @@ def run_forward_merged(setting: str, w: Workload) -> Measurement:
 
 
 RUNNERS = {
-    "jaxlora": run_train,
+    "jaxlora": measured(linen_lora),
     "jaxlora-nnx": run_train_nnx,
     "fwd-lora": run_forward_unmerged,
     "fwd-merged": run_forward_merged,

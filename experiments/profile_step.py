@@ -27,7 +27,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,28 +64,16 @@ def category(op_name: str) -> tuple[str, str]:
     return "loss+update", phase
 
 
-def jax_step(impl: str, setting: str, w: Workload) -> tuple[Callable, tuple]:
-    """The jitted step ``(params, opt_state, batch) -> (params, opt_state, loss)`` of a JAX
-    row, and its first arguments."""
-    import jaxlora
+def jax_run(impl: str, setting: str, w: Workload) -> Any:
+    """The benchmark's `bench_jax.FunctionalRun` of a JAX row."""
     from experiments import bench_jax, bench_jaxlora
 
-    tx = bench_jax.adamw()
-    batch = bench_jax.device_batch(w)
-    if impl == "jaxlora":
-        _, lora_model, params = bench_jaxlora.lorafy_linen(setting, w)
-        tx = jaxlora.optimizer(tx, params)
-        step = jaxlora.make_train_step(bench_jax.linen_loss(lora_model), tx)
-        return step, (params, tx.init(params), batch)
-    model, params = bench_jax.init_linen(w)
-    loss_fn = bench_jax.linen_loss(model)
-    if impl == "jax-floor":
-        step = bench_jax.floor_train_step(loss_fn, tx)
-        opt_state = tx.init(params[bench_jax.FLOOR_PARAM])
-    else:
-        step = bench_jax.full_train_step(loss_fn, tx)
-        opt_state = tx.init(params)
-    return step, (params, opt_state, batch)
+    setups = {
+        "jax-full": bench_jax.linen_full,
+        "jax-floor": bench_jax.linen_floor,
+        "jaxlora": bench_jaxlora.linen_lora,
+    }
+    return setups[impl](setting, w)
 
 
 def op_times(trace_file: Path, op_names: dict[str, str]) -> collections.Counter:
@@ -104,7 +92,10 @@ def profile_jax(impl: str, setting: str, w: Workload) -> str:
     """Markdown table: milliseconds per step by module and phase, and the wall time."""
     import jax
 
-    step, (params, opt_state, batch) = jax_step(impl, setting, w)
+    from experiments.bench_jax import device_batch
+
+    step, params, opt_state, *_ = jax_run(impl, setting, w)
+    batch = device_batch(w)
     op_names = dict(_OP.findall(step.lower(params, opt_state, batch).compile().as_text()))
 
     def run(steps: int) -> None:
