@@ -21,15 +21,15 @@ from flax.core import meta
 from jax.sharding import Sharding
 
 from jaxlora import _sharding
-from jaxlora._config import LoraConfig, format_paths
+from jaxlora._config import LAYER_WEIGHTS, LoraConfig, format_paths, target_paths
 from jaxlora._tree import (
-    ADAPTER_KEY,
     LoraAdapter,
     PyTree,
     Trainable,
+    adapter_at,
+    adapter_key,
     has_adapters,
-    iter_layers,
-    kernel_key,
+    iter_adapters,
     params_of,
     path_str,
     rebox,
@@ -45,8 +45,9 @@ class LayerSpec:
     """One adapted layer as saved.
 
     Attributes:
-      path: ``/``-joined layer path in the params tree.
-      weight_key: ``"kernel"`` or ``"embedding"``.
+      path: the adapter's name: the layer path for a ``kernel``/``embedding`` weight, the
+        weight's own path for any other (see `jaxlora._config.adapter_name`).
+      weight_key: the adapted weight's key in its module (``"kernel"``, ``"w"``, ...).
       kernel_shape: the base weight's stored shape (with stacked-layer axes).
       kernel_dtype: the base weight's dtype name (recorded; a base in another dtype loads).
       a_shape: A, ``(*stack, *in, r)``.
@@ -70,6 +71,16 @@ class LayerSpec:
     def rank(self) -> int:
         """The adapter rank r."""
         return self.a_shape[-1]
+
+    @property
+    def module(self) -> str:
+        """The path of the module (params dict) holding the weight."""
+        return self.path if self.weight_key in LAYER_WEIGHTS else self.path.rpartition("/")[0]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The paths config patterns are matched against (`jaxlora._config.target_paths`)."""
+        return target_paths(self.path, self.weight_key)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (`from_json` inverts it)."""
@@ -133,12 +144,11 @@ def collect(
             "jaxlora.lorafy (or jaxlora.load_adapter / jaxlora.import_peft)."
         )
     layers = []
-    for keys, layer in iter_layers(inner):
-        adapter = layer[ADAPTER_KEY]
-        weight_key = kernel_key(layer)
+    for name, _, weight_key, layer in iter_adapters(inner):
+        adapter = adapter_at(layer, weight_key)
         kernel, a, b = (meta.unbox(x) for x in (layer[weight_key], adapter.a, adapter.b))
         spec = LayerSpec(
-            path="/".join(keys),
+            path=name,
             weight_key=weight_key,
             kernel_shape=tuple(kernel.shape),
             kernel_dtype=_dtype_name(kernel),
@@ -178,8 +188,8 @@ def check_config(layers: Sequence[LayerSpec], config: LoraConfig, *, who: str) -
         )
     for spec in layers:
         is_linear = spec.weight_key != "embedding"
-        rank, scale = config.rank_for(spec.path), config.scale_for(spec.path)
-        if not config.selects(spec.path, is_linear=is_linear):
+        rank, scale = config.rank_for(spec.targets), config.scale_for(spec.targets)
+        if not config.selects(spec.targets, is_linear=is_linear):
             problem = "is adapted but the config does not target it"
         elif spec.rank != rank:
             problem = f"has rank {spec.rank} but the config gives rank {rank}"
@@ -263,7 +273,7 @@ def plan(
     unmatched = list(unmatched)
     matched_layers = []
     for spec in layers:
-        node = subtree(inner, spec.path)
+        node = subtree(inner, spec.module)
         if node is None:
             unmatched.append(f"saved adapter for layer {spec.path!r}: no such layer here")
             continue
@@ -297,7 +307,7 @@ def plan(
 
 def _existing(inner: PyTree) -> tuple[set[str], set[str]]:
     """Paths of the adapted layers and trainable leaves already in ``inner``."""
-    layers = {"/".join(keys) for keys, _ in iter_layers(inner)}
+    layers = {name for name, *_ in iter_adapters(inner)}
     return layers, {path for path, _ in _trainable_leaves(inner)}
 
 
@@ -322,7 +332,7 @@ def layer_shardings(
     """
     if sharding is not None:
         return sharding, sharding
-    node = subtree(params_of(params)[0], spec.path)
+    node = subtree(params_of(params)[0], spec.module)
     weight = node.get(spec.weight_key) if isinstance(node, Mapping) else None
     kernel = None if weight is None else meta.unbox(weight)
     layer = f"layer {spec.path!r}"
@@ -351,7 +361,7 @@ def leaf_sharding(params: PyTree, leaf: LeafSpec, sharding: Sharding | None) -> 
 
 
 def attach(
-    params: PyTree, adapters: Mapping[str, LoraAdapter], leaves: Mapping[str, Any]
+    params: PyTree, adapters: Mapping[LayerSpec, LoraAdapter], leaves: Mapping[str, Any]
 ) -> PyTree:
     """``params`` with ``adapters`` set on their layers and ``leaves`` marked `Trainable`.
 
@@ -361,29 +371,31 @@ def attach(
     Args:
       params: a base or adapted tree (params collection or variables dict), already
         checked with `plan`.
-      adapters: layer path -> adapter.
+      adapters: the saved layer -> its adapter.
       leaves: leaf path -> new value.
 
     Returns:
       The adapted tree, in the form of ``params``.
     """
     inner, rebuild = params_of(params)
-    for path, adapter in adapters.items():
-        inner = replace_at(inner, path, functools.partial(_with_adapter, adapter))
+    for spec, adapter in adapters.items():
+        inner = replace_at(
+            inner, spec.module, functools.partial(_with_adapter, spec.weight_key, adapter)
+        )
     for path, value in leaves.items():
         inner = replace_at(inner, path, functools.partial(_as_trainable, value))
     return rebuild(inner)
 
 
-def _with_adapter(adapter: LoraAdapter, layer: Mapping[str, Any]) -> dict[str, Any]:
-    """The layer with ``adapter``: factors boxed like the old ones, else like the kernel."""
-    old = layer.get(ADAPTER_KEY)
+def _with_adapter(weight: str, adapter: LoraAdapter, layer: Mapping[str, Any]) -> dict[str, Any]:
+    """The layer with ``adapter``: factors boxed like the old ones, else like the weight."""
+    key = adapter_key(weight)
+    old = layer.get(key)
     if isinstance(old, LoraAdapter):
         a, b = rebox(old.a, adapter.a), rebox(old.b, adapter.b)
     else:
-        kernel = layer[kernel_key(layer)]
-        a, b = _sharding.box_factors(kernel, adapter.a, adapter.b, adapter.delta_eq, None)
-    return {**layer, ADAPTER_KEY: dataclasses.replace(adapter, a=a, b=b)}
+        a, b = _sharding.box_factors(layer[weight], adapter.a, adapter.b, adapter.delta_eq, None)
+    return {**layer, key: dataclasses.replace(adapter, a=a, b=b)}
 
 
 def _as_trainable(value: Any, old: Any) -> Trainable:

@@ -245,7 +245,7 @@ def load_adapter(
         arrays = _restore_arrays(checkpointer, path, abstract, source)
     wanted = {spec.path for spec in load_layers}
     adapters = {
-        spec.path: LoraAdapter(f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq)
+        spec: LoraAdapter(f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq)
         for spec, f in zip(layers, arrays["adapters"], strict=True)
         if spec.path in wanted
     }

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 ALL_LINEAR = "all-linear"
+# Adapters of weights named like Flax's own layers' are named after their layer.
+LAYER_WEIGHTS = ("kernel", "embedding")
 _INITS = ("kaiming", "gaussian")
 _BIAS_MODES = ("none", "lora_only", "all")
 
@@ -52,8 +54,41 @@ def format_paths(items: Sequence[str], *, limit: int = 40, bullet: str = "") -> 
     return "\n".join(lines)
 
 
-def _first_match(path: str, table: Mapping[str, Any]) -> Any | None:
-    return next((value for pattern, value in table.items() if path_matches(path, pattern)), None)
+def _any_match(paths: str | Sequence[str], pattern: str) -> bool:
+    return any(path_matches(p, pattern) for p in _as_tuple(paths))
+
+
+def _first_match(paths: str | Sequence[str], table: Mapping[str, Any]) -> Any | None:
+    return next((value for pattern, value in table.items() if _any_match(paths, pattern)), None)
+
+
+def adapter_name(module: str, weight: str) -> str:
+    """The name of the adapter of ``weight`` in the module at path ``module``.
+
+    A layer's ``kernel``/``embedding`` adapter is named after the layer (``"encoder/query"``);
+    any other weight's after the weight itself (``"layers/0/attn/q_proj/w"``).
+    """
+    if weight in LAYER_WEIGHTS:
+        return module
+    return f"{module}/{weight}" if module else weight
+
+
+def target_paths(name: str, weight: str) -> tuple[str, ...]:
+    """The paths that patterns are matched against for one adapter.
+
+    Args:
+      name: the adapter's name: a layer's path for a ``kernel``/``embedding`` weight, else
+        the weight's own path (``"layers/0/attn/q_proj/w"``).
+      weight: the weight's key in its module.
+
+    Returns:
+      The module's path, then the weight's own path: ``"q_proj"`` names the weight ``w``
+      of a custom ``q_proj`` module, and ``"kernel"`` every Dense kernel.
+    """
+    if weight in LAYER_WEIGHTS:
+        return (name, f"{name}/{weight}" if name else weight)
+    module = name.rpartition("/")[0]
+    return (module, name) if module else (name,)
 
 
 def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -132,25 +167,26 @@ class LoraConfig:
                 except re.error as e:
                     raise ValueError(f"LoraConfig: bad regex {pattern!r}: {e}.") from None
 
-    def selects(self, path: str, *, is_linear: bool) -> bool:
+    def selects(self, path: str | Sequence[str], *, is_linear: bool) -> bool:
         """Whether the layer at ``path`` gets an adapter.
 
         Args:
-          path: ``/``-joined layer path.
+          path: ``/``-joined layer path, or several (see `target_paths`): a pattern
+            matching any of them counts.
           is_linear: whether the layer is Dense-like (``"all-linear"`` takes only those).
         """
-        if any(path_matches(path, p) for p in self.exclude):
+        if any(_any_match(path, p) for p in self.exclude):
             return False
         return (ALL_LINEAR in self.targets and is_linear) or any(
-            path_matches(path, p) for p in self.targets if p != ALL_LINEAR
+            _any_match(path, p) for p in self.targets if p != ALL_LINEAR
         )
 
-    def rank_for(self, path: str) -> int:
-        """The adapter rank of the layer at ``path``."""
+    def rank_for(self, path: str | Sequence[str]) -> int:
+        """The adapter rank of the layer at ``path`` (or paths, see `selects`)."""
         rank = _first_match(path, self.rank_pattern)
         return self.rank if rank is None else rank
 
-    def alpha_for(self, path: str) -> float:
+    def alpha_for(self, path: str | Sequence[str]) -> float:
         """The LoRA alpha of the layer at ``path``: its `alpha_pattern` entry, else ``alpha``.
 
         Example:
@@ -160,7 +196,7 @@ class LoraConfig:
         alpha = _first_match(path, self.alpha_pattern)
         return self.alpha if alpha is None else alpha
 
-    def scale_for(self, path: str) -> float:
+    def scale_for(self, path: str | Sequence[str]) -> float:
         """The LoRA scale (alpha/r, or alpha/sqrt(r) with rslora) of the layer at ``path``."""
         rank = self.rank_for(path)
         return float(self.alpha_for(path)) / (math.sqrt(rank) if self.rslora else rank)

@@ -22,13 +22,26 @@ def lorafy(
     """Adds LoRA adapters to the targeted layers of a Flax model, without editing its code.
 
     **linen**: ``lorafy(model, params, config, *inputs, key=key, **apply_kwargs)``.
-    The model is traced once, abstractly (``jax.eval_shape``, no FLOPs), on example
-    inputs to find every Dense, DenseGeneral, Einsum and Embed layer (inside ``nn.scan``
-    and ``nn.remat`` too) and how its kernel is laid out; each targeted layer's params
-    gain a `LoraAdapter` under ``"lora"``.
+    ``model.apply`` is traced once, abstractly (no FLOPs), on example inputs, and every
+    weight it consumes in a contraction (``jnp.einsum``, ``jnp.dot``, ``@``,
+    ``lax.dot_general``, ``ragged_dot``, ``conv``) or an embedding lookup is found,
+    whichever module holds it — Flax's layers or the model's own ``Einsum`` modules,
+    bare params, ``nn.scan``/``nn.remat``/``nn.jit``/``share_scope``/bridged modules —
+    with which of its axes meet the input (A's side), stay in the output (B's side) or
+    are stacked (scanned layers, experts). Each targeted weight's module params gain a
+    `LoraAdapter` (key ``"lora"`` beside a ``kernel``/``embedding``, ``"lora_<name>"``
+    beside another weight).
 
-    **NNX**: ``lorafy(module, config, rngs=rngs)`` wraps each targeted Linear,
-    LinearGeneral, Einsum and Embed in a `LoraLayer` in place and returns the module.
+    **NNX**: ``lorafy(module, config, *inputs, rngs=rngs)`` wraps each targeted Linear,
+    LinearGeneral, Einsum and Embed in a `LoraLayer`, and, given example inputs of
+    ``module.__call__``, each module of the user's holding a targeted weight in a
+    `LoraModule`, in place, and returns the module.
+
+    Targets are matched against a layer's path and, for other weights, against both the
+    holding module's path (``"q_proj"``) and the weight's own (``"mlp/gating_einsum"``);
+    ``"all-linear"`` takes every contracted weight that is not an embedding. A pattern
+    that matches nothing, or names a weight whose use jaxlora cannot follow, is an
+    error; what was seen and not adapted is listed by `summary`.
 
     A is random, B is zero: the adapted model equals the base model until B trains.
 
@@ -43,14 +56,15 @@ def lorafy(
       model: a linen ``nn.Module`` or an NNX ``nnx.Module``.
       *args: linen: ``params`` (the ``params`` collection or the whole variables dict),
         ``config``, then the example positional inputs of ``model.apply`` (arrays or
-        ``jax.ShapeDtypeStruct``). NNX: ``config``.
+        ``jax.ShapeDtypeStruct``). NNX: ``config``, then optionally example inputs of
+        ``module.__call__``.
       key: linen: PRNG key for A (folded with each layer's path).
       rngs: NNX: ``nnx.Rngs`` (``params`` stream for A, ``dropout`` for LoRA dropout).
       rank_axis: a mesh axis to shard the rank axis of A and B over (default None:
         replicated); skipped in a factor whose other axes already use it. The rank must
         be divisible by its size.
-      **kwargs: linen: example keyword arguments of ``model.apply``
-        (``deterministic=True``, ``method=...``).
+      **kwargs: example keyword arguments of ``model.apply`` (linen:
+        ``deterministic=True``, ``method=...``) or of ``module.__call__`` (NNX).
 
     Returns:
       linen: ``(lora_model, lora_params)``; ``lora_model.apply`` takes the arguments of
@@ -62,12 +76,14 @@ def lorafy(
       >>> y = lora_model.apply({"params": lora_params}, x)
     """
     if isinstance(model, nnx.Module):
-        if rngs is None or len(args) != 1 or not isinstance(args[0], LoraConfig) or kwargs:
+        if rngs is None or not args or not isinstance(args[0], LoraConfig) or key is not None:
             raise TypeError(
-                "lorafy(nnx_module, config, rngs=nnx.Rngs(0)): NNX modules take a "
-                "LoraConfig and rngs, nothing else."
+                "lorafy(nnx_module, config, *example_inputs, rngs=nnx.Rngs(0)): NNX modules "
+                "take a LoraConfig, rngs and (to adapt weights outside Flax's layers) example "
+                "inputs of their __call__."
             )
-        return _nnx.lorafy(model, args[0], rngs=rngs, rank_axis=rank_axis)
+        config, *inputs = args
+        return _nnx.lorafy(model, config, *inputs, rngs=rngs, rank_axis=rank_axis, **kwargs)
     if len(args) < 2 or not isinstance(args[1], LoraConfig) or key is None:
         raise TypeError(
             "lorafy(model, params, config, *example_inputs, key=jax.random.key(0)): linen "

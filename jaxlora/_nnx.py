@@ -9,6 +9,8 @@ wrt=jaxlora.TrainableParam)``, ``nnx.DiffState(0, jaxlora.TrainableParam)``,
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -18,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora import _layout, _sharding
-from jaxlora._config import ALL_LINEAR, LoraConfig, format_paths, path_matches
+from jaxlora import _layout, _rewrite, _sharding, _targeting
+from jaxlora._config import LoraConfig, format_paths, path_matches
+from jaxlora._views import factors_for
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
 
@@ -165,58 +168,275 @@ def _retype_all(module: nnx.Module, old: type, new: type[nnx.Variable]) -> None:
             _retype(module, name, new)
 
 
+def _builtin_candidates(module: nnx.Module) -> list[_targeting.Candidate]:
+    """Flax's own layers, laid out from their attributes (no trace needed)."""
+    found = []
+    for path, layer in _modules(module, _SUPPORTED):
+        name = _path_str(path)
+        weight = "embedding" if isinstance(layer, nnx.Embed) else "kernel"
+        shape = tuple(_weight(layer).shape)
+        try:
+            roles, reason = _targeting.roles_of(_layout_of(layer, 1).delta_eq, len(shape)), ""
+        except ValueError as e:
+            roles, reason = None, str(e)
+        embedding = isinstance(layer, nnx.Embed)
+        found.append(_targeting.Candidate(name, name, weight, shape, embedding, roles, reason))
+    return found
+
+
+def _traced_candidates(
+    module: nnx.Module, inputs: tuple, kwargs: dict, skip: set[str]
+) -> list[_targeting.Candidate]:
+    """Weights outside Flax's layers that ``module(*inputs, **kwargs)`` contracts or looks up."""
+    graphdef, state = nnx.split(module)
+
+    def run(state, *args, **kw):
+        return nnx.merge(graphdef, state)(*args, **kw)
+
+    try:
+        seen = _rewrite.discover(run, state, inputs, kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"lorafy: the module failed on these example inputs ({type(e).__name__}: "
+            f"{first}). Pass inputs (and keyword arguments) its __call__ takes."
+        ) from e
+    found = _targeting.candidates(seen)
+    return [c for c in found if c.module not in skip]
+
+
 def lorafy(
-    module: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, rank_axis: str | None = None
+    module: nnx.Module,
+    config: LoraConfig,
+    *inputs: Any,
+    rngs: nnx.Rngs,
+    rank_axis: str | None = None,
+    **kwargs: Any,
 ) -> nnx.Module:
     """Wraps the targeted layers of an NNX module in `LoraLayer` (see `jaxlora.lorafy`)."""
-    if any(True for _ in _modules(module, (LoraLayer,))):
+    if any(True for _ in _modules(module, (LoraLayer, LoraModule))):
         raise ValueError(
             "lorafy: this module already holds LoRA layers. Adapt the base module once; "
             "jaxlora.merge(module) returns a plain copy."
         )
-    layers = list(_modules(module, _SUPPORTED))
-    selected = [
-        (path, layer)
-        for path, layer in layers
-        if config.selects(_path_str(path), is_linear=not isinstance(layer, nnx.Embed))
-    ]
-    if not selected:
-        raise ValueError(
-            f"lorafy: targets {list(config.targets)} (exclude {list(config.exclude)}) match no "
-            f"layer. Layers that can be adapted:\n{format_paths([_path_str(p) for p, _ in layers])}"
-        )
+    found = _builtin_candidates(module)
+    builtin = {c.module for c in found}
+    if inputs or kwargs:
+        found += _traced_candidates(module, inputs, kwargs, builtin)
+    else:
+        _warn_untraced(module, builtin)
+    selected = _targeting.select(config, found)
     key = rngs.params()
-    for path, layer in selected:
-        name = _path_str(path)
-        rank = config.rank_for(name)
-        try:
-            layout = _layout_of(layer, rank)
-        except ValueError as e:
-            if config.targets == (ALL_LINEAR,):
-                continue
-            raise ValueError(f"lorafy: layer {name!r} cannot be adapted: {e}.") from None
+    owners: dict[str, list[_targeting.Candidate]] = {}
+    for c in selected:
+        rank = config.rank_for(c.paths())
+        layout = c.layout(rank)
         if rank > min(layout.fan_in, layout.fan_out):
             raise ValueError(
-                f"lorafy: rank {rank} for layer {name!r} exceeds min(fan_in={layout.fan_in}, "
-                f"fan_out={layout.fan_out}) of its kernel {layout.kernel_shape}; use a smaller "
+                f"lorafy: rank {rank} for layer {c.name!r} exceeds min(fan_in={layout.fan_in}, "
+                f"fan_out={layout.fan_out}) of its weight {c.shape}; use a smaller "
                 "rank or a rank_pattern for this layer."
             )
+        if c.module not in builtin:
+            owners.setdefault(c.module, []).append(c)
+            continue
+        path = _path_of(module, c.module)
         wrapper = LoraLayer(
-            layer,
+            _child(module, path),
             layout,
-            scale=config.scale_for(name),
-            key=jax.random.fold_in(key, zlib.crc32(name.encode())),
+            scale=config.scale_for(c.paths()),
+            key=jax.random.fold_in(key, zlib.crc32(c.name.encode())),
             config=config,
             rngs=rngs,
             rank_axis=rank_axis,
         )
         _set_child(module, path, wrapper)
+    for owner, cands in owners.items():
+        path = _path_of(module, owner)
+        base = _child(module, path)
+        if not isinstance(base, nnx.Module) or not path:
+            raise ValueError(
+                f"lorafy: weights {[c.name for c in cands]} are held by "
+                f"{type(base).__name__} at {owner or 'the root'!r}, which jaxlora cannot "
+                "wrap; exclude them."
+            )
+        adapters = {
+            c.weight: WeightAdapter(
+                _weight_var(base, c.weight),
+                c.layout(config.rank_for(c.paths())),
+                scale=config.scale_for(c.paths()),
+                key=jax.random.fold_in(key, zlib.crc32(c.name.encode())),
+                config=config,
+                rank_axis=rank_axis,
+            )
+            for c in cands
+        }
+        _set_child(module, path, LoraModule(base, adapters, config=config, rngs=rngs))
     _mark_full_training(module, config)
     return module
 
 
+def _warn_untraced(module: nnx.Module, builtin: set[str]) -> None:
+    """Says which weights outside Flax's layers were not looked at (no example inputs)."""
+    outside = [
+        _path_str(path)
+        for path, var in nnx.iter_graph(module)
+        if isinstance(var, nnx.Param)
+        and var.ndim >= 2
+        and not any(_path_str(path).startswith(b + "/") for b in builtin)
+    ]
+    if outside:
+        warnings.warn(
+            f"lorafy: {len(outside)} weights outside Flax's layers were not examined, e.g. "
+            f"{outside[0]!r}. Pass example inputs, lorafy(module, config, *inputs, "
+            "rngs=...), so jaxlora can see how the module uses them.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _path_of(root: nnx.Module, name: str) -> tuple:
+    """The attribute/index path of a ``/``-joined module path."""
+    if not name:
+        return ()
+    by_name = {_path_str(p): p for p, _ in nnx.iter_modules(root)}
+    if name in by_name:
+        return by_name[name]
+    return tuple(int(k) if k.isdigit() else k for k in name.split("/"))
+
+
+def _child(root: Any, path: tuple) -> Any:
+    node = root
+    for p in path:
+        node = node[p] if isinstance(p, int) else getattr(node, p)
+    return node
+
+
+def _weight_var(module: nnx.Module, weight: str) -> nnx.Variable:
+    return getattr(module, weight)
+
+
+class WeightAdapter(nnx.Module):
+    """The LoRA factors of one weight of a `LoraModule`.
+
+    Attributes:
+      lora_a: `LoraParam` A, ``(*stack, *in, r)`` (see `jaxlora.LoraAdapter`).
+      lora_b: `LoraParam` B, ``(*stack, r, *out)``, zero at creation.
+      scale: alpha / rank (or alpha / sqrt(rank)).
+      delta_eq: einsum building the weight-shaped ΔW from A and B.
+    """
+
+    def __init__(
+        self,
+        weight: nnx.Variable,
+        layout: _layout.Layout,
+        *,
+        scale: float,
+        key: jax.Array,
+        config: LoraConfig,
+        rank_axis: str | None = None,
+    ):
+        stored = tuple(weight.shape)
+        stack = stored[: len(stored) - len(layout.kernel_shape)]
+        rank = layout.a_shape[-1]
+        shardings = _sharding.factor_shardings(
+            f"the weight {stored}", weight.get_value(), layout.delta_eq, rank, rank_axis
+        )
+        a, b = _sharding.init_factors(
+            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
+        )
+        a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
+        self.lora_a = LoraParam(a, **a_meta)
+        self.lora_b = LoraParam(b, **b_meta)
+        self.scale = scale
+        self.delta_eq = layout.delta_eq
+
+    def delta_weight(self) -> jax.Array:
+        """``scale · A ⊗ B`` in the weight's layout (float32)."""
+        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
+
+
+class LoraModule(nnx.Module):
+    """A module of the user's whose own weights carry LoRA, applied wherever it uses them.
+
+    The module (``base``) is kept as it is. Each of its methods, called through the
+    wrapper (``wrapper(x)``, ``wrapper.decode(x)``), runs through jaxlora's rewrite of its
+    traced program (see `jaxlora.lorafy`), which adds ``scale · x @ A @ B`` after every
+    contraction or lookup of an adapted weight. Other attributes read through to ``base``.
+
+    Attributes:
+      base: the original module.
+      adapters: ``nnx.Dict`` weight name -> `WeightAdapter`.
+    """
+
+    def __init__(
+        self,
+        base: nnx.Module,
+        adapters: dict[str, WeightAdapter],
+        *,
+        config: LoraConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.base = base
+        self.adapters = nnx.Dict(adapters)
+        self.dropout = (
+            nnx.Dropout(config.dropout, rng_collection=config.dropout_rng, rngs=rngs)
+            if config.dropout
+            else None
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The base module's ``__call__`` with its adapters active."""
+        return self.call_method("__call__", *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("base", "adapters", "dropout"):
+            raise AttributeError(name)
+        attr = getattr(self.base, name)
+        if inspect.ismethod(attr) and attr.__self__ is self.base:
+            return functools.partial(self.call_method, name)
+        return attr
+
+    def _dropout_key(self) -> jax.Array | None:
+        if self.dropout is None or self.dropout.deterministic:
+            return None
+        rngs = self.dropout.rngs
+        return rngs[self.dropout.rng_collection]() if isinstance(rngs, nnx.Rngs) else rngs()
+
+    def call_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``base.<method>(*args, **kwargs)`` with the adapters active."""
+        graphdef, state = nnx.split(self.base)
+
+        def run(state, *call_args, **call_kwargs):
+            module = nnx.merge(graphdef, state)
+            out = getattr(module, method)(*call_args, **call_kwargs)
+            return out, nnx.state(module)
+
+        factors = {
+            weight: factors_for(
+                adapter.lora_a[...],
+                adapter.lora_b[...],
+                adapter.delta_eq,
+                _weight_var(self.base, weight).ndim,
+                adapter.scale,
+            )
+            for weight, adapter in self.adapters.items()
+        }
+        out, new_state = _rewrite.call(
+            run,
+            state,
+            factors,
+            args,
+            kwargs,
+            dropout=0.0 if self.dropout is None else self.dropout.rate,
+            key=self._dropout_key(),
+        )
+        nnx.update(self.base, new_state)
+        return out
+
+
 def _mark_full_training(module: nnx.Module, config: LoraConfig) -> None:
-    wrapped = {path for path, _ in _modules(module, (LoraLayer,))}
+    wrapped = {path for path, _ in _modules(module, (LoraLayer, LoraModule))}
     for pattern in config.modules_to_save:
         matched = [
             (p, m) for p, m in nnx.iter_modules(module) if p and path_matches(_path_str(p), pattern)
@@ -245,18 +465,43 @@ def _mark_full_training(module: nnx.Module, config: LoraConfig) -> None:
             _retype(layer, "bias", TrainableParam)
 
 
+_WRAPPERS = (LoraLayer, LoraModule)
+
+
+def adapted_weights(module: nnx.Module) -> list[tuple[str, nnx.Variable, Any]]:
+    """``(name, weight, adapter)`` of every adapter in ``module``.
+
+    ``adapter`` is the `LoraLayer` or `WeightAdapter` holding ``lora_a``, ``lora_b``,
+    ``scale`` and ``delta_eq``; ``name`` the layer's path, or the weight's own path for a
+    weight of a `LoraModule`.
+    """
+    out = []
+    for path, wrapper in _modules(module, _WRAPPERS):
+        name = _path_str(path)
+        if isinstance(wrapper, LoraLayer):
+            out.append((name, _weight(wrapper.base), wrapper))
+        else:
+            for weight, adapter in wrapper.adapters.items():
+                out.append((f"{name}/{weight}", _weight_var(wrapper.base, weight), adapter))
+    return out
+
+
+def _fold(module: nnx.Module, sign: float) -> None:
+    for _, weight, adapter in adapted_weights(module):
+        w = weight[...]
+        weight[...] = (w.astype(jnp.float32) + sign * adapter.delta_weight()).astype(w.dtype)
+
+
 def merge(module: nnx.Module) -> nnx.Module:
-    """A copy of ``module`` with each `LoraLayer` folded back into a plain base layer."""
+    """A copy of ``module`` with each adapter folded into its weight and the wrappers gone."""
     merged = nnx.clone(module)
-    wrappers = list(_modules(merged, (LoraLayer,)))
+    wrappers = list(_modules(merged, _WRAPPERS))
     if not wrappers:
         raise ValueError(
             "merge: this module holds no LoRA layers. Pass the module adapted by jaxlora.lorafy."
         )
+    _fold(merged, +1.0)
     for path, wrapper in wrappers:
-        weight = _weight(wrapper.base)
-        w = weight[...]
-        weight[...] = (w.astype(jnp.float32) + wrapper.delta_weight()).astype(w.dtype)
         _set_child(merged, path, wrapper.base)
     for _, layer in nnx.iter_modules(merged):
         _retype_all(layer, TrainableParam, nnx.Param)
@@ -273,24 +518,16 @@ def _merged_path(path: tuple, wrapped: set[tuple]) -> tuple:
 def unmerge(merged: nnx.Module, adapted: nnx.Module) -> nnx.Module:
     """A copy of ``adapted`` whose weights come from ``merged`` minus each adapter's ΔW."""
     out = nnx.clone(adapted)
-    wrappers = dict(_modules(out, (LoraLayer,)))
+    wrapped = {path for path, _ in _modules(out, _WRAPPERS)}
     merged_vars = {path: var for path, var in nnx.iter_graph(merged) if isinstance(var, nnx.Param)}
     for path, var in nnx.iter_graph(out):
         if isinstance(var, nnx.Param) and not isinstance(var, LoraParam):
-            source = merged_vars.get(_merged_path(path, set(wrappers)))
+            source = merged_vars.get(_merged_path(path, wrapped))
             if source is None:
                 raise ValueError(
                     f"unmerge: merged module has no variable at {_path_str(path)!r}; pass the "
                     "module that jaxlora.merge returned for this adapted module."
                 )
             var[...] = source[...]
-    for wrapper in wrappers.values():
-        weight = _weight(wrapper.base)
-        w = weight[...]
-        weight[...] = (w.astype(jnp.float32) - wrapper.delta_weight()).astype(w.dtype)
+    _fold(out, -1.0)
     return out
-
-
-def lora_layers(module: nnx.Module) -> list[tuple[str, LoraLayer]]:
-    """``(path, layer)`` of every `LoraLayer` in ``module``."""
-    return [(_path_str(p), m) for p, m in _modules(module, (LoraLayer,))]

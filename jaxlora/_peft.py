@@ -770,7 +770,7 @@ def import_peft(
     adapters = {}
     for spec, a, b in layers:
         a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)
-        adapters[spec.path] = LoraAdapter(
+        adapters[spec] = LoraAdapter(
             jax.device_put(a, a_sharding),
             jax.device_put(b, b_sharding),
             scale=spec.scale,

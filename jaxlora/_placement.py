@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlora import _nnx
 from jaxlora._config import path_matches
 from jaxlora._sharding import AxisEntry, concrete_sharding, entry_axes, mesh_axes_size
-from jaxlora._tree import ADAPTER_KEY, PyTree, iter_layers, params_of, path_str
+from jaxlora._tree import PyTree, adapter_at, iter_adapters, params_of, path_str
 
 LogicalRules = Sequence[tuple[str, AxisEntry]]
 
@@ -149,11 +149,11 @@ def adapter_partition_specs(
     """
     if isinstance(adapted, nnx.Module):
         return {
-            path: (_spec(layer.lora_a), _spec(layer.lora_b))
-            for path, layer in _nnx.lora_layers(adapted)
+            name: (_spec(adapter.lora_a), _spec(adapter.lora_b))
+            for name, _, adapter in _nnx.adapted_weights(adapted)
         }
     inner, _ = params_of(adapted)
     return {
-        "/".join(path): (_spec(layer[ADAPTER_KEY].a), _spec(layer[ADAPTER_KEY].b))
-        for path, layer in iter_layers(inner)
+        name: (_spec(adapter_at(layer, w).a), _spec(adapter_at(layer, w).b))
+        for name, _, w, layer in iter_adapters(inner)
     }

@@ -10,7 +10,7 @@ from flax import nnx
 from flax.core import meta
 
 from jaxlora import _nnx
-from jaxlora._tree import ADAPTER_KEY, PyTree, iter_layers, kernel_key, params_of, split
+from jaxlora._tree import PyTree, adapter_at, iter_adapters, params_of, split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,8 @@ def _layer_summary(path, weight, a, b, scale) -> LayerSummary:
 
 def _nnx_summary(module: nnx.Module) -> Summary:
     layers = tuple(
-        _layer_summary(path, _nnx._weight(layer.base), layer.lora_a, layer.lora_b, layer.scale)
-        for path, layer in _nnx.lora_layers(module)
+        _layer_summary(name, weight, adapter.lora_a, adapter.lora_b, adapter.scale)
+        for name, weight, adapter in _nnx.adapted_weights(module)
     )
     trainable = nnx.state(module, _nnx.TrainableParam)
     return Summary(layers, _size(trainable), _size(nnx.state(module, nnx.Param)))
@@ -105,13 +105,13 @@ def summary(adapted: PyTree | nnx.Module) -> Summary:
     inner, _ = params_of(adapted)
     layers = tuple(
         _layer_summary(
-            "/".join(path),
-            meta.unbox(layer[kernel_key(layer)]),
-            meta.unbox(layer[ADAPTER_KEY].a),
-            meta.unbox(layer[ADAPTER_KEY].b),
-            layer[ADAPTER_KEY].scale,
+            name,
+            meta.unbox(layer[weight]),
+            meta.unbox(adapter_at(layer, weight).a),
+            meta.unbox(adapter_at(layer, weight).b),
+            adapter_at(layer, weight).scale,
         )
-        for path, layer in iter_layers(inner)
+        for name, _, weight, layer in iter_adapters(inner)
     )
     trainable, _ = split(inner)
     return Summary(layers, _size(trainable), _size(inner))

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from jaxlora import _layout
+from jaxlora._config import LAYER_WEIGHTS, adapter_name
+from jaxlora._views import Factors, factors_for
 
 ADAPTER_KEY = "lora"
 PyTree = Any
@@ -122,20 +124,63 @@ def module_paths(tree: Any) -> Iterator[str]:
     return go(tree, ())
 
 
-def iter_layers(tree: PyTree, path: tuple[str, ...] = ()):
-    """Yields ``(path, layer_dict)`` for every adapted layer of a params tree."""
+def adapter_key(weight: str) -> str:
+    """The key of a weight's adapter in its module's params: ``"lora"`` beside a layer's
+    ``kernel``/``embedding``, ``"lora_<weight>"`` beside any other weight."""
+    return ADAPTER_KEY if weight in LAYER_WEIGHTS else f"{ADAPTER_KEY}_{weight}"
+
+
+def _adapted_weight(layer: Mapping[str, Any], key: str) -> str:
+    if key == ADAPTER_KEY:
+        return "embedding" if "embedding" in layer else "kernel"
+    return key[len(ADAPTER_KEY) + 1 :]
+
+
+def _adapter_keys(node: Any) -> list[str]:
+    if not isinstance(node, Mapping):
+        return []
+    return [k for k, v in node.items() if isinstance(v, LoraAdapter)]
+
+
+def iter_adapters(tree: PyTree, path: tuple[str, ...] = ()):
+    """Yields ``(name, module_path, weight_key, layer_dict)`` for every adapter of a tree.
+
+    ``name`` is the adapter's name (see `jaxlora._config.adapter_name`): the module path
+    for a layer's ``kernel``/``embedding``, the weight's own path otherwise.
+    """
     if not isinstance(tree, Mapping):
         return
-    if isinstance(tree.get(ADAPTER_KEY), LoraAdapter):
-        yield path, tree
-        return
+    module = "/".join(path)
+    for key in _adapter_keys(tree):
+        weight = _adapted_weight(tree, key)
+        yield adapter_name(module, weight), module, weight, tree
     for k, v in tree.items():
-        yield from iter_layers(v, (*path, str(k)))
+        if not isinstance(v, LoraAdapter):
+            yield from iter_adapters(v, (*path, str(k)))
 
 
-def kernel_key(layer: Mapping[str, Any]) -> str:
-    """The key of the adapted weight in an adapted layer's dict."""
-    return "embedding" if "embedding" in layer else "kernel"
+def adapter_at(layer: Mapping[str, Any], weight: str) -> LoraAdapter:
+    """The adapter of ``weight`` in the module dict ``layer``."""
+    return layer[adapter_key(weight)]
+
+
+def adapters_of(tree: PyTree) -> dict[str, Factors]:
+    """``{weight path: Factors}`` of every adapter of a (marker-free) params tree."""
+    out = {}
+    for _, module, weight, layer in iter_adapters(tree):
+        adapter = adapter_at(layer, weight)
+        w = meta.unbox(layer[weight])
+        path = f"{module}/{weight}" if module else weight
+        a, b = meta.unbox(adapter.a), meta.unbox(adapter.b)
+        out[path] = factors_for(a, b, adapter.delta_eq, w.ndim, adapter.scale)
+    return out
+
+
+def without_adapters(tree: PyTree) -> PyTree:
+    """The tree with every adapter removed: the base params the model itself reads."""
+    if not isinstance(tree, Mapping):
+        return tree
+    return {k: without_adapters(v) for k, v in tree.items() if not isinstance(v, LoraAdapter)}
 
 
 def unwrap_trainable(tree: PyTree) -> PyTree:
@@ -204,21 +249,20 @@ def rebox(old: Any, new: Any) -> Any:
     return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
-def _merged_kernel(layer: Mapping[str, Any], sign: float) -> Any:
-    adapter = layer[ADAPTER_KEY]
-    kernel = layer[kernel_key(layer)]
-    w = meta.unbox(kernel)
+def _merged_weight(layer: Mapping[str, Any], weight: str, sign: float) -> Any:
+    adapter = adapter_at(layer, weight)
+    w = meta.unbox(layer[weight])
     delta = _layout.delta_weight(
         meta.unbox(adapter.a), meta.unbox(adapter.b), adapter.delta_eq, sign * adapter.scale
     )
-    return rebox(kernel, (w.astype(jnp.float32) + delta).astype(w.dtype))
+    return rebox(layer[weight], (w.astype(jnp.float32) + delta).astype(w.dtype))
 
 
 def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTree:
     if not isinstance(tree, Mapping):
         return tree
-    if isinstance(tree.get(ADAPTER_KEY), LoraAdapter):
-        return fn(tree)
+    if _adapter_keys(tree):
+        tree = fn(tree)
     return {k: _map_layers(v, fn) for k, v in tree.items()}
 
 
@@ -232,8 +276,11 @@ def merge(params: PyTree) -> PyTree:
         )
 
     def fold(layer):
-        out = {k: v for k, v in layer.items() if k != ADAPTER_KEY}
-        out[kernel_key(layer)] = _merged_kernel(layer, +1.0)
+        out = dict(layer)
+        for key in _adapter_keys(layer):
+            weight = _adapted_weight(layer, key)
+            out[weight] = _merged_weight(layer, weight, +1.0)
+            del out[key]
         return out
 
     return rebuild(unwrap_trainable(_map_layers(inner, fold)))
@@ -251,16 +298,19 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             return m
         if not isinstance(m, Mapping):
             raise ValueError(f"unmerge: merged params have a leaf at {path!r}, expected a dict.")
-        missing = sorted(set(a) - set(m) - {ADAPTER_KEY})
+        keys = _adapter_keys(a)
+        missing = sorted(set(a) - set(m) - set(keys))
         if missing:
             raise ValueError(
                 f"unmerge: merged params lack {missing} at {path!r}; pass the tree that "
                 "jaxlora.merge returned for these adapters."
             )
-        out = {k: restore(m[k], v, f"{path}/{k}") for k, v in a.items() if k != ADAPTER_KEY}
-        if isinstance(a.get(ADAPTER_KEY), LoraAdapter):
-            out[ADAPTER_KEY] = a[ADAPTER_KEY]
-            out[kernel_key(a)] = _merged_kernel(out, -1.0)
+        out = {k: restore(m[k], v, f"{path}/{k}") for k, v in a.items() if k not in keys}
+        for key in keys:
+            out[key] = a[key]
+        for key in keys:
+            weight = _adapted_weight(a, key)
+            out[weight] = _merged_weight(out, weight, -1.0)
         return out
 
     return rebuild(restore(merged_inner, adapted_inner, ""))

@@ -206,7 +206,7 @@ def test_modules_to_save_and_bias_modes(tiny_lm):
 
 def test_no_match_lists_the_layers(tiny_lm):
     model, params = tiny_lm
-    with pytest.raises(ValueError, match=r"(?s)match no layer.*\n  block_0/attn/query"):
+    with pytest.raises(ValueError, match=r"(?s)matches no layer.*\n  block_0/attn/query"):
         jaxlora.lorafy(model, params, jaxlora.LoraConfig(targets=["q_proj"]), IDS, key=KEY)
 
 

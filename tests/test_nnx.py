@@ -98,7 +98,7 @@ def test_nnx_errors():
     with pytest.raises(ValueError, match=r"already holds LoRA layers"):
         jaxlora.lorafy(model, jaxlora.LoraConfig(), rngs=nnx.Rngs(0))
     fresh = models.NnxModel(nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"(?s)match no layer.*layers/0"):
+    with pytest.raises(ValueError, match=r"(?s)matches no layer.*layers/0"):
         jaxlora.lorafy(fresh, jaxlora.LoraConfig(targets=["q_proj"]), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"rank 9 for layer 'head' exceeds"):
         jaxlora.lorafy(fresh, jaxlora.LoraConfig(rank=9, targets=["head"]), rngs=nnx.Rngs(0))
