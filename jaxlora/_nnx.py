@@ -273,7 +273,13 @@ def lorafy(
         }
         _set_child(module, path, LoraModule(base, adapters, config=config, rngs=rngs))
     _mark_full_training(module, config)
+    module.jaxlora_not_adapted = tuple(_targeting.not_adapted(found, selected).items())
     return module
+
+
+def not_adapted(module: nnx.Module) -> tuple[tuple[str, str], ...]:
+    """``(name, why)`` of the weights `lorafy` saw in ``module`` and left without adapter."""
+    return getattr(module, "jaxlora_not_adapted", ())
 
 
 def _warn_untraced(module: nnx.Module, builtin: set[str]) -> None:
@@ -431,7 +437,11 @@ class LoraModule(nnx.Module):
             dropout=0.0 if self.dropout is None else self.dropout.rate,
             key=self._dropout_key(),
         )
-        nnx.update(self.base, new_state)
+        # Write back only what the method changed (a cache, a counter): an unchanged
+        # variable may belong to an outer trace that must not be written from this one.
+        old, new = jax.tree.leaves(state), jax.tree.leaves(new_state)
+        if any(a is not b for a, b in zip(old, new, strict=True)):
+            nnx.update(self.base, new_state)
         return out
 
 

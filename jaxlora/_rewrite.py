@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jcore
+import jax.numpy as jnp
 from jax import lax
 
 from jaxlora import _uses
@@ -262,6 +263,13 @@ def _eval_eqn(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, l
         return _scan(walk, eqn, invals, views)
     outs = _bind(eqn, invals)
     weights = [v for v in views if v is not None]
+    if name in ("mul", "div") and len(weights) == 1 and views[0] is not None:
+        factor = invals[1]
+        if jnp.size(factor) == 1:  # a weight scaled by a constant: scale the adapter too
+            factor = jnp.reshape(factor, ())
+            return outs, [views[0].scaled(factor if name == "mul" else 1 / factor)]
+    if name == "mul" and len(weights) == 1 and jnp.size(invals[0]) == 1:
+        return outs, [views[1].scaled(jnp.reshape(invals[0], ()))]
     if len(views) == 1:
         try:
             return outs, _view_op(eqn, weights[0])

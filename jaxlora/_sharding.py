@@ -240,7 +240,7 @@ def nnx_factor_metadata(
     names = metadata.get("out_sharding")
     if not names:
         return {}, {}
-    common = {k: metadata[k] for k in ("mesh", "sharding_rules") if k in metadata}
+    common = {k: metadata[k] for k in ("mesh", "sharding_rules", "eager_sharding") if k in metadata}
     sharding = concrete_sharding(kernel.get_value())
     if common.get("mesh") is None and sharding is not None:
         common["mesh"] = sharding.mesh

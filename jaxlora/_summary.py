@@ -10,6 +10,7 @@ from flax import nnx
 from flax.core import meta
 
 from jaxlora import _nnx
+from jaxlora._linen import LoraModel
 from jaxlora._tree import PyTree, adapter_at, iter_adapters, params_of, split
 
 
@@ -28,11 +29,20 @@ class LayerSummary:
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """What `lorafy` did: adapted layers and trainable / total parameter counts."""
+    """What `lorafy` did: adapted layers and trainable / total parameter counts.
+
+    Attributes:
+      layers: one row per adapter.
+      trainable_params: parameters that train (adapters, ``modules_to_save``, biases).
+      total_params: all parameters, adapters included.
+      not_adapted: ``(name, why)`` of each weight the model contracts or looks up that got
+        no adapter: not targeted, an embedding not named, or a use jaxlora cannot follow.
+    """
 
     layers: tuple[LayerSummary, ...]
     trainable_params: int
     total_params: int
+    not_adapted: tuple[tuple[str, str], ...] = ()
 
     @property
     def trainable_fraction(self) -> float:
@@ -58,6 +68,9 @@ class Summary:
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
             for r in [header, *rows]
         ]
+        if self.not_adapted:
+            lines.append("seen, not adapted:")
+            lines += [f"  {name}: {why}" for name, why in self.not_adapted]
         lines.append(
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,}"
             f" || trainable%: {100 * self.trainable_fraction:.4f}"
@@ -87,14 +100,17 @@ def _nnx_summary(module: nnx.Module) -> Summary:
         for name, weight, adapter in _nnx.adapted_weights(module)
     )
     trainable = nnx.state(module, _nnx.TrainableParam)
-    return Summary(layers, _size(trainable), _size(nnx.state(module, nnx.Param)))
+    total = _size(nnx.state(module, nnx.Param))
+    return Summary(layers, _size(trainable), total, _nnx.not_adapted(module))
 
 
-def summary(adapted: PyTree | nnx.Module) -> Summary:
+def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -> Summary:
     """Per-layer adapter shapes and the trainable / total parameter counts.
 
     Args:
       adapted: an adapted linen tree (params collection or variables dict) or NNX module.
+      lora_model: linen: the `LoraModel` from `lorafy`, to list the weights seen and not
+        adapted (NNX modules carry that list themselves).
 
     Returns:
       A `Summary`; ``print(summary)`` shows a table like PEFT's
@@ -114,4 +130,5 @@ def summary(adapted: PyTree | nnx.Module) -> Summary:
         for name, _, weight, layer in iter_adapters(inner)
     )
     trainable, _ = split(inner)
-    return Summary(layers, _size(trainable), _size(inner))
+    not_adapted = () if lora_model is None else lora_model.not_adapted
+    return Summary(layers, _size(trainable), _size(inner), not_adapted)

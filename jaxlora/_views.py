@@ -121,6 +121,13 @@ class View:
         """The same view with other factor arrays (e.g. one scan step's)."""
         return dataclasses.replace(self, factors=dataclasses.replace(self.factors, a=a, b=b))
 
+    def scaled(self, factor: Any) -> View:
+        """After multiplying the weight by a scalar: ``factor · (W + ΔW)``."""
+        if self.factors is None:
+            return self
+        a = self.factors.a * factor.astype(self.factors.a.dtype)
+        return dataclasses.replace(self, factors=dataclasses.replace(self.factors, a=a))
+
     def atoms(self, dims: Sequence[int]) -> tuple[int, ...]:
         """The weight axes behind the array axes ``dims``, in order."""
         return tuple(atom for d in dims for atom in self.axes[d])

@@ -164,7 +164,10 @@ def test_unknown_model_name(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--targets", "no_such_layer"], "matches no layer or weight (a misspelling?). Layers and weights that can be targeted: model/"),
+        (
+            ["--targets", "no_such_layer"],
+            "matches no layer or weight (a misspelling?). Layers and weights that can be targeted: model/",
+        ),
         (["--batch-size", "100000"], "--batch-size 100000 is larger than the"),
         (["--resume"], "no run to continue in"),
         (["--data", "rotten_tomatoes"], "use --data hamlet"),
