@@ -1,0 +1,174 @@
+"""linen models written the ways users write them: own einsum modules, share_scope, nn.jit,
+a layer axis at position 1, tied and reshaped weights, experts and convolutions."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jaxlora
+
+KEY = jax.random.key(0)
+X = jax.random.normal(jax.random.key(1), (2, 5, 16))
+
+
+class Einsum(nn.Module):
+    """As the gemma library writes it: a raw param and jnp.einsum."""
+
+    shape: tuple
+    eq: str
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.einsum(self.eq, x, self.param("w", nn.initializers.normal(), self.shape))
+
+
+class SharedMlp(nn.Module):
+    """Bare params of a share_scope'd module, one sliced per use (gemma's FeedForward)."""
+
+    def setup(self):
+        self.gating = self.param("gating_einsum", nn.initializers.normal(), (2, 16, 32))
+        self.linear = self.param("linear", nn.initializers.normal(), (32, 16))
+
+    def __call__(self, x):
+        gate = jnp.einsum("btd,df->btf", x, self.gating[0])
+        up = jnp.einsum("btd,df->btf", x, self.gating[1])
+        return (jax.nn.gelu(gate) * up) @ self.linear
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q = Einsum((16, 2, 8), "btd,dnh->btnh", name="q_einsum")(x)
+        o = Einsum((2, 8, 16), "btnh,nhd->btd", name="attn_vec_einsum")(q)
+        mlp = SharedMlp()
+        nn.share_scope(self, mlp)
+        return x + o + mlp(x)
+
+
+class Jitted(nn.Module):
+    @nn.jit
+    @nn.compact
+    def __call__(self, x):
+        return Block()(x)
+
+
+class Scanned(nn.Module):
+    """Stacked layers with the layer axis at position 1 (MaxText's param_scan_axis=1)."""
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            lambda block, c, _: (block(c), None),
+            variable_axes={"params": 1},
+            split_rngs={"params": True},
+            length=3,
+        )
+        x, _ = stack(Block(), x, None)
+        return x
+
+
+def _random_b(params):
+    trainable, frozen = jaxlora.split(params)
+    trainable = jax.tree.map(lambda x: x + 0.1, trainable)
+    return jaxlora.combine(trainable, frozen)
+
+
+@pytest.mark.parametrize("model", [Block(), Jitted(), Scanned()], ids=["plain", "jit", "scan1"])
+def test_custom_weights_adapt_identity_train_merge(model):
+    params = model.init(KEY, X)["params"]
+    base = model.apply({"params": params}, X)  # runs nn.jit first: its cache must not hide layers
+    cfg = jaxlora.LoraConfig(rank=2, targets="all-linear")
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    names = {row.path.rsplit("/", 1)[-1] for row in jaxlora.summary(lora_params).layers}
+    assert names == {"w", "gating_einsum", "linear"}
+    chex.assert_trees_all_equal(lora_model.apply({"params": lora_params}, X), base)
+
+    def loss(p, x):
+        return jnp.mean(lora_model.apply({"params": p}, x) ** 2)
+
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(loss, tx, donate=False)
+    state, p = tx.init(lora_params), lora_params
+    losses = []
+    for _ in range(3):
+        p, state, value = step(p, state, X)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    chex.assert_trees_all_equal(jaxlora.split(p)[1], jaxlora.split(lora_params)[1])
+
+    p = _random_b(lora_params)
+    adapted = lora_model.apply({"params": p}, X)
+    merged = jaxlora.merge(p)
+    chex.assert_trees_all_close(model.apply({"params": merged}, X), adapted, rtol=1e-5, atol=1e-5)
+    restored = jaxlora.unmerge(merged, p)
+    chex.assert_trees_all_close(lora_model.apply({"params": restored}, X), adapted, atol=1e-5)
+
+
+def test_layer_axis_at_position_one_is_stacked_in_both_factors():
+    params = Scanned().init(KEY, X)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["q_einsum"])
+    _, lora_params = jaxlora.lorafy(Scanned(), params, cfg, X, key=KEY)
+    (row,) = jaxlora.summary(lora_params).layers
+    assert row.kernel_shape == (16, 3, 2, 8)
+    assert row.a_shape == (3, 16, 2) and row.b_shape == (3, 2, 2, 8)  # stack axes lead
+
+
+class TiedLm(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("table", nn.initializers.normal(), (40, 16))
+        x = table[ids]
+        w = self.param("proj", nn.initializers.normal(), (2, 8, 16))
+        x = x + x @ w.reshape(16, 16).T  # reshaped and transposed before use
+        return x @ table.T
+
+
+def test_tied_table_and_reshaped_weight():
+    ids = jnp.arange(10).reshape(2, 5)
+    model = TiedLm()
+    params = model.init(KEY, ids)["params"]
+    with pytest.raises(ValueError, match="matches no layer"):
+        jaxlora.lorafy(model, params, jaxlora.LoraConfig(targets=["tabel"]), ids, key=KEY)
+    cfg = jaxlora.LoraConfig(rank=2, targets=["table", "proj"])
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, ids, key=KEY)
+    p = _random_b(lora_params)
+    chex.assert_trees_all_close(
+        model.apply({"params": jaxlora.merge(p)}, ids),
+        lora_model.apply({"params": p}, ids),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    report = jaxlora.summary(lora_params, lora_model)
+    assert not report.not_adapted
+
+
+class Experts(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("experts", nn.initializers.normal(), (4, 16, 8))
+        tokens = x.reshape(-1, 16)
+        sizes = jnp.array([3, 2, 4, 1], jnp.int32)
+        ragged = jax.lax.ragged_dot(tokens, w, sizes)
+        dense = jnp.einsum("etd,edf->etf", jnp.stack([tokens] * 4), w)
+        conv = nn.Conv(6, (3,), name="conv")(x)
+        return ragged.sum() + dense.sum() + conv.sum()
+
+
+def test_expert_weights_and_convolutions():
+    model = Experts()
+    params = model.init(KEY, X)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["experts", "conv"])
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    rows = {row.path: row for row in jaxlora.summary(lora_params).layers}
+    assert rows["experts"].a_shape == (4, 16, 2) and rows["experts"].b_shape == (4, 2, 8)
+    assert rows["conv"].a_shape == (3, 16, 2) and rows["conv"].b_shape == (2, 6)
+    p = _random_b(lora_params)
+    chex.assert_trees_all_close(
+        model.apply({"params": jaxlora.merge(p)}, X),
+        lora_model.apply({"params": p}, X),
+        rtol=1e-5,
+        atol=1e-4,
+    )
