@@ -1,0 +1,54 @@
+"""The fault catalogue: bad inputs and faults that must fail loudly (or be prevented).
+
+Each test names the case of issue 14 it covers; the README's "Failure behaviour" table
+lists the same cases.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import jaxlora
+
+# --- LoraConfig: non-finite numbers are refused, numpy scalars accepted ------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": math.inf}, r"alpha=inf must be a finite positive number"),
+        ({"alpha": -math.inf}, r"alpha=-inf must be a finite positive number"),
+        ({"alpha": math.nan}, r"alpha=nan must be a finite positive number"),
+        ({"alpha": np.float32(np.inf)}, r"alpha=np.float32\(inf\) must be a finite"),
+        ({"alpha": "16"}, r"alpha='16' must be a finite positive number"),
+        ({"alpha_pattern": {"q": math.inf}}, r"alpha_pattern\['q'\]=inf must be a finite"),
+        ({"alpha_pattern": {"q": math.nan}}, r"alpha_pattern\['q'\]=nan must be a finite"),
+        ({"dropout": math.nan}, r"dropout=nan must be a finite number in \[0, 1\)"),
+        ({"dropout": math.inf}, r"dropout=inf must be a finite number in \[0, 1\)"),
+        ({"dropout": "0.1"}, r"dropout='0.1' must be a finite number"),
+        ({"rank": np.float64(8.0)}, r"rank=np.float64\(8.0\) must be a positive int"),
+        ({"rank": True}, r"rank=True must be a positive int"),
+    ],
+)
+def test_config_refuses_non_finite_and_non_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        jaxlora.LoraConfig(**kwargs)
+
+
+def test_config_accepts_numpy_scalars_as_python_numbers():
+    cfg = jaxlora.LoraConfig(
+        rank=np.int64(8),
+        alpha=np.float32(16),
+        rank_pattern={"q": np.int32(4)},
+        alpha_pattern={"q": np.float64(2.5), "v": np.int16(3)},
+        dropout=np.float32(0.125),
+    )
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (8, 16.0, 0.125)
+    assert type(cfg.rank) is int and type(cfg.alpha) is float and type(cfg.dropout) is float
+    assert type(cfg.rank_pattern["q"]) is int
+    assert [type(a) for a in cfg.alpha_pattern.values()] == [float, int]
+    text = json.dumps(cfg.to_dict())  # raises TypeError on a numpy scalar
+    assert jaxlora.LoraConfig(**json.loads(text)) == cfg
+    assert cfg.scale_for("layer/q") == 2.5 / 4
