@@ -7,10 +7,28 @@ lists the same cases.
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxlora
+from tests.support import models
+
+KEY = jax.random.key(0)
+X = jax.random.normal(KEY, (4, 16))
+
+
+def _adapted(**cfg_kwargs):
+    """MLP base params, the adapted tree with non-zero B, and the config."""
+    model = models.MLP(features=(64, 64, 32))
+    params = model.init(KEY, X)["params"]
+    cfg = jaxlora.LoraConfig(rank=4, targets=["dense_0", "dense_1"], **cfg_kwargs)
+    _, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    trainable, frozen = jaxlora.split(lora_params)
+    trainable = jax.tree.map(lambda x: x + 0.01 * jnp.arange(x.size).reshape(x.shape), trainable)
+    return params, jaxlora.combine(trainable, frozen), cfg
+
 
 # --- LoraConfig: non-finite numbers are refused, numpy scalars accepted ------------------
 
@@ -52,3 +70,24 @@ def test_config_accepts_numpy_scalars_as_python_numbers():
     text = json.dumps(cfg.to_dict())  # raises TypeError on a numpy scalar
     assert jaxlora.LoraConfig(**json.loads(text)) == cfg
     assert cfg.scale_for("layer/q") == 2.5 / 4
+
+
+# --- PEFT interop -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cfg_kwargs", "names", "both"),
+    [
+        ({}, {"dense_0": "shared", "dense_1": "shared"}, "'dense_0' and 'dense_1'"),
+        (
+            {"modules_to_save": ["dense_2"]},
+            {"dense_0": "a", "dense_1": "head", "dense_2": "head"},
+            "'dense_1' and 'dense_2'",
+        ),
+    ],
+)
+def test_export_peft_refuses_two_layers_with_one_torch_name(tmp_path, cfg_kwargs, names, both):
+    _, lora_params, cfg = _adapted(**cfg_kwargs)
+    with pytest.raises(ValueError, match=f"module_map sends both {both} to "):
+        jaxlora.export_peft(tmp_path / "peft", lora_params, cfg, module_map=names.get)
+    assert not (tmp_path / "peft").exists()
