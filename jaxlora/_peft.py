@@ -775,6 +775,13 @@ def import_peft(
     inner = params_of(params)[0]
     index = _index(inner, module_map, who=who)
     layers, unmatched_layers = _layers(factors, index, inner, peft_config)
+    if not layers:
+        raise ValueError(
+            f"import_peft: no LoRA factor of {source} matches a layer of these params, so "
+            f"there is nothing to load (allow_unmatched=True loads a part, not none):"
+            f"{_attach.listing(unmatched_layers)}\nCheck module_map: it must send the flax "
+            "layer paths to the torch module names in the file."
+        )
     leaves, unmatched_leaves = _leaves(leaf_tensors, index, inner, peft_config)
     _attach.plan(
         params,

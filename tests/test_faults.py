@@ -91,3 +91,19 @@ def test_export_peft_refuses_two_layers_with_one_torch_name(tmp_path, cfg_kwargs
     with pytest.raises(ValueError, match=f"module_map sends both {both} to "):
         jaxlora.export_peft(tmp_path / "peft", lora_params, cfg, module_map=names.get)
     assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("allow_unmatched", [False, True])
+def test_import_peft_matching_nothing_is_one_clear_error(tmp_path, allow_unmatched):
+    params, lora_params, cfg = _adapted()
+    module_map = jaxlora.peft_module_map()
+    jaxlora.export_peft(tmp_path / "peft", lora_params, cfg, module_map=module_map)
+    with pytest.raises(ValueError, match=r"no LoRA factor of PEFT adapter .* matches a layer") as e:
+        jaxlora.import_peft(
+            tmp_path / "peft",
+            params,
+            module_map=jaxlora.peft_module_map("model."),
+            allow_unmatched=allow_unmatched,
+        )
+    assert "LoRA factors of 'dense.0': no flax layer" in str(e.value)
+    assert "the module map adds a prefix 'model.'" in str(e.value)  # the hint names the fix
