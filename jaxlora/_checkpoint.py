@@ -299,6 +299,25 @@ def _trained_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
     return trainable, lambda restored: combine(restored, frozen)
 
 
+def _scales(trainable: PyTree) -> dict[str, float]:
+    """``{layer path: scale}`` of the adapters of a linen tree (an NNX state holds none)."""
+    marked = jax.tree_util.tree_leaves_with_path(
+        trainable, is_leaf=lambda x: isinstance(x, LoraAdapter)
+    )
+    return {path_str(k[:-1]): x.scale for k, x in marked if isinstance(x, LoraAdapter)}
+
+
+def _scale_differences(saved: Mapping[str, float] | None, trainable: PyTree) -> list[str]:
+    """Layers whose scale (alpha / rank) differs from the one saved (none if none was saved)."""
+    if saved is None:  # a checkpoint of a jaxlora that did not record scales
+        return []
+    return [
+        f"layer {path!r}: saved with scale {saved.get(path)}, the params given have {scale}"
+        for path, scale in _scales(trainable).items()
+        if saved.get(path) != scale
+    ]
+
+
 def _rng_parts(rng: jax.Array) -> tuple[jax.Array, str | None]:
     """Key data and implementation name of a typed key (None for raw key data)."""
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -434,7 +453,7 @@ class TrainCheckpointer:
         key_data, impl = _rng_parts(rng)
         key_data = _global_rng(key_data, trainable)
         state = {"params": trainable, "opt_state": opt_state, "rng": key_data}
-        meta = {"data_state": data_state, "rng_impl": impl}
+        meta = {"data_state": data_state, "rng_impl": impl, "scales": _scales(trainable)}
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
         )
@@ -467,7 +486,8 @@ class TrainCheckpointer:
 
         Raises:
           ValueError: the checkpoint does not fit the templates (another model, config or
-            optimizer); the message lists the differing leaves.
+            optimizer: other shapes, or for linen params another alpha or rank, i.e. another
+            adapter scale); the message lists the differing leaves or layers.
         """
         self.wait()
         trainable, rebuild = _trained_part(params)
@@ -481,7 +501,9 @@ class TrainCheckpointer:
             "opt_state": _abstract(opt_state),
             "rng": jax.ShapeDtypeStruct(rng_shape, jnp.uint32, sharding=_rng_sharding(trainable)),
         }
-        differences = _differences(stored, abstract)
+        differences = _differences(stored, abstract) or _scale_differences(
+            meta.get("scales"), trainable
+        )
         if differences:
             raise ValueError(
                 f"TrainCheckpointer.restore: step {step} in {self.directory} does not fit the "

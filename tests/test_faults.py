@@ -4,12 +4,15 @@ Each test names the case of issue 14 it covers; the README's "Failure behaviour"
 lists the same cases.
 """
 
+import dataclasses
 import json
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxlora
@@ -107,3 +110,24 @@ def test_import_peft_matching_nothing_is_one_clear_error(tmp_path, allow_unmatch
         )
     assert "LoRA factors of 'dense.0': no flax layer" in str(e.value)
     assert "the module map adds a prefix 'model.'" in str(e.value)  # the hint names the fix
+
+
+# --- TrainCheckpointer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changed", [{"alpha": 32.0}, {"alpha_pattern": {"dense_1": 8}}, {"rslora": True}]
+)
+def test_restore_refuses_a_changed_scale_like_a_changed_rank(tmp_path, changed):
+    params, lora_params, cfg = _adapted()
+    tx = jaxlora.optimizer(optax.adam(1e-3), lora_params)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(1, lora_params, tx.init(lora_params), KEY)
+        same = ckpt.restore(1, lora_params, tx.init(lora_params))
+        chex.assert_trees_all_equal(same.params, lora_params)
+        other_cfg = dataclasses.replace(cfg, **changed)
+        _, other = jaxlora.lorafy(models.MLP(features=(64, 64, 32)), params, other_cfg, X, key=KEY)
+        with pytest.raises(ValueError, match=r"step 1 .* does not fit") as e:
+            ckpt.restore(1, other, jaxlora.optimizer(optax.adam(1e-3), other).init(other))
+    old, new = cfg.scale_for("dense_1"), other_cfg.scale_for("dense_1")
+    assert f"layer 'dense_1': saved with scale {old}, the params given have {new}" in str(e.value)
