@@ -63,7 +63,40 @@ def _differences(saved: PyTree, expected: PyTree) -> list[str]:
     ]
 
 
-def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfig) -> None:
+def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
+    """The names of the arrays holding a NaN or inf (each checked where it lives)."""
+    finite = jax.device_get([jnp.isfinite(x).all() for _, x in named])
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def _check_finite(
+    layers: list[tuple[_attach.LayerSpec, Any, Any]], leaves: list[tuple[_attach.LeafSpec, Any]]
+) -> None:
+    named = [
+        *(
+            (f"layer {spec.path!r}: {factor}", x)
+            for spec, a, b in layers
+            for factor, x in (("A", a), ("B", b))
+        ),
+        *((f"trainable leaf {spec.path!r}", x) for spec, x in leaves),
+    ]
+    bad = _nonfinite(named)
+    if bad:
+        raise ValueError(
+            f"save_adapter: these arrays hold NaN or inf:{_attach.listing(bad)}\nThe run "
+            "diverged (a non-finite loss or gradient); the adapter would output NaN. Save an "
+            "earlier state, or train with jaxlora.make_train_step(..., skip_nonfinite=True); "
+            "pass allow_nonfinite=True to save it anyway."
+        )
+
+
+def save_adapter(
+    directory: str | os.PathLike,
+    params: PyTree,
+    config: LoraConfig,
+    *,
+    allow_nonfinite: bool = False,
+) -> None:
     """Saves only the trained part of an adapted tree: adapters and `Trainable` leaves.
 
     The directory is an orbax checkpoint with two items: ``arrays`` (A and B of every
@@ -82,6 +115,11 @@ def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfi
       directory: where to write; created, or replaced if it holds an adapter.
       params: the adapted tree (params collection or variables dict).
       config: the `LoraConfig` the params were adapted with.
+      allow_nonfinite: save adapters holding NaN or inf (otherwise an error naming them).
+
+    Raises:
+      ValueError: no adapters, a config that does not describe them, a non-finite
+        array (without ``allow_nonfinite``), or a directory that is not an adapter.
 
     Example:
       >>> jaxlora.save_adapter("runs/adapter", lora_params, cfg)
@@ -89,6 +127,8 @@ def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfi
     """
     layers, leaves = _attach.collect(params, who="save_adapter")
     _attach.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
+    if not allow_nonfinite:
+        _check_finite(layers, leaves)
     record = {
         "format": _FORMAT,
         "version": _VERSION,

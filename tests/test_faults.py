@@ -131,3 +131,67 @@ def test_restore_refuses_a_changed_scale_like_a_changed_rank(tmp_path, changed):
             ckpt.restore(1, other, jaxlora.optimizer(optax.adam(1e-3), other).init(other))
     old, new = cfg.scale_for("dense_1"), other_cfg.scale_for("dense_1")
     assert f"layer 'dense_1': saved with scale {old}, the params given have {new}" in str(e.value)
+
+
+# --- non-finite training steps and adapters ------------------------------------------------
+
+
+def _mse_loss(params, batch):
+    x, y = batch
+    model = jaxlora.LoraModel(models.MLP(features=(64, 64, 32)), jaxlora.LoraConfig())
+    return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+
+
+def _batches():
+    y = jax.random.normal(jax.random.key(1), (4, 32))
+    return (X, y), (X.at[0, 0].set(jnp.nan), y)
+
+
+@pytest.mark.parametrize("jit_lower", [False, True])
+def test_skip_nonfinite_leaves_adapters_and_moments_untouched_and_counts(jit_lower):
+    _, lora_params, _ = _adapted()
+    good, bad = _batches()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_mse_loss, tx, donate=False, skip_nonfinite=True)
+    if jit_lower:
+        assert step.lower(lora_params, step.init(lora_params), good) is not None
+    params, opt_state, _ = step(lora_params, step.init(lora_params), good)
+    assert step.skipped(opt_state) == 0
+    skipped_params, skipped_state, loss = step(params, opt_state, bad)
+    assert not jnp.isfinite(loss)
+    chex.assert_trees_all_equal(skipped_params, params)
+    chex.assert_trees_all_equal(skipped_state.inner_state, opt_state.inner_state)
+    assert step.skipped(skipped_state) == 1
+    after, after_state, loss = step(skipped_params, skipped_state, good)
+    assert jnp.isfinite(loss) and step.skipped(after_state) == 1
+    assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(after))
+
+
+def test_without_skip_one_bad_batch_poisons_and_save_adapter_refuses(tmp_path):
+    _, lora_params, cfg = _adapted()
+    good, bad = _batches()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_mse_loss, tx, donate=False)
+    params, opt_state, _ = step(lora_params, step.init(lora_params), bad)
+    params, _, loss = step(params, opt_state, good)
+    assert not jnp.isfinite(loss)  # poisoned for good
+    with pytest.raises(ValueError, match=r"save_adapter: these arrays hold NaN or inf") as e:
+        jaxlora.save_adapter(tmp_path / "adapter", params, cfg)
+    assert "layer 'dense_0': A" in str(e.value) and "layer 'dense_1': B" in str(e.value)
+    assert "allow_nonfinite=True" in str(e.value)
+    assert not (tmp_path / "adapter").exists()
+    jaxlora.save_adapter(tmp_path / "adapter", params, cfg, allow_nonfinite=True)
+    _, loaded = jaxlora.load_adapter(tmp_path / "adapter", _adapted()[0])
+    chex.assert_trees_all_equal(loaded, params)
+
+
+def test_skip_nonfinite_state_must_come_from_step_init():
+    _, lora_params, _ = _adapted()
+    good, _ = _batches()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_mse_loss, tx, skip_nonfinite=True)
+    with pytest.raises(TypeError, match=r"Make it with step.init\(params\) instead of tx.init"):
+        step(lora_params, tx.init(lora_params), good)
+    plain = jaxlora.make_train_step(_mse_loss, tx)
+    with pytest.raises(ValueError, match=r"keeps no count of skipped steps"):
+        plain.skipped(plain.init(lora_params))
