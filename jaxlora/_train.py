@@ -15,6 +15,16 @@ from jaxlora._tree import PyTree, combine, split, trainable_mask
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
+def _check_something_trains(mask: PyTree, who: str) -> None:
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(
+            f"{who}: these params hold nothing that trains (no LoRA adapter and no "
+            "Trainable leaf; merged params, for instance), so every step would change "
+            "nothing. Pass the adapted tree from jaxlora.lorafy (or load_adapter / "
+            "import_peft), unmerged."
+        )
+
+
 def optimizer(
     tx: optax.GradientTransformation, params: PyTree, mask: PyTree | None = None
 ) -> optax.GradientTransformation:
@@ -29,6 +39,9 @@ def optimizer(
       params: the adapted tree from `lorafy` (only its structure is read).
       mask: optional static bool tree (default `trainable_mask(params)`).
 
+    Raises:
+      ValueError: nothing in ``params`` trains (e.g. merged params), or a bad mask.
+
     Returns:
       A transformation to ``init`` with the adapted params and to pass to
       `make_train_step`. It also works on full-tree gradients, zeroing frozen updates.
@@ -37,6 +50,7 @@ def optimizer(
     """
     mask = trainable_mask(params) if mask is None else mask
     split(params, mask)  # validates the mask
+    _check_something_trains(mask, "jaxlora.optimizer")
     labels = jax.tree.map(lambda m: TRAINABLE if m else FROZEN, mask)
     inner = optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
 
@@ -106,7 +120,9 @@ class _TrainStep:
         leaves, treedef = jax.tree.flatten(params)
         mask = self.masks.get(treedef)
         if mask is None:
-            mask = self.masks[treedef] = tuple(jax.tree.leaves(trainable_mask(params)))
+            mask = tuple(jax.tree.leaves(trainable_mask(params)))
+            _check_something_trains(mask, "make_train_step")
+            self.masks[treedef] = mask
         pairs = list(zip(mask, leaves, strict=True))
         trainable = treedef.unflatten([x if m else None for m, x in pairs])
         frozen = treedef.unflatten([None if m else x for m, x in pairs])

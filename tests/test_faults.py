@@ -195,3 +195,27 @@ def test_skip_nonfinite_state_must_come_from_step_init():
     plain = jaxlora.make_train_step(_mse_loss, tx)
     with pytest.raises(ValueError, match=r"keeps no count of skipped steps"):
         plain.skipped(plain.init(lora_params))
+
+
+# --- nothing to train ------------------------------------------------------------------
+
+
+def test_optimizer_on_a_tree_with_nothing_trainable_is_an_error():
+    params, lora_params, _ = _adapted()
+    for frozen in (params, jaxlora.merge(lora_params)):
+        with pytest.raises(ValueError, match=r"jaxlora.optimizer: these params hold nothing"):
+            jaxlora.optimizer(optax.adam(1e-3), frozen)
+    nothing = jax.tree.map(lambda _: False, jaxlora.trainable_mask(lora_params))
+    with pytest.raises(ValueError, match=r"hold nothing that trains"):
+        jaxlora.optimizer(optax.adam(1e-3), lora_params, mask=nothing)
+
+
+def test_make_train_step_on_a_tree_with_nothing_trainable_is_an_error():
+    params, lora_params, _ = _adapted()
+    good, _ = _batches()
+    step = jaxlora.make_train_step(_mse_loss, optax.adam(1e-3), donate=False)
+    merged = jaxlora.merge(lora_params)
+    with pytest.raises(ValueError, match=r"make_train_step: these params hold nothing"):
+        step(merged, optax.adam(1e-3).init({}), good)
+    with pytest.raises(ValueError, match=r"make_train_step: these params hold nothing"):
+        step.lower(params, optax.adam(1e-3).init({}), good)
