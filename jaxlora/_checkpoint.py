@@ -13,6 +13,7 @@ an interrupted save is never mistaken for a complete one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -24,12 +25,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora import _attach, _files, _sharding
+from jaxlora import _attach, _files, _fingerprint, _sharding
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import same_on_every_process
 from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
 
-_FORMAT, _VERSION = "jaxlora.adapter", 1
+_FORMAT, _VERSION = "jaxlora.adapter", 2
+_READABLE = (1, _VERSION)  # version 1 records carry no checksums
 _ARRAYS, _RECORD = "arrays", "record"
 _STATE, _META = "state", "meta"
 
@@ -102,7 +104,9 @@ def save_adapter(
     The directory is an orbax checkpoint with two items: ``arrays`` (A and B of every
     adapted layer, and every fully trained leaf) and ``record``, a JSON description:
     the config (``config.to_dict()``), and per adapted layer its path, base kernel shape
-    and dtype (the base fingerprint), A/B shapes and dtype, scale and ``delta_eq``.
+    and dtype (the base fingerprint), A/B shapes and dtype, scale and ``delta_eq``; a
+    content hash of every saved array, and a SHA-256 checksum of the record itself, so
+    a damaged adapter fails to load with one error instead of loading changed.
 
     The write is atomic: the checkpoint is completed in a staging directory next to
     ``directory`` and only then renamed into place, and an existing adapter there is
@@ -135,7 +139,11 @@ def save_adapter(
         "config": config.to_dict(),
         "layers": [spec.to_json() for spec, _, _ in layers],
         "trainable": [spec.to_json() for spec, _ in leaves],
+        "array_hashes": _array_hashes(
+            [(a, b) for _, a, b in layers], [value for _, value in leaves]
+        ),
     }
+    record["checksum"] = _record_checksum(record)
     arrays: dict[str, Any] = {"adapters": [{"a": a, "b": b} for _, a, b in layers]}
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
@@ -154,31 +162,86 @@ def save_adapter(
         )
 
 
-def _read_record(
-    checkpointer: ocp.Checkpointer, path: Path, source: str
-) -> tuple[LoraConfig, list[_attach.LayerSpec], list[_attach.LeafSpec]]:
+def _record_checksum(record: Mapping[str, Any]) -> str:
+    """SHA-256 of the record without its checksum, as canonical JSON."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _array_hashes(factors: list[tuple[Any, Any]], leaves: list[Any]) -> dict[str, list[Any]]:
+    """`_fingerprint.content_hash` of every saved array, as the record keeps them."""
+    return {
+        "adapters": [[_fingerprint.content_hash(x) for x in pair] for pair in factors],
+        "trainable": [_fingerprint.content_hash(x) for x in leaves],
+    }
+
+
+def _damaged(source: str, what: str) -> ValueError:
+    return ValueError(
+        f"load_adapter: {source} is damaged: {what}. Re-save it, or restore it from a copy."
+    )
+
+
+class _Record(NamedTuple):
+    config: LoraConfig
+    layers: list[_attach.LayerSpec]
+    leaves: list[_attach.LeafSpec]
+    array_hashes: dict[str, list[Any]] | None  # None for version 1
+
+
+def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Record:
     try:
         args = ocp.args.Composite(**{_RECORD: ocp.args.JsonRestore()})
         record = checkpointer.restore(path, args=args)[_RECORD]
     except Exception as e:
-        raise ValueError(f"load_adapter: cannot read the record of {source}: {e}") from e
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise _damaged(source, f"its record cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(record, dict):
+        raise _damaged(source, "its record is not a JSON object")
+    checksum = record.get("checksum")
+    if checksum is not None and checksum != _record_checksum(record):
+        raise _damaged(source, "its record does not match its checksum")
+    if record.get("format") != _FORMAT:
         raise ValueError(
             f"load_adapter: {source} is not a jaxlora adapter (its record has no "
             f"format={_FORMAT!r}); save adapters with jaxlora.save_adapter."
         )
-    if record.get("version") != _VERSION:
+    version = record.get("version")
+    if version not in _READABLE:
         raise ValueError(
-            f"load_adapter: {source} has format version {record.get('version')!r}; this "
-            f"jaxlora reads version {_VERSION}. Load it with the jaxlora that wrote it."
+            f"load_adapter: {source} has format version {version!r}; this jaxlora reads "
+            f"versions {_READABLE}. Load it with the jaxlora that wrote it."
         )
+    if version != 1 and checksum is None:
+        raise _damaged(source, "its record has lost its checksum")
     try:
         config = LoraConfig(**record["config"])
         layers = [_attach.LayerSpec.from_json(r) for r in record["layers"]]
         leaves = [_attach.LeafSpec.from_json(r) for r in record["trainable"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: the record of {source} is malformed ({e}).") from e
-    return config, layers, leaves
+    return _Record(config, layers, leaves, record.get("array_hashes") if version != 1 else None)
+
+
+def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
+    """Raises unless the restored arrays hash as they did when saved (version 2 records)."""
+    if record.array_hashes is None:
+        return
+    restored = _array_hashes(
+        [(f["a"], f["b"]) for f in arrays["adapters"]], arrays.get("trainable", [])
+    )
+    names = [
+        *(f"layer {s.path!r}: {f}" for s in record.layers for f in ("A", "B")),
+        *(f"trainable leaf {leaf.path!r}" for leaf in record.leaves),
+    ]
+    saved = [*(h for pair in record.array_hashes["adapters"] for h in pair)]
+    saved += record.array_hashes["trainable"]
+    now = [*(h for pair in restored["adapters"] for h in pair), *restored["trainable"]]
+    bad = [n for n, s, r in zip(names, saved, now, strict=True) if s != r]
+    if bad:
+        raise _damaged(
+            source, f"these arrays differ from the ones saved (checksum):{_attach.listing(bad)}"
+        )
 
 
 def _abstract_adapter(
@@ -272,7 +335,8 @@ def load_adapter(
             f"lacks {_ARRAYS}/ or {_RECORD}/).{_files.missing_hint(path)}"
         )
     with _adapter_checkpointer() as checkpointer:
-        config, layers, leaves = _read_record(checkpointer, path, source)
+        record = _read_record(checkpointer, path, source)
+        config, layers, leaves = record.config, record.layers, record.leaves
         load_layers, load_leaves = _attach.plan(
             params,
             layers,
@@ -283,6 +347,7 @@ def load_adapter(
         )
         abstract = _abstract_adapter(params, layers, leaves, sharding)
         arrays = _restore_arrays(checkpointer, path, abstract, source)
+    _check_arrays(record, arrays, source)
     wanted = {spec.path for spec in load_layers}
     adapters = {
         spec.path: LoraAdapter(f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq)

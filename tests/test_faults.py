@@ -219,3 +219,61 @@ def test_make_train_step_on_a_tree_with_nothing_trainable_is_an_error():
         step(merged, optax.adam(1e-3).init({}), good)
     with pytest.raises(ValueError, match=r"make_train_step: these params hold nothing"):
         step.lower(params, optax.adam(1e-3).init({}), good)
+
+
+# --- damaged adapters: load exactly or raise one clear error -----------------------------
+
+
+def _flip_bits(file, count):
+    """Copies of ``file``'s bytes, each with one bit flipped, at ``count`` spread positions."""
+    data = file.read_bytes()
+    for i in range(count):
+        position = (i * len(data)) // count
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << (i % 8)
+        yield position, bytes(flipped)
+
+
+def _loads_exactly_or_one_clear_error(adapter, params, expected_cfg, expected):
+    try:
+        cfg, loaded = jaxlora.load_adapter(adapter, params)
+    except ValueError as e:
+        assert str(e).startswith("load_adapter: "), e
+        return "error"
+    assert cfg == expected_cfg
+    chex.assert_trees_all_equal(loaded, expected)
+    return "exact"
+
+
+# orbax leaves a coroutine whose read failed un-awaited; the error itself reaches us.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("part", ["record", "arrays"])
+def test_bit_flips_in_an_adapter_load_exactly_or_raise_one_clear_error(tmp_path, part):
+    params, lora_params, cfg = _adapted(modules_to_save=["dense_2"])
+    adapter = tmp_path / "adapter"
+    jaxlora.save_adapter(adapter, lora_params, cfg)
+    files = sorted(f for f in (adapter / part).rglob("*") if f.is_file())
+    outcomes = {}
+    for file in files:
+        original = file.read_bytes()
+        for position, flipped in _flip_bits(file, 24 if part == "record" else 6):
+            file.write_bytes(flipped)
+            try:
+                outcome = _loads_exactly_or_one_clear_error(adapter, params, cfg, lora_params)
+            finally:
+                file.write_bytes(original)
+            outcomes[(file.name, position)] = outcome
+    assert "error" in outcomes.values()
+    if part == "record":  # every byte of the JSON record matters: each flip is caught
+        assert {o for (name, _), o in outcomes.items() if name == "metadata"} == {"error"}
+
+
+def test_a_changed_value_in_the_record_is_refused_by_its_checksum(tmp_path):
+    params, lora_params, cfg = _adapted()
+    jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
+    record = tmp_path / "adapter" / "record" / "metadata"
+    text = record.read_text()
+    assert '"scale": 4.0' in text
+    record.write_text(text.replace('"scale": 4.0', '"scale": 5.0', 1))  # valid JSON, other scale
+    with pytest.raises(ValueError, match=r"is damaged: its record does not match its checksum"):
+        jaxlora.load_adapter(tmp_path / "adapter", params)
