@@ -103,10 +103,11 @@ def save_adapter(
 
     The directory is an orbax checkpoint with two items: ``arrays`` (A and B of every
     adapted layer, and every fully trained leaf) and ``record``, a JSON description:
-    the config (``config.to_dict()``), and per adapted layer its path, base kernel shape
-    and dtype (the base fingerprint), A/B shapes and dtype, scale and ``delta_eq``; a
-    content hash of every saved array, and a SHA-256 checksum of the record itself, so
-    a damaged adapter fails to load with one error instead of loading changed.
+    the config (``config.to_dict()``); per adapted layer its path, base kernel shape,
+    dtype and content fingerprint (see `load_adapter`), A/B shapes and dtype, scale and
+    ``delta_eq``; a content hash of every saved array; and a SHA-256 checksum of the
+    record itself, so a damaged adapter fails to load with one error instead of loading
+    changed.
 
     The write is atomic: the checkpoint is completed in a staging directory next to
     ``directory`` and only then renamed into place, and an existing adapter there is
@@ -131,6 +132,8 @@ def save_adapter(
     """
     layers, leaves = _attach.collect(params, who="save_adapter")
     _attach.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
+    specs = _attach.fingerprinted(params, [spec for spec, _, _ in layers])
+    layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
     if not allow_nonfinite:
         _check_finite(layers, leaves)
     record = {
@@ -297,6 +300,7 @@ def load_adapter(
     *,
     sharding: jax.sharding.Sharding | None = None,
     allow_unmatched: bool = False,
+    allow_other_base: bool = False,
 ) -> tuple[LoraConfig, PyTree]:
     """Re-attaches a saved adapter to a base tree, or replaces the adapters of an adapted one.
 
@@ -314,6 +318,10 @@ def load_adapter(
       allow_unmatched: load what matches and warn about the rest, instead of raising
         when a saved layer is not in ``params`` or an adapter of ``params`` would be left
         as it was.
+      allow_other_base: load onto base weights other than those the adapter was trained
+        on, with a warning, instead of raising. Each adapted layer's base weight is
+        recognised by a fingerprint of a fixed strided sample of it rounded to bfloat16
+        (so a float32 base and its bfloat16 cast are the same base).
 
     Returns:
       ``(config, lora_params)``: the saved `LoraConfig` (for ``LoraModel(model,
@@ -321,9 +329,9 @@ def load_adapter(
 
     Raises:
       FileNotFoundError: no directory.
-      ValueError: not a jaxlora adapter, a corrupt or truncated file, a base of other
-        shapes, or unmatched layers (without ``allow_unmatched``); the message names the
-        layer and what was expected.
+      ValueError: not a jaxlora adapter, a damaged, corrupt or truncated file, a base of
+        other shapes, or other weights (without ``allow_other_base``), or unmatched layers
+        (without ``allow_unmatched``); the message names the layer and what was expected.
     """
     path = Path(directory).absolute()
     source = f"adapter {str(path)!r}"
@@ -344,6 +352,13 @@ def load_adapter(
             source=source,
             who="load_adapter",
             allow_unmatched=allow_unmatched,
+        )
+        _attach.check_base(
+            params,
+            load_layers,
+            source=source,
+            who="load_adapter",
+            allow_other_base=allow_other_base,
         )
         abstract = _abstract_adapter(params, layers, leaves, sharding)
         arrays = _restore_arrays(checkpointer, path, abstract, source)

@@ -277,3 +277,36 @@ def test_a_changed_value_in_the_record_is_refused_by_its_checksum(tmp_path):
     record.write_text(text.replace('"scale": 4.0', '"scale": 5.0', 1))  # valid JSON, other scale
     with pytest.raises(ValueError, match=r"is damaged: its record does not match its checksum"):
         jaxlora.load_adapter(tmp_path / "adapter", params)
+
+
+# --- an adapter loaded onto another base of the same shapes -------------------------------
+
+
+def _placed(params, placement):
+    if placement == "bf16":
+        return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    if placement == "sharded":
+        mesh = jax.make_mesh((8,), ("x",))
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
+        return jax.tree.map(lambda x: jax.device_put(x, spec) if x.ndim == 2 else x, params)
+    return params
+
+
+@pytest.mark.parametrize("placement", ["same", "bf16", "sharded"])
+def test_another_base_of_the_same_shapes_is_refused_naming_the_layers(tmp_path, placement):
+    params, lora_params, cfg = _adapted()
+    jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
+    _, loaded = jaxlora.load_adapter(tmp_path / "adapter", _placed(params, placement))
+    chex.assert_trees_all_equal(jaxlora.split(loaded)[0], jaxlora.split(lora_params)[0])
+    other = dict(
+        params, dense_1={**params["dense_1"], "kernel": params["dense_1"]["kernel"] * 1.01}
+    )
+    with pytest.raises(ValueError, match=r"was trained on another base model") as e:
+        jaxlora.load_adapter(tmp_path / "adapter", _placed(other, placement))
+    assert "layer 'dense_1': its kernel differs" in str(e.value)
+    assert "dense_0" not in str(e.value) and "allow_other_base=True" in str(e.value)
+    with pytest.warns(UserWarning, match=r"layer 'dense_1'.*\n.*Loaded anyway"):
+        _, loaded = jaxlora.load_adapter(
+            tmp_path / "adapter", _placed(other, placement), allow_other_base=True
+        )
+    chex.assert_trees_all_equal(jaxlora.split(loaded)[0], jaxlora.split(lora_params)[0])
