@@ -80,6 +80,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--eval-every", type=int, help="steps between evaluations (100; hamlet 50)")
     add("--save-every", type=int, help="steps between checkpoints (default: --eval-every)")
     add("--max-eval-examples", type=int, help="evaluate on the first N examples only")
+    add(
+        "--skip-nonfinite",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip steps whose gradients hold NaN or inf, and count them (on)",
+    )
     add("--seed", type=int, default=0, help="seed of the head and adapter init, batches, dropout")
     add("--output-dir", type=Path, help="default: runs/<model>-<data>-<lora|full>")
     add("--resume", action="store_true", help="continue the run in --output-dir")
@@ -138,6 +144,7 @@ def settings(args: argparse.Namespace, family: str, data_name: str) -> dict[str,
         "batch_size": _given(args.batch_size, budget.batch_size),
         "seq_len": _given(args.seq_len, budget.seq_len),
         "seed": args.seed,
+        "skip_nonfinite": args.skip_nonfinite,
     }
     counts = {
         "--steps": args.steps,
@@ -289,6 +296,7 @@ def results_of(
         "trainable_percent": 100 * method.trainable_params / method.total_params,
         "step_time_median_s": training.median_step_time(times),
         "steps_timed": max(len(times) - 1, 0),
+        "skipped_steps": None if method.skipped is None else method.skipped(state.opt_state),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "saved_path": str(saved),
         "saved_bytes": report.directory_bytes(saved),
@@ -320,14 +328,14 @@ def make_method(task: tasks.Task, run: dict[str, Any], key: jax.Array) -> traini
     """
     tx = training.make_optimizer(run["lr"], run["steps"])
     if run["method"] == "full":
-        return training.full_method(task, tx)
+        return training.full_method(task, tx, run["skip_nonfinite"])
     config = jaxlora.LoraConfig(
         rank=run["rank"],
         alpha=run["alpha"],
         targets=run["targets"],
         modules_to_save=task.modules_to_save,
     )
-    return training.lora_method(task, config, tx, run["seq_len"], key)
+    return training.lora_method(task, config, tx, run["seq_len"], key, run["skip_nonfinite"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -82,8 +82,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         results: What `finetune` writes to ``results.json``.
 
     Returns:
-        Aligned text: each metric before and after, then parameters, step time, peak memory
-        and the size of what was saved.
+        Aligned text: each metric before and after, then parameters, step time, steps
+        skipped for non-finite gradients, peak memory and the size of what was saved.
     """
     before, after = results["before"], results["after"]
     step_time = results["step_time_median_s"]
@@ -99,6 +99,11 @@ def format_table(results: Mapping[str, Any]) -> str:
             "step time",
             "n/a" if step_time is None else f"{step_time:.3f} s/step",
             "(median after compilation)",
+        ),
+        (
+            "skipped steps",
+            "off" if results["skipped_steps"] is None else f"{results['skipped_steps']:,}",
+            "(non-finite gradients; --skip-nonfinite)",
         ),
         ("peak memory", f"{results['peak_rss_mb']:,.0f} MB", "(peak RSS)"),
         ("saved on disk", _size(results["saved_bytes"]), results["saved_path"]),

@@ -29,6 +29,7 @@ from experiments import data, tasks
 from experiments.tasks import Apply, Params, Task
 
 WARMUP_FRACTION, WEIGHT_DECAY, MAX_GRAD_NORM = 0.1, 0.01, 1.0
+MAX_CONSECUTIVE_SKIPS = 100  # non-finite steps in a row after which optax applies them anyway
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,11 @@ class Method:
         name: ``"lora"`` or ``"full"``.
         apply: ``lora_model.apply`` or ``model.apply``.
         params: Initial params (the adapted tree for LoRA).
-        tx: The optimizer.
+        init: ``init(params) -> opt_state``, the optimizer state ``step`` takes.
         step: Jitted ``step(params, opt_state, batch, rng) -> (params, opt_state, loss)``;
             donates ``params`` and ``opt_state``.
+        skipped: ``skipped(opt_state) -> int``, the steps skipped for non-finite gradients
+            (None when they are not skipped).
         plain: Maps trained params to params of the original model (`jaxlora.merge` for LoRA).
         trainable_params: Number of parameters the optimizer updates.
         total_params: Number of parameters, adapters included.
@@ -51,8 +54,9 @@ class Method:
     name: str
     apply: Apply
     params: Params
-    tx: optax.GradientTransformation
+    init: Callable[[Params], optax.OptState]
     step: Callable[..., tuple[Params, optax.OptState, jax.Array]]
+    skipped: Callable[[optax.OptState], int] | None
     plain: Callable[[Params], Params]
     trainable_params: int
     total_params: int
@@ -107,7 +111,12 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
 
 
 def lora_method(
-    task: Task, config: jaxlora.LoraConfig, tx: optax.GradientTransformation, seq_len: int, key
+    task: Task,
+    config: jaxlora.LoraConfig,
+    tx: optax.GradientTransformation,
+    seq_len: int,
+    key,
+    skip_nonfinite: bool,
 ) -> Method:
     """Adapts the task's model with LoRA; only adapters and ``modules_to_save`` train.
 
@@ -117,6 +126,8 @@ def lora_method(
         tx: The optimizer (masked here to the trainable leaves).
         seq_len: Tokens per example, for the abstract trace that finds the layers.
         key: PRNG key for the A factors.
+        skip_nonfinite: Skip steps with non-finite gradients (`jaxlora.make_train_step`'s
+            ``skip_nonfinite``).
 
     Returns:
         The method.
@@ -127,14 +138,20 @@ def lora_method(
     example = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     lora_model, params = jaxlora.lorafy(task.model, task.params, config, example, key=key)
     tx = jaxlora.optimizer(tx, params)
-    step = jaxlora.make_train_step(functools.partial(task.loss, lora_model.apply), tx)
+    step = jaxlora.make_train_step(
+        functools.partial(task.loss, lora_model.apply),
+        tx,
+        skip_nonfinite=skip_nonfinite,
+        max_consecutive_skips=MAX_CONSECUTIVE_SKIPS,
+    )
     counts = jaxlora.summary(params)
     return Method(
         "lora",
         lora_model.apply,
         params,
-        tx,
+        step.init,
         step,
+        step.skipped if skip_nonfinite else None,
         jaxlora.merge,
         counts.trainable_params,
         counts.total_params,
@@ -142,16 +159,24 @@ def lora_method(
     )
 
 
-def full_method(task: Task, tx: optax.GradientTransformation) -> Method:
+def full_method(task: Task, tx: optax.GradientTransformation, skip_nonfinite: bool) -> Method:
     """Full fine-tuning: plain optax over every parameter.
 
     Args:
         task: The task.
         tx: The optimizer.
+        skip_nonfinite: Skip steps with non-finite gradients (``optax.apply_if_finite``).
 
     Returns:
         The method.
     """
+    skipped = None
+    if skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=MAX_CONSECUTIVE_SKIPS)
+
+        def skipped(opt_state):
+            return int(jax.device_get(opt_state.total_notfinite))
+
     loss_fn = functools.partial(task.loss, task.model.apply)
 
     def step(params, opt_state, batch, rng):
@@ -161,7 +186,9 @@ def full_method(task: Task, tx: optax.GradientTransformation) -> Method:
 
     size = sum(x.size for x in jax.tree.leaves(task.params))
     jitted = jax.jit(step, donate_argnums=(0, 1))
-    return Method("full", task.model.apply, task.params, tx, jitted, lambda p: p, size, size)
+    return Method(
+        "full", task.model.apply, task.params, tx.init, jitted, skipped, lambda p: p, size, size
+    )
 
 
 Feed = Callable[[Mapping[str, np.ndarray]], Mapping[str, jax.Array]]
@@ -316,7 +343,7 @@ def initial_state(method: Method, seed: int, rng: jax.Array, mesh: Mesh | None) 
         The state at step 0.
     """
     history = {"train_loss": [], "eval": [], "samples": {}}
-    opt_state = method.tx.init(method.params)
+    opt_state = method.init(method.params)
     params, opt_state, rng = _committed((method.params, opt_state, rng), mesh)
     return RunState(0, params, opt_state, rng, data.init_batch_state(seed), history)
 

@@ -20,7 +20,7 @@ import jax
 from flax.core import meta
 from jax.sharding import Sharding
 
-from jaxlora import _sharding
+from jaxlora import _fingerprint, _sharding
 from jaxlora._config import LAYER_WEIGHTS, LoraConfig, format_paths, target_paths
 from jaxlora._tree import (
     LoraAdapter,
@@ -55,6 +55,8 @@ class LayerSpec:
       dtype: dtype name of A and B.
       scale: alpha / r (or alpha / sqrt(r)).
       delta_eq: einsum building ΔW from A and B.
+      base_fingerprint: `_fingerprint.kernel_fingerprint` of the base weight it was
+        trained on (None when unknown: PEFT files, adapters saved before it existed).
     """
 
     path: str
@@ -66,6 +68,7 @@ class LayerSpec:
     dtype: str
     scale: float
     delta_eq: str
+    base_fingerprint: str | None = None
 
     @property
     def rank(self) -> int:
@@ -89,7 +92,14 @@ class LayerSpec:
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> LayerSpec:
         """Rebuilds a spec from `to_json` output; KeyError/TypeError on a malformed one."""
-        return cls(**{f.name: _field(record, f.name) for f in dataclasses.fields(cls)})
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        return cls(
+            **{
+                f.name: _field(record, f.name)
+                for f in dataclasses.fields(cls)
+                if f.name in required or f.name in record
+            }
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +211,54 @@ def check_config(layers: Sequence[LayerSpec], config: LoraConfig, *, who: str) -
             f"{who}: layer {spec.path!r} {problem}. Pass the LoraConfig these params were "
             "adapted with (the one given to jaxlora.lorafy or returned by load_adapter)."
         )
+
+
+def _base_weight(params: PyTree, spec: LayerSpec) -> Any:
+    return meta.unbox(subtree(params_of(params)[0], spec.module)[spec.weight_key])
+
+
+def fingerprinted(params: PyTree, layers: Sequence[LayerSpec]) -> list[LayerSpec]:
+    """``layers`` with the fingerprints of their base weights in ``params``."""
+    return [
+        dataclasses.replace(
+            spec, base_fingerprint=_fingerprint.kernel_fingerprint(_base_weight(params, spec))
+        )
+        for spec in layers
+    ]
+
+
+def check_base(
+    params: PyTree, layers: Sequence[LayerSpec], *, source: str, who: str, allow_other_base: bool
+) -> None:
+    """Raises (or warns, with ``allow_other_base``) if a layer's base weight is not the one
+    its adapter was trained on, by content fingerprint. Layers without one are skipped.
+
+    Args:
+      params: the tree being loaded into, already checked with `plan`.
+      layers: the saved layers to load.
+      source: what is being loaded, for messages.
+      who: the calling function, for messages.
+      allow_other_base: warn instead of raising.
+    """
+    recorded = [spec for spec in layers if spec.base_fingerprint is not None]
+    other = [
+        f"layer {spec.path!r}: its {spec.weight_key} differs from the one the adapter was "
+        "trained on"
+        for spec in recorded
+        if _fingerprint.kernel_fingerprint(_base_weight(params, spec)) != spec.base_fingerprint
+    ]
+    if not other:
+        return
+    message = (
+        f"{who}: {source} was trained on another base model (same shapes, other weights; "
+        f"compared by content fingerprint):{listing(other)}\n"
+    )
+    if not allow_other_base:
+        raise ValueError(
+            message + "Load it onto the base it was trained on (float32 or bfloat16 alike), "
+            "or pass allow_other_base=True to load it anyway."
+        )
+    warnings.warn(message + "Loaded anyway (allow_other_base=True).", UserWarning, stacklevel=3)
 
 
 def listing(items: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ an interrupted save is never mistaken for a complete one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -24,12 +25,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora import _attach, _files, _sharding
+from jaxlora import _attach, _files, _fingerprint, _sharding
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import same_on_every_process
 from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
 
-_FORMAT, _VERSION = "jaxlora.adapter", 1
+_FORMAT, _VERSION = "jaxlora.adapter", 2
+_READABLE = (1, _VERSION)  # version 1 records carry no checksums
 _ARRAYS, _RECORD = "arrays", "record"
 _STATE, _META = "state", "meta"
 
@@ -63,13 +65,49 @@ def _differences(saved: PyTree, expected: PyTree) -> list[str]:
     ]
 
 
-def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfig) -> None:
+def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
+    """The names of the arrays holding a NaN or inf (each checked where it lives)."""
+    finite = jax.device_get([jnp.isfinite(x).all() for _, x in named])
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def _check_finite(
+    layers: list[tuple[_attach.LayerSpec, Any, Any]], leaves: list[tuple[_attach.LeafSpec, Any]]
+) -> None:
+    named = [
+        *(
+            (f"layer {spec.path!r}: {factor}", x)
+            for spec, a, b in layers
+            for factor, x in (("A", a), ("B", b))
+        ),
+        *((f"trainable leaf {spec.path!r}", x) for spec, x in leaves),
+    ]
+    bad = _nonfinite(named)
+    if bad:
+        raise ValueError(
+            f"save_adapter: these arrays hold NaN or inf:{_attach.listing(bad)}\nThe run "
+            "diverged (a non-finite loss or gradient); the adapter would output NaN. Save an "
+            "earlier state, or train with jaxlora.make_train_step(..., skip_nonfinite=True); "
+            "pass allow_nonfinite=True to save it anyway."
+        )
+
+
+def save_adapter(
+    directory: str | os.PathLike,
+    params: PyTree,
+    config: LoraConfig,
+    *,
+    allow_nonfinite: bool = False,
+) -> None:
     """Saves only the trained part of an adapted tree: adapters and `Trainable` leaves.
 
     The directory is an orbax checkpoint with two items: ``arrays`` (A and B of every
     adapted layer, and every fully trained leaf) and ``record``, a JSON description:
-    the config (``config.to_dict()``), and per adapted layer its path, base kernel shape
-    and dtype (the base fingerprint), A/B shapes and dtype, scale and ``delta_eq``.
+    the config (``config.to_dict()``); per adapted layer its path, base kernel shape,
+    dtype and content fingerprint (see `load_adapter`), A/B shapes and dtype, scale and
+    ``delta_eq``; a content hash of every saved array; and a SHA-256 checksum of the
+    record itself, so a damaged adapter fails to load with one error instead of loading
+    changed.
 
     The write is atomic: the checkpoint is completed in a staging directory next to
     ``directory`` and only then renamed into place, and an existing adapter there is
@@ -82,6 +120,11 @@ def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfi
       directory: where to write; created, or replaced if it holds an adapter.
       params: the adapted tree (params collection or variables dict).
       config: the `LoraConfig` the params were adapted with.
+      allow_nonfinite: save adapters holding NaN or inf (otherwise an error naming them).
+
+    Raises:
+      ValueError: no adapters, a config that does not describe them, a non-finite
+        array (without ``allow_nonfinite``), or a directory that is not an adapter.
 
     Example:
       >>> jaxlora.save_adapter("runs/adapter", lora_params, cfg)
@@ -89,13 +132,21 @@ def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfi
     """
     layers, leaves = _attach.collect(params, who="save_adapter")
     _attach.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
+    specs = _attach.fingerprinted(params, [spec for spec, _, _ in layers])
+    layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
+    if not allow_nonfinite:
+        _check_finite(layers, leaves)
     record = {
         "format": _FORMAT,
         "version": _VERSION,
         "config": config.to_dict(),
         "layers": [spec.to_json() for spec, _, _ in layers],
         "trainable": [spec.to_json() for spec, _ in leaves],
+        "array_hashes": _array_hashes(
+            [(a, b) for _, a, b in layers], [value for _, value in leaves]
+        ),
     }
+    record["checksum"] = _record_checksum(record)
     arrays: dict[str, Any] = {"adapters": [{"a": a, "b": b} for _, a, b in layers]}
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
@@ -114,31 +165,86 @@ def save_adapter(directory: str | os.PathLike, params: PyTree, config: LoraConfi
         )
 
 
-def _read_record(
-    checkpointer: ocp.Checkpointer, path: Path, source: str
-) -> tuple[LoraConfig, list[_attach.LayerSpec], list[_attach.LeafSpec]]:
+def _record_checksum(record: Mapping[str, Any]) -> str:
+    """SHA-256 of the record without its checksum, as canonical JSON."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _array_hashes(factors: list[tuple[Any, Any]], leaves: list[Any]) -> dict[str, list[Any]]:
+    """`_fingerprint.content_hash` of every saved array, as the record keeps them."""
+    return {
+        "adapters": [[_fingerprint.content_hash(x) for x in pair] for pair in factors],
+        "trainable": [_fingerprint.content_hash(x) for x in leaves],
+    }
+
+
+def _damaged(source: str, what: str) -> ValueError:
+    return ValueError(
+        f"load_adapter: {source} is damaged: {what}. Re-save it, or restore it from a copy."
+    )
+
+
+class _Record(NamedTuple):
+    config: LoraConfig
+    layers: list[_attach.LayerSpec]
+    leaves: list[_attach.LeafSpec]
+    array_hashes: dict[str, list[Any]] | None  # None for version 1
+
+
+def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Record:
     try:
         args = ocp.args.Composite(**{_RECORD: ocp.args.JsonRestore()})
         record = checkpointer.restore(path, args=args)[_RECORD]
     except Exception as e:
-        raise ValueError(f"load_adapter: cannot read the record of {source}: {e}") from e
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise _damaged(source, f"its record cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(record, dict):
+        raise _damaged(source, "its record is not a JSON object")
+    checksum = record.get("checksum")
+    if checksum is not None and checksum != _record_checksum(record):
+        raise _damaged(source, "its record does not match its checksum")
+    if record.get("format") != _FORMAT:
         raise ValueError(
             f"load_adapter: {source} is not a jaxlora adapter (its record has no "
             f"format={_FORMAT!r}); save adapters with jaxlora.save_adapter."
         )
-    if record.get("version") != _VERSION:
+    version = record.get("version")
+    if version not in _READABLE:
         raise ValueError(
-            f"load_adapter: {source} has format version {record.get('version')!r}; this "
-            f"jaxlora reads version {_VERSION}. Load it with the jaxlora that wrote it."
+            f"load_adapter: {source} has format version {version!r}; this jaxlora reads "
+            f"versions {_READABLE}. Load it with the jaxlora that wrote it."
         )
+    if version != 1 and checksum is None:
+        raise _damaged(source, "its record has lost its checksum")
     try:
         config = LoraConfig(**record["config"])
         layers = [_attach.LayerSpec.from_json(r) for r in record["layers"]]
         leaves = [_attach.LeafSpec.from_json(r) for r in record["trainable"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: the record of {source} is malformed ({e}).") from e
-    return config, layers, leaves
+    return _Record(config, layers, leaves, record.get("array_hashes") if version != 1 else None)
+
+
+def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
+    """Raises unless the restored arrays hash as they did when saved (version 2 records)."""
+    if record.array_hashes is None:
+        return
+    restored = _array_hashes(
+        [(f["a"], f["b"]) for f in arrays["adapters"]], arrays.get("trainable", [])
+    )
+    names = [
+        *(f"layer {s.path!r}: {f}" for s in record.layers for f in ("A", "B")),
+        *(f"trainable leaf {leaf.path!r}" for leaf in record.leaves),
+    ]
+    saved = [*(h for pair in record.array_hashes["adapters"] for h in pair)]
+    saved += record.array_hashes["trainable"]
+    now = [*(h for pair in restored["adapters"] for h in pair), *restored["trainable"]]
+    bad = [n for n, s, r in zip(names, saved, now, strict=True) if s != r]
+    if bad:
+        raise _damaged(
+            source, f"these arrays differ from the ones saved (checksum):{_attach.listing(bad)}"
+        )
 
 
 def _abstract_adapter(
@@ -194,6 +300,7 @@ def load_adapter(
     *,
     sharding: jax.sharding.Sharding | None = None,
     allow_unmatched: bool = False,
+    allow_other_base: bool = False,
 ) -> tuple[LoraConfig, PyTree]:
     """Re-attaches a saved adapter to a base tree, or replaces the adapters of an adapted one.
 
@@ -211,6 +318,10 @@ def load_adapter(
       allow_unmatched: load what matches and warn about the rest, instead of raising
         when a saved layer is not in ``params`` or an adapter of ``params`` would be left
         as it was.
+      allow_other_base: load onto base weights other than those the adapter was trained
+        on, with a warning, instead of raising. Each adapted layer's base weight is
+        recognised by a fingerprint of a fixed strided sample of it rounded to bfloat16
+        (so a float32 base and its bfloat16 cast are the same base).
 
     Returns:
       ``(config, lora_params)``: the saved `LoraConfig` (for ``LoraModel(model,
@@ -218,9 +329,9 @@ def load_adapter(
 
     Raises:
       FileNotFoundError: no directory.
-      ValueError: not a jaxlora adapter, a corrupt or truncated file, a base of other
-        shapes, or unmatched layers (without ``allow_unmatched``); the message names the
-        layer and what was expected.
+      ValueError: not a jaxlora adapter, a damaged, corrupt or truncated file, a base of
+        other shapes, or other weights (without ``allow_other_base``), or unmatched layers
+        (without ``allow_unmatched``); the message names the layer and what was expected.
     """
     path = Path(directory).absolute()
     source = f"adapter {str(path)!r}"
@@ -232,7 +343,8 @@ def load_adapter(
             f"lacks {_ARRAYS}/ or {_RECORD}/).{_files.missing_hint(path)}"
         )
     with _adapter_checkpointer() as checkpointer:
-        config, layers, leaves = _read_record(checkpointer, path, source)
+        record = _read_record(checkpointer, path, source)
+        config, layers, leaves = record.config, record.layers, record.leaves
         load_layers, load_leaves = _attach.plan(
             params,
             layers,
@@ -241,8 +353,16 @@ def load_adapter(
             who="load_adapter",
             allow_unmatched=allow_unmatched,
         )
+        _attach.check_base(
+            params,
+            load_layers,
+            source=source,
+            who="load_adapter",
+            allow_other_base=allow_other_base,
+        )
         abstract = _abstract_adapter(params, layers, leaves, sharding)
         arrays = _restore_arrays(checkpointer, path, abstract, source)
+    _check_arrays(record, arrays, source)
     wanted = {spec.path for spec in load_layers}
     adapters = {
         spec: LoraAdapter(f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq)
@@ -297,6 +417,25 @@ def _trained_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
             "from jaxlora.lorafy, or for NNX nnx.state(model, jaxlora.TrainableParam)."
         )
     return trainable, lambda restored: combine(restored, frozen)
+
+
+def _scales(trainable: PyTree) -> dict[str, float]:
+    """``{layer path: scale}`` of the adapters of a linen tree (an NNX state holds none)."""
+    marked = jax.tree_util.tree_leaves_with_path(
+        trainable, is_leaf=lambda x: isinstance(x, LoraAdapter)
+    )
+    return {path_str(k[:-1]): x.scale for k, x in marked if isinstance(x, LoraAdapter)}
+
+
+def _scale_differences(saved: Mapping[str, float] | None, trainable: PyTree) -> list[str]:
+    """Layers whose scale (alpha / rank) differs from the one saved (none if none was saved)."""
+    if saved is None:  # a checkpoint of a jaxlora that did not record scales
+        return []
+    return [
+        f"layer {path!r}: saved with scale {saved.get(path)}, the params given have {scale}"
+        for path, scale in _scales(trainable).items()
+        if saved.get(path) != scale
+    ]
 
 
 def _rng_parts(rng: jax.Array) -> tuple[jax.Array, str | None]:
@@ -434,7 +573,7 @@ class TrainCheckpointer:
         key_data, impl = _rng_parts(rng)
         key_data = _global_rng(key_data, trainable)
         state = {"params": trainable, "opt_state": opt_state, "rng": key_data}
-        meta = {"data_state": data_state, "rng_impl": impl}
+        meta = {"data_state": data_state, "rng_impl": impl, "scales": _scales(trainable)}
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
         )
@@ -467,7 +606,8 @@ class TrainCheckpointer:
 
         Raises:
           ValueError: the checkpoint does not fit the templates (another model, config or
-            optimizer); the message lists the differing leaves.
+            optimizer: other shapes, or for linen params another alpha or rank, i.e. another
+            adapter scale); the message lists the differing leaves or layers.
         """
         self.wait()
         trainable, rebuild = _trained_part(params)
@@ -481,7 +621,9 @@ class TrainCheckpointer:
             "opt_state": _abstract(opt_state),
             "rng": jax.ShapeDtypeStruct(rng_shape, jnp.uint32, sharding=_rng_sharding(trainable)),
         }
-        differences = _differences(stored, abstract)
+        differences = _differences(stored, abstract) or _scale_differences(
+            meta.get("scales"), trainable
+        )
         if differences:
             raise ValueError(
                 f"TrainCheckpointer.restore: step {step} in {self.directory} does not fit the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -146,14 +147,19 @@ class LoraConfig:
         set_(self, "rank_pattern", dict(self.rank_pattern))
         set_(self, "alpha_pattern", dict(self.alpha_pattern))
         set_(self, "dtype", jnp.dtype(self.dtype).name)
-        _check_rank("rank", self.rank)
-        _check_alpha("alpha", self.alpha)
-        for pattern, rank in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{pattern!r}]", rank)
-        for pattern, alpha in self.alpha_pattern.items():
-            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig: dropout={self.dropout} is outside [0, 1).")
+        set_(self, "rank", _check_rank("rank", self.rank))
+        set_(self, "alpha", _check_alpha("alpha", self.alpha))
+        set_(
+            self,
+            "rank_pattern",
+            {p: _check_rank(f"rank_pattern[{p!r}]", r) for p, r in self.rank_pattern.items()},
+        )
+        set_(
+            self,
+            "alpha_pattern",
+            {p: _check_alpha(f"alpha_pattern[{p!r}]", a) for p, a in self.alpha_pattern.items()},
+        )
+        set_(self, "dropout", _check_dropout(self.dropout))
         if self.init not in _INITS:
             raise ValueError(f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}.")
         if self.bias not in _BIAS_MODES:
@@ -207,11 +213,33 @@ class LoraConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _check_rank(name: str, rank: Any) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+def _is_number(x: Any) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_rank(name: str, rank: Any) -> int:
+    """``rank`` as a Python int (numpy integers accepted); raises unless it is positive."""
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"LoraConfig: {name}={rank!r} must be a positive int (e.g. 8).")
+    return int(rank)
 
 
-def _check_alpha(name: str, alpha: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        raise ValueError(f"LoraConfig: {name}={alpha!r} must be a positive number (e.g. 16).")
+def _check_alpha(name: str, alpha: Any) -> int | float:
+    """``alpha`` as a Python int or float (numpy scalars accepted); raises unless finite and > 0."""
+    if not _is_number(alpha) or not math.isfinite(alpha) or not alpha > 0:
+        raise ValueError(
+            f"LoraConfig: {name}={alpha!r} must be a finite positive number (e.g. 16)."
+        )
+    return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
+
+
+def _check_dropout(dropout: Any) -> float:
+    """``dropout`` as a Python float (numpy scalars accepted); raises unless in [0, 1)."""
+    if not _is_number(dropout) or not math.isfinite(dropout):
+        raise ValueError(
+            f"LoraConfig: dropout={dropout!r} must be a finite number in [0, 1) (e.g. 0.05)."
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoraConfig: dropout={dropout!r} is outside [0, 1).")
+    return float(dropout)

@@ -203,6 +203,20 @@ def _torch_name(module_map: ModuleMap, path: str, *, who: str) -> str:
     return name
 
 
+def _torch_names(module_map: ModuleMap, paths: Sequence[str], *, who: str) -> dict[str, str]:
+    """flax module path -> torch module name of each of ``paths``; two paths, one name: error."""
+    names: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for path in paths:
+        name = names[path] = _torch_name(module_map, path, who=who)
+        if owners.setdefault(name, path) != path:
+            raise ValueError(
+                f"{who}: module_map sends both {owners[name]!r} and {path!r} to {name!r}; it "
+                "must give each flax module its own torch name (PEFT keys tensors by it)."
+            )
+    return names
+
+
 def _saved_modules(params: PyTree, patterns: Sequence[str]) -> list[str]:
     """The outermost module paths that ``modules_to_save`` patterns select."""
     matched = [p for p in module_paths(params) if any(path_matches(p, q) for q in patterns)]
@@ -302,11 +316,17 @@ def export_peft(
     who = "export_peft"
     layers, leaves = _attach.collect(params, who=who)
     _attach.check_config([spec for spec, _, _ in layers], config, who=who)
+    saved_modules = _saved_modules(params_of(params)[0], config.modules_to_save)
+    leaf_modules = [spec.path.rpartition("/")[0] for spec, _ in leaves]
+    layer_paths = [spec.path for spec, _, _ in layers]
+    names = _torch_names(
+        module_map, list(dict.fromkeys([*layer_paths, *saved_modules, *leaf_modules])), who=who
+    )
     tensors: dict[str, np.ndarray] = {}
     adapted: dict[str, str] = {}
     for spec, a, b in layers:
         _check_dense(spec, who=who)
-        name = adapted[spec.path] = _torch_name(module_map, spec.path, who=who)
+        name = adapted[spec.path] = names[spec.path]
         a_key, b_key = (
             (".lora_A.weight", ".lora_B.weight")
             if spec.weight_key == "kernel"
@@ -314,19 +334,17 @@ def export_peft(
         )
         tensors[PREFIX + name + a_key] = to_host(a).T
         tensors[PREFIX + name + b_key] = to_host(b).T
-    saved_modules = _saved_modules(params_of(params)[0], config.modules_to_save)
-    for spec, value in leaves:
-        module = spec.path.rpartition("/")[0]
+    for (spec, value), module in zip(leaves, leaf_modules, strict=True):
         torch_leaf, array = _torch_leaf(spec.path, value, who=who)
         if module in adapted:  # a bias trained with the adapter (bias="lora_only"/"all")
             key = adapted[module] + _ADAPTED_BIAS
         else:  # modules_to_save, or bias="all" on a layer without adapter
-            key = f"{_torch_name(module_map, module, who=who)}.{torch_leaf}"
+            key = f"{names[module]}.{torch_leaf}"
         tensors[PREFIX + key] = array
     peft_config = _peft_config(
         config,
         adapted,
-        [_torch_name(module_map, m, who=who) for m in saved_modules],
+        [names[m] for m in saved_modules],
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
     )
@@ -757,6 +775,13 @@ def import_peft(
     inner = params_of(params)[0]
     index = _index(inner, module_map, who=who)
     layers, unmatched_layers = _layers(factors, index, inner, peft_config)
+    if not layers:
+        raise ValueError(
+            f"import_peft: no LoRA factor of {source} matches a layer of these params, so "
+            f"there is nothing to load (allow_unmatched=True loads a part, not none):"
+            f"{_attach.listing(unmatched_layers)}\nCheck module_map: it must send the flax "
+            "layer paths to the torch module names in the file."
+        )
     leaves, unmatched_leaves = _leaves(leaf_tensors, index, inner, peft_config)
     _attach.plan(
         params,

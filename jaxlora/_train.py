@@ -15,6 +15,16 @@ from jaxlora._tree import PyTree, combine, split, trainable_mask
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
+def _check_something_trains(mask: PyTree, who: str) -> None:
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(
+            f"{who}: these params hold nothing that trains (no LoRA adapter and no "
+            "Trainable leaf; merged params, for instance), so every step would change "
+            "nothing. Pass the adapted tree from jaxlora.lorafy (or load_adapter / "
+            "import_peft), unmerged."
+        )
+
+
 def optimizer(
     tx: optax.GradientTransformation, params: PyTree, mask: PyTree | None = None
 ) -> optax.GradientTransformation:
@@ -29,6 +39,9 @@ def optimizer(
       params: the adapted tree from `lorafy` (only its structure is read).
       mask: optional static bool tree (default `trainable_mask(params)`).
 
+    Raises:
+      ValueError: nothing in ``params`` trains (e.g. merged params), or a bad mask.
+
     Returns:
       A transformation to ``init`` with the adapted params and to pass to
       `make_train_step`. It also works on full-tree gradients, zeroing frozen updates.
@@ -37,6 +50,7 @@ def optimizer(
     """
     mask = trainable_mask(params) if mask is None else mask
     split(params, mask)  # validates the mask
+    _check_something_trains(mask, "jaxlora.optimizer")
     labels = jax.tree.map(lambda m: TRAINABLE if m else FROZEN, mask)
     inner = optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
 
@@ -55,17 +69,60 @@ class _TrainStep:
     were passed, and only the adapters and optimizer state are written. The trainable mask
     depends on the tree structure only, so it is computed once per structure: each call
     then costs one flatten and one unflatten on the host.
+
+    Attributes:
+      jitted: the compiled step.
+      tx: the transformation the step applies (``optax.apply_if_finite`` around the one
+        given to `make_train_step` with ``skip_nonfinite``).
+      skip_nonfinite: whether ``tx`` skips non-finite updates.
+      masks: the trainable mask per tree structure seen so far.
     """
 
     jitted: Callable[..., Any]
+    tx: optax.GradientTransformation
+    skip_nonfinite: bool
     masks: dict[Any, tuple[bool, ...]] = dataclasses.field(default_factory=dict)
+
+    def init(self, params: PyTree) -> optax.OptState:
+        """The optimizer state this step takes, for the adapted ``params``.
+
+        Equal to ``tx.init(params)`` of the transformation given to `make_train_step`,
+        wrapped in ``optax.ApplyIfFiniteState`` with ``skip_nonfinite``. Counters land
+        replicated on the params' mesh, like the optimizer's own.
+        """
+        return place_on_mesh_of(params, self.tx.init(params))
+
+    def skipped(self, opt_state: optax.OptState) -> int:
+        """How many steps were skipped for non-finite gradients since ``init``.
+
+        Raises:
+          ValueError: ``opt_state`` keeps no count (the step was made without
+            ``skip_nonfinite=True`` or the state not with ``step.init``).
+        """
+        if not isinstance(opt_state, optax.ApplyIfFiniteState):
+            raise ValueError(
+                "step.skipped: this opt_state keeps no count of skipped steps. Make the "
+                "step with jaxlora.make_train_step(..., skip_nonfinite=True) and its state "
+                "with step.init(params)."
+            )
+        return int(jax.device_get(opt_state.total_notfinite))
+
+    def _check_state(self, opt_state: optax.OptState) -> None:
+        if self.skip_nonfinite and not isinstance(opt_state, optax.ApplyIfFiniteState):
+            raise TypeError(
+                f"make_train_step(skip_nonfinite=True): opt_state is a "
+                f"{type(opt_state).__name__}, not the state of the step's guarded optimizer. "
+                "Make it with step.init(params) instead of tx.init(params)."
+            )
 
     def _split(self, params) -> tuple[Any, Any, Callable[[Any], Any]]:
         """``(trainable, frozen)`` and a function putting updated trainable leaves back."""
         leaves, treedef = jax.tree.flatten(params)
         mask = self.masks.get(treedef)
         if mask is None:
-            mask = self.masks[treedef] = tuple(jax.tree.leaves(trainable_mask(params)))
+            mask = tuple(jax.tree.leaves(trainable_mask(params)))
+            _check_something_trains(mask, "make_train_step")
+            self.masks[treedef] = mask
         pairs = list(zip(mask, leaves, strict=True))
         trainable = treedef.unflatten([x if m else None for m, x in pairs])
         frozen = treedef.unflatten([None if m else x for m, x in pairs])
@@ -77,12 +134,14 @@ class _TrainStep:
         return trainable, frozen, with_trainable
 
     def __call__(self, params, opt_state, batch, *args):
+        self._check_state(opt_state)
         trainable, frozen, with_trainable = self._split(params)
         trainable, opt_state, out = self.jitted(trainable, frozen, opt_state, batch, *args)
         return with_trainable(trainable), opt_state, out
 
     def lower(self, params, opt_state, batch, *args) -> jax.stages.Lowered:
         """The lowered program for these arguments (for ``cost_analysis`` or the HLO)."""
+        self._check_state(opt_state)
         trainable, frozen, _ = self._split(params)
         return self.jitted.lower(trainable, frozen, opt_state, batch, *args)
 
@@ -93,6 +152,8 @@ def make_train_step(
     *,
     has_aux: bool = False,
     donate: bool = True,
+    skip_nonfinite: bool = False,
+    max_consecutive_skips: int = 100,
 ) -> Callable[..., tuple[PyTree, optax.OptState, Any]]:
     """A jitted training step that differentiates the adapters only.
 
@@ -109,15 +170,29 @@ def make_train_step(
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       donate: donate the trainable leaves and ``opt_state`` to the step (updated in
         place; the arrays passed in are invalid afterwards).
+      skip_nonfinite: skip every step whose gradients hold a NaN or inf (one bad batch
+        then changes neither the adapters nor the optimizer's moments), with
+        ``optax.apply_if_finite``. The state must come from ``step.init(params)``, and
+        ``step.skipped(opt_state)`` counts the skipped steps.
+      max_consecutive_skips: with ``skip_nonfinite``, after this many non-finite steps in
+        a row the update is applied anyway (``optax.apply_if_finite``'s rule: the run has
+        diverged, and `save_adapter` will refuse its non-finite adapters).
 
     Returns:
       ``step(params, opt_state, batch, *args) -> (params, opt_state, loss_or_(loss, aux))``;
-      ``step.lower(params, opt_state, batch, *args)`` gives the lowered program.
+      ``step.init(params)`` gives the optimizer state to start from (``tx.init(params)``,
+      guarded with ``skip_nonfinite``); ``step.lower(params, opt_state, batch, *args)``
+      gives the lowered program.
 
     Example:
-      >>> step = jaxlora.make_train_step(loss_fn, tx)
+      >>> step = jaxlora.make_train_step(loss_fn, tx, skip_nonfinite=True)
+      >>> opt_state = step.init(params)
       >>> params, opt_state, loss = step(params, opt_state, batch)
+      >>> step.skipped(opt_state)
+      0
     """
+    if skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=max_consecutive_skips)
 
     def step(trainable, frozen, opt_state, batch, *args):
         def loss_of(t):
@@ -127,4 +202,5 @@ def make_train_step(
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, out
 
-    return _TrainStep(jax.jit(step, donate_argnums=(0, 2) if donate else ()))
+    jitted = jax.jit(step, donate_argnums=(0, 2) if donate else ())
+    return _TrainStep(jitted, tx, skip_nonfinite)

@@ -59,7 +59,7 @@ def test_to_dict_round_trip():
         ({"rank": 0}, r"rank=0 must be a positive int"),
         ({"rank": -3}, r"rank=-3"),
         ({"rank": 2.5}, r"rank=2.5"),
-        ({"alpha": 0}, r"alpha=0 must be a positive number"),
+        ({"alpha": 0}, r"alpha=0 must be a finite positive number"),
         ({"dropout": 1.0}, r"dropout=1.0 is outside \[0, 1\)"),
         ({"dropout": -0.1}, r"outside \[0, 1\)"),
         ({"init": "xavier"}, r"unknown init='xavier'"),

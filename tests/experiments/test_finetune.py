@@ -72,6 +72,7 @@ def test_default_task_writes_results_plot_adapter_and_table(minilm_run):
     assert results["trainable_params"] == 74_498  # q, v at r=8 (73,728) + classifier (770)
     assert results["total_params"] == 22_713_986 + 73_728
     assert results["step_time_median_s"] > 0 and results["peak_rss_mb"] > 0
+    assert results["settings"]["skip_nonfinite"] is True and results["skipped_steps"] == 0
     assert results["saved_bytes"] == sum(
         f.stat().st_size for f in (output_dir / "adapter").rglob("*") if f.is_file()
     )
@@ -86,7 +87,8 @@ def test_default_task_writes_results_plot_adapter_and_table(minilm_run):
     assert peft_config["modules_to_save"] == ["classifier"]
     assert len(peft_tensors(output_dir)) == 2 * 12 + 2  # A, B of 12 layers; classifier W, b
     table = proc.stdout[proc.stdout.index("minilm on rotten_tomatoes") :]
-    for row in ("eval accuracy", "trainable params", "step time", "peak memory", "saved on disk"):
+    rows = ("eval accuracy", "trainable params", "step time", "skipped steps", "peak memory")
+    for row in (*rows, "saved on disk"):
         assert row in table
 
 

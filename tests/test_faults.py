@@ -1,0 +1,312 @@
+"""The fault catalogue: bad inputs and faults that must fail loudly (or be prevented).
+
+Each test names the case of issue 14 it covers; the README's "Failure behaviour" table
+lists the same cases.
+"""
+
+import dataclasses
+import json
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxlora
+from tests.support import models
+
+KEY = jax.random.key(0)
+X = jax.random.normal(KEY, (4, 16))
+
+
+def _adapted(**cfg_kwargs):
+    """MLP base params, the adapted tree with non-zero B, and the config."""
+    model = models.MLP(features=(64, 64, 32))
+    params = model.init(KEY, X)["params"]
+    cfg = jaxlora.LoraConfig(rank=4, targets=["dense_0", "dense_1"], **cfg_kwargs)
+    _, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    trainable, frozen = jaxlora.split(lora_params)
+    trainable = jax.tree.map(lambda x: x + 0.01 * jnp.arange(x.size).reshape(x.shape), trainable)
+    return params, jaxlora.combine(trainable, frozen), cfg
+
+
+# --- LoraConfig: non-finite numbers are refused, numpy scalars accepted ------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": math.inf}, r"alpha=inf must be a finite positive number"),
+        ({"alpha": -math.inf}, r"alpha=-inf must be a finite positive number"),
+        ({"alpha": math.nan}, r"alpha=nan must be a finite positive number"),
+        ({"alpha": np.float32(np.inf)}, r"alpha=np.float32\(inf\) must be a finite"),
+        ({"alpha": "16"}, r"alpha='16' must be a finite positive number"),
+        ({"alpha_pattern": {"q": math.inf}}, r"alpha_pattern\['q'\]=inf must be a finite"),
+        ({"alpha_pattern": {"q": math.nan}}, r"alpha_pattern\['q'\]=nan must be a finite"),
+        ({"dropout": math.nan}, r"dropout=nan must be a finite number in \[0, 1\)"),
+        ({"dropout": math.inf}, r"dropout=inf must be a finite number in \[0, 1\)"),
+        ({"dropout": "0.1"}, r"dropout='0.1' must be a finite number"),
+        ({"rank": np.float64(8.0)}, r"rank=np.float64\(8.0\) must be a positive int"),
+        ({"rank": True}, r"rank=True must be a positive int"),
+    ],
+)
+def test_config_refuses_non_finite_and_non_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        jaxlora.LoraConfig(**kwargs)
+
+
+def test_config_accepts_numpy_scalars_as_python_numbers():
+    cfg = jaxlora.LoraConfig(
+        rank=np.int64(8),
+        alpha=np.float32(16),
+        rank_pattern={"q": np.int32(4)},
+        alpha_pattern={"q": np.float64(2.5), "v": np.int16(3)},
+        dropout=np.float32(0.125),
+    )
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (8, 16.0, 0.125)
+    assert type(cfg.rank) is int and type(cfg.alpha) is float and type(cfg.dropout) is float
+    assert type(cfg.rank_pattern["q"]) is int
+    assert [type(a) for a in cfg.alpha_pattern.values()] == [float, int]
+    text = json.dumps(cfg.to_dict())  # raises TypeError on a numpy scalar
+    assert jaxlora.LoraConfig(**json.loads(text)) == cfg
+    assert cfg.scale_for("layer/q") == 2.5 / 4
+
+
+# --- PEFT interop -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cfg_kwargs", "names", "both"),
+    [
+        ({}, {"dense_0": "shared", "dense_1": "shared"}, "'dense_0' and 'dense_1'"),
+        (
+            {"modules_to_save": ["dense_2"]},
+            {"dense_0": "a", "dense_1": "head", "dense_2": "head"},
+            "'dense_1' and 'dense_2'",
+        ),
+    ],
+)
+def test_export_peft_refuses_two_layers_with_one_torch_name(tmp_path, cfg_kwargs, names, both):
+    _, lora_params, cfg = _adapted(**cfg_kwargs)
+    with pytest.raises(ValueError, match=f"module_map sends both {both} to "):
+        jaxlora.export_peft(tmp_path / "peft", lora_params, cfg, module_map=names.get)
+    assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("allow_unmatched", [False, True])
+def test_import_peft_matching_nothing_is_one_clear_error(tmp_path, allow_unmatched):
+    params, lora_params, cfg = _adapted()
+    module_map = jaxlora.peft_module_map()
+    jaxlora.export_peft(tmp_path / "peft", lora_params, cfg, module_map=module_map)
+    with pytest.raises(ValueError, match=r"no LoRA factor of PEFT adapter .* matches a layer") as e:
+        jaxlora.import_peft(
+            tmp_path / "peft",
+            params,
+            module_map=jaxlora.peft_module_map("model."),
+            allow_unmatched=allow_unmatched,
+        )
+    assert "LoRA factors of 'dense.0': no flax layer" in str(e.value)
+    assert "the module map adds a prefix 'model.'" in str(e.value)  # the hint names the fix
+
+
+# --- TrainCheckpointer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changed", [{"alpha": 32.0}, {"alpha_pattern": {"dense_1": 8}}, {"rslora": True}]
+)
+def test_restore_refuses_a_changed_scale_like_a_changed_rank(tmp_path, changed):
+    params, lora_params, cfg = _adapted()
+    tx = jaxlora.optimizer(optax.adam(1e-3), lora_params)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(1, lora_params, tx.init(lora_params), KEY)
+        same = ckpt.restore(1, lora_params, tx.init(lora_params))
+        chex.assert_trees_all_equal(same.params, lora_params)
+        other_cfg = dataclasses.replace(cfg, **changed)
+        _, other = jaxlora.lorafy(models.MLP(features=(64, 64, 32)), params, other_cfg, X, key=KEY)
+        with pytest.raises(ValueError, match=r"step 1 .* does not fit") as e:
+            ckpt.restore(1, other, jaxlora.optimizer(optax.adam(1e-3), other).init(other))
+    old, new = cfg.scale_for("dense_1"), other_cfg.scale_for("dense_1")
+    assert f"layer 'dense_1': saved with scale {old}, the params given have {new}" in str(e.value)
+
+
+# --- non-finite training steps and adapters ------------------------------------------------
+
+
+def _mse_loss(params, batch):
+    x, y = batch
+    model = jaxlora.LoraModel(models.MLP(features=(64, 64, 32)), jaxlora.LoraConfig())
+    return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+
+
+def _batches():
+    y = jax.random.normal(jax.random.key(1), (4, 32))
+    return (X, y), (X.at[0, 0].set(jnp.nan), y)
+
+
+@pytest.mark.parametrize("jit_lower", [False, True])
+def test_skip_nonfinite_leaves_adapters_and_moments_untouched_and_counts(jit_lower):
+    _, lora_params, _ = _adapted()
+    good, bad = _batches()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_mse_loss, tx, donate=False, skip_nonfinite=True)
+    if jit_lower:
+        assert step.lower(lora_params, step.init(lora_params), good) is not None
+    params, opt_state, _ = step(lora_params, step.init(lora_params), good)
+    assert step.skipped(opt_state) == 0
+    skipped_params, skipped_state, loss = step(params, opt_state, bad)
+    assert not jnp.isfinite(loss)
+    chex.assert_trees_all_equal(skipped_params, params)
+    chex.assert_trees_all_equal(skipped_state.inner_state, opt_state.inner_state)
+    assert step.skipped(skipped_state) == 1
+    after, after_state, loss = step(skipped_params, skipped_state, good)
+    assert jnp.isfinite(loss) and step.skipped(after_state) == 1
+    assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(after))
+
+
+def test_without_skip_one_bad_batch_poisons_and_save_adapter_refuses(tmp_path):
+    _, lora_params, cfg = _adapted()
+    good, bad = _batches()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_mse_loss, tx, donate=False)
+    params, opt_state, _ = step(lora_params, step.init(lora_params), bad)
+    params, _, loss = step(params, opt_state, good)
+    assert not jnp.isfinite(loss)  # poisoned for good
+    with pytest.raises(ValueError, match=r"save_adapter: these arrays hold NaN or inf") as e:
+        jaxlora.save_adapter(tmp_path / "adapter", params, cfg)
+    assert "layer 'dense_0': A" in str(e.value) and "layer 'dense_1': B" in str(e.value)
+    assert "allow_nonfinite=True" in str(e.value)
+    assert not (tmp_path / "adapter").exists()
+    jaxlora.save_adapter(tmp_path / "adapter", params, cfg, allow_nonfinite=True)
+    _, loaded = jaxlora.load_adapter(tmp_path / "adapter", _adapted()[0])
+    chex.assert_trees_all_equal(loaded, params)
+
+
+def test_skip_nonfinite_state_must_come_from_step_init():
+    _, lora_params, _ = _adapted()
+    good, _ = _batches()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_mse_loss, tx, skip_nonfinite=True)
+    with pytest.raises(TypeError, match=r"Make it with step.init\(params\) instead of tx.init"):
+        step(lora_params, tx.init(lora_params), good)
+    plain = jaxlora.make_train_step(_mse_loss, tx)
+    with pytest.raises(ValueError, match=r"keeps no count of skipped steps"):
+        plain.skipped(plain.init(lora_params))
+
+
+# --- nothing to train ------------------------------------------------------------------
+
+
+def test_optimizer_on_a_tree_with_nothing_trainable_is_an_error():
+    params, lora_params, _ = _adapted()
+    for frozen in (params, jaxlora.merge(lora_params)):
+        with pytest.raises(ValueError, match=r"jaxlora.optimizer: these params hold nothing"):
+            jaxlora.optimizer(optax.adam(1e-3), frozen)
+    nothing = jax.tree.map(lambda _: False, jaxlora.trainable_mask(lora_params))
+    with pytest.raises(ValueError, match=r"hold nothing that trains"):
+        jaxlora.optimizer(optax.adam(1e-3), lora_params, mask=nothing)
+
+
+def test_make_train_step_on_a_tree_with_nothing_trainable_is_an_error():
+    params, lora_params, _ = _adapted()
+    good, _ = _batches()
+    step = jaxlora.make_train_step(_mse_loss, optax.adam(1e-3), donate=False)
+    merged = jaxlora.merge(lora_params)
+    with pytest.raises(ValueError, match=r"make_train_step: these params hold nothing"):
+        step(merged, optax.adam(1e-3).init({}), good)
+    with pytest.raises(ValueError, match=r"make_train_step: these params hold nothing"):
+        step.lower(params, optax.adam(1e-3).init({}), good)
+
+
+# --- damaged adapters: load exactly or raise one clear error -----------------------------
+
+
+def _flip_bits(file, count):
+    """Copies of ``file``'s bytes, each with one bit flipped, at ``count`` spread positions."""
+    data = file.read_bytes()
+    for i in range(count):
+        position = (i * len(data)) // count
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << (i % 8)
+        yield position, bytes(flipped)
+
+
+def _loads_exactly_or_one_clear_error(adapter, params, expected_cfg, expected):
+    try:
+        cfg, loaded = jaxlora.load_adapter(adapter, params)
+    except ValueError as e:
+        assert str(e).startswith("load_adapter: "), e
+        return "error"
+    assert cfg == expected_cfg
+    chex.assert_trees_all_equal(loaded, expected)
+    return "exact"
+
+
+# orbax leaves a coroutine whose read failed un-awaited; the error itself reaches us.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("part", ["record", "arrays"])
+def test_bit_flips_in_an_adapter_load_exactly_or_raise_one_clear_error(tmp_path, part):
+    params, lora_params, cfg = _adapted(modules_to_save=["dense_2"])
+    adapter = tmp_path / "adapter"
+    jaxlora.save_adapter(adapter, lora_params, cfg)
+    files = sorted(f for f in (adapter / part).rglob("*") if f.is_file())
+    outcomes = {}
+    for file in files:
+        original = file.read_bytes()
+        for position, flipped in _flip_bits(file, 24 if part == "record" else 6):
+            file.write_bytes(flipped)
+            try:
+                outcome = _loads_exactly_or_one_clear_error(adapter, params, cfg, lora_params)
+            finally:
+                file.write_bytes(original)
+            outcomes[(file.name, position)] = outcome
+    assert "error" in outcomes.values()
+    if part == "record":  # every byte of the JSON record matters: each flip is caught
+        assert {o for (name, _), o in outcomes.items() if name == "metadata"} == {"error"}
+
+
+def test_a_changed_value_in_the_record_is_refused_by_its_checksum(tmp_path):
+    params, lora_params, cfg = _adapted()
+    jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
+    record = tmp_path / "adapter" / "record" / "metadata"
+    text = record.read_text()
+    assert '"scale": 4.0' in text
+    record.write_text(text.replace('"scale": 4.0', '"scale": 5.0', 1))  # valid JSON, other scale
+    with pytest.raises(ValueError, match=r"is damaged: its record does not match its checksum"):
+        jaxlora.load_adapter(tmp_path / "adapter", params)
+
+
+# --- an adapter loaded onto another base of the same shapes -------------------------------
+
+
+def _placed(params, placement):
+    if placement == "bf16":
+        return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    if placement == "sharded":
+        mesh = jax.make_mesh((8,), ("x",))
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
+        return jax.tree.map(lambda x: jax.device_put(x, spec) if x.ndim == 2 else x, params)
+    return params
+
+
+@pytest.mark.parametrize("placement", ["same", "bf16", "sharded"])
+def test_another_base_of_the_same_shapes_is_refused_naming_the_layers(tmp_path, placement):
+    params, lora_params, cfg = _adapted()
+    jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
+    _, loaded = jaxlora.load_adapter(tmp_path / "adapter", _placed(params, placement))
+    chex.assert_trees_all_equal(jaxlora.split(loaded)[0], jaxlora.split(lora_params)[0])
+    other = dict(
+        params, dense_1={**params["dense_1"], "kernel": params["dense_1"]["kernel"] * 1.01}
+    )
+    with pytest.raises(ValueError, match=r"was trained on another base model") as e:
+        jaxlora.load_adapter(tmp_path / "adapter", _placed(other, placement))
+    assert "layer 'dense_1': its kernel differs" in str(e.value)
+    assert "dense_0" not in str(e.value) and "allow_other_base=True" in str(e.value)
+    with pytest.warns(UserWarning, match=r"layer 'dense_1'.*\n.*Loaded anyway"):
+        _, loaded = jaxlora.load_adapter(
+            tmp_path / "adapter", _placed(other, placement), allow_other_base=True
+        )
+    chex.assert_trees_all_equal(jaxlora.split(loaded)[0], jaxlora.split(lora_params)[0])
