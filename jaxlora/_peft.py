@@ -47,12 +47,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _KEPT_ON_REPLACE = ("README.md",)
 
-# adapter_config.json exactly as PEFT 0.21's LoraConfig.save_pretrained writes it; the
+# adapter_config.json exactly as PEFT 0.22's LoraConfig.save_pretrained writes it; the
 # fields jaxlora sets are filled in by `_peft_config`.
 _PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "alpha_pattern": {},
     "arrow_config": None,
+    "astra_config": None,
     "auto_mapping": None,
     "base_model_name_or_path": None,
     "bias": "none",
@@ -96,6 +97,7 @@ _PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
 _UNSUPPORTED = (
     "alora_invocation_tokens",
     "arrow_config",
+    "astra_config",
     "kasa_config",
     "layer_replication",
     "layers_pattern",

@@ -59,9 +59,13 @@ def _weight_gradient_dots(model, tokens, wrt):
     def loss(trained, rest):
         return zoo.next_token_loss(nnx.merge(graphdef, trained, rest), tokens)
 
-    hlo = jax.jit(jax.grad(loss)).lower(trained, rest).compile().as_text()
-    dots = {tuple(int(d) for d in m.group(1).split(",")) for m in _DOT.finditer(hlo)}
-    assert dots, "no dots found: the HLO pattern is stale"
+    def dots_of(fn):
+        hlo = jax.jit(fn).lower(trained, rest).compile().as_text()
+        return {tuple(int(d) for d in m.group(1).split(",")) for m in _DOT.finditer(hlo)}
+
+    # a forward dot can share a weight's shape (gemma4_moe: 16 tokens x top-2 rows of 2F)
+    dots = dots_of(jax.grad(loss)) - dots_of(loss)
+    assert dots_of(loss), "no dots found: the HLO pattern is stale"
     frozen = nnx.state(model, nnx.All(nnx.Param, nnx.Not(jaxlora.TrainableParam)))
     return dots & {x.shape for x in jax.tree.leaves(frozen) if x.ndim >= 2}
 
@@ -82,6 +86,8 @@ def test_all_linear_on_every_tunix_family(name):
         for site in zoo.PROJECTIONS[name]
         if site.role not in ("embed", "bias") and "gather" not in site.op
     }
+    # gemma4's KV-shared layer owns a kv_einsum it never calls: nothing uses it to adapt
+    expected -= {"layers/2/attn/kv_einsum/w"}
     assert expected <= {n.replace("/base/", "/") for n in names}, expected - set(names)
     assert any(n.endswith("q_proj/w") or "q_einsum" in n or "qkv_einsum" in n for n in names)
 
