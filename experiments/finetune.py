@@ -362,8 +362,8 @@ def run(args: argparse.Namespace) -> int:
     task = training.fit_task(task, run_settings["batch_size"], args.max_eval_examples, mesh)
     method = make_method(task, run_settings, lora_key)
     checkpoints = prepare_output(output_dir, args.resume, run_settings)  # input is valid
-    if method.lora_config is not None:
-        print(jaxlora.summary(method.params))
+    if method.summary is not None:
+        print(method.summary)
     eval_every = _given(args.eval_every, tasks.BUDGETS[data_name].eval_every)
     schedule = training.Schedule(
         steps=run_settings["steps"],

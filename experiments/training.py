@@ -49,6 +49,7 @@ class Method:
         trainable_params: Number of parameters the optimizer updates.
         total_params: Number of parameters, adapters included.
         lora_config: The LoRA config (None for full fine-tuning).
+        summary: What `jaxlora.lorafy` adapted and what it saw and left (LoRA only).
     """
 
     name: str
@@ -61,6 +62,7 @@ class Method:
     trainable_params: int
     total_params: int
     lora_config: jaxlora.LoraConfig | None = None
+    summary: jaxlora.Summary | None = None
 
 
 def fit_task(task: Task, batch_size: int, max_eval_examples: int | None, mesh: Mesh | None) -> Task:
@@ -144,7 +146,7 @@ def lora_method(
         skip_nonfinite=skip_nonfinite,
         max_consecutive_skips=MAX_CONSECUTIVE_SKIPS,
     )
-    counts = jaxlora.summary(params)
+    counts = jaxlora.summary(params, lora_model)
     return Method(
         "lora",
         lora_model.apply,
@@ -156,6 +158,7 @@ def lora_method(
         counts.trainable_params,
         counts.total_params,
         config,
+        counts,
     )
 
 

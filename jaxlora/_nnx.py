@@ -486,8 +486,10 @@ def adapted_weights(module: nnx.Module) -> list[tuple[str, nnx.Variable, Any]]:
     weight of a `LoraModule`.
     """
     out = []
+    # a layer inside a LoraModule keeps the name lorafy gave it (no "base" step)
+    owners = {path for path, _ in _modules(module, (LoraModule,))}
     for path, wrapper in _modules(module, _WRAPPERS):
-        name = _path_str(path)
+        name = _path_str(_merged_path(path, owners))
         if isinstance(wrapper, LoraLayer):
             out.append((name, _weight(wrapper.base), wrapper))
         else:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from flax import nnx
 
 import jaxlora
 
@@ -171,4 +172,37 @@ def test_expert_weights_and_convolutions():
         lora_model.apply({"params": p}, X),
         rtol=1e-5,
         atol=1e-4,
+    )
+
+
+class NnxDenseGeneral(nnx.Module):
+    """As MaxText writes its projections: an NNX module bridged into linen."""
+
+    def __init__(self, d: int, heads: int, head_dim: int, *, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d, heads, head_dim)))
+
+    def __call__(self, x):
+        return jnp.einsum("btd,dnh->btnh", x, self.kernel[...])
+
+
+class Bridged(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q = nnx.bridge.to_linen(NnxDenseGeneral, 16, 2, 8, name="query")(x)
+        return q.reshape(*q.shape[:2], -1)
+
+
+def test_nnx_module_bridged_into_linen():
+    model = Bridged()
+    params = model.init(KEY, X)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["query"])
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    (row,) = jaxlora.summary(lora_params).layers
+    assert row.path == "query" and row.a_shape == (16, 2) and row.b_shape == (2, 2, 8)
+    p = _random_b(lora_params)
+    chex.assert_trees_all_close(
+        model.apply({"params": jaxlora.merge(p)}, X),
+        lora_model.apply({"params": p}, X),
+        rtol=1e-5,
+        atol=1e-5,
     )
