@@ -107,11 +107,13 @@ class LoraConfig:
     Attributes:
       rank: adapter rank r (> 0).
       alpha: scaling numerator (> 0).
-      targets: ``"all-linear"`` (every Dense, DenseGeneral and Einsum layer; unlike
-        PEFT's, an untied output head too: add ``exclude=["lm_head"]``) or a list
-        of patterns (see `path_matches`): bare names ``"query"``, globs ``"*/attn/*"``,
-        regexes ``"re:.*layer_[0-3]/query"``. Embedding layers are adapted only when a
-        pattern names them.
+      targets: ``"all-linear"`` (every weight the model consumes in a contraction:
+        Flax's layers, the model's own einsum modules, bare params, expert weights;
+        unlike PEFT's, an untied output head too: add ``exclude=["lm_head"]``) or a list
+        of patterns (see `path_matches` and `target_paths`): bare names ``"query"``,
+        globs ``"*/attn/*"``, regexes ``"re:.*layer_[0-3]/query"``. Embeddings (weights
+        looked up by row) are adapted only when a pattern names them. A pattern that
+        matches nothing is an error.
       exclude: patterns removed from the selection.
       rank_pattern: per-pattern rank overrides, first matching pattern wins.
       alpha_pattern: per-pattern alpha overrides, first matching pattern wins.
