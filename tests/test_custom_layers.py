@@ -77,6 +77,16 @@ def _random_b(params):
     return jaxlora.combine(trainable, frozen)
 
 
+def _assert_merge_matches(model, lora_model, params, x, atol=1e-5):
+    """The merged base model computes what the adapted one does."""
+    chex.assert_trees_all_close(
+        model.apply({"params": jaxlora.merge(params)}, x),
+        lora_model.apply({"params": params}, x),
+        rtol=1e-5,
+        atol=atol,
+    )
+
+
 @pytest.mark.parametrize("model", [Block(), Jitted(), Scanned()], ids=["plain", "jit", "scan1"])
 def test_custom_weights_adapt_identity_train_merge(model):
     params = model.init(KEY, X)["params"]
@@ -136,12 +146,7 @@ def test_tied_table_and_reshaped_weight():
     cfg = jaxlora.LoraConfig(rank=2, targets=["table", "proj"])
     lora_model, lora_params = jaxlora.lorafy(model, params, cfg, ids, key=KEY)
     p = _random_b(lora_params)
-    chex.assert_trees_all_close(
-        model.apply({"params": jaxlora.merge(p)}, ids),
-        lora_model.apply({"params": p}, ids),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    _assert_merge_matches(model, lora_model, p, ids)
     report = jaxlora.summary(lora_params, lora_model)
     assert not report.not_adapted
 
@@ -167,12 +172,7 @@ def test_expert_weights_and_convolutions():
     assert rows["experts"].a_shape == (4, 16, 2) and rows["experts"].b_shape == (4, 2, 8)
     assert rows["conv"].a_shape == (3, 16, 2) and rows["conv"].b_shape == (2, 6)
     p = _random_b(lora_params)
-    chex.assert_trees_all_close(
-        model.apply({"params": jaxlora.merge(p)}, X),
-        lora_model.apply({"params": p}, X),
-        rtol=1e-5,
-        atol=1e-4,
-    )
+    _assert_merge_matches(model, lora_model, p, X, atol=1e-4)
 
 
 class NnxDenseGeneral(nnx.Module):
@@ -200,9 +200,4 @@ def test_nnx_module_bridged_into_linen():
     (row,) = jaxlora.summary(lora_params).layers
     assert row.path == "query" and row.a_shape == (16, 2) and row.b_shape == (2, 2, 8)
     p = _random_b(lora_params)
-    chex.assert_trees_all_close(
-        model.apply({"params": jaxlora.merge(p)}, X),
-        lora_model.apply({"params": p}, X),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    _assert_merge_matches(model, lora_model, p, X)
