@@ -1,6 +1,8 @@
 """linen models written the ways users write them: own einsum modules, share_scope, nn.jit,
 a layer axis at position 1, tied and reshaped weights, experts and convolutions."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -77,6 +79,23 @@ def _random_b(params):
     return jaxlora.combine(trainable, frozen)
 
 
+_DOT = re.compile(r"= f32\[([\d,]+)\]\S* (?:dot|convolution)\(")
+
+
+def _dot_shapes(lowered):
+    hlo = lowered.compile().as_text()
+    return {tuple(int(d) for d in m.group(1).split(",")) for m in _DOT.finditer(hlo)}
+
+
+def _weight_gradient_dots(step, lora_model, params, opt_state, x):
+    """Dots of the train step with a frozen weight's shape that the forward lacks: ``dW``."""
+    forward = _dot_shapes(jax.jit(lora_model.apply).lower({"params": params}, x))
+    assert forward, "no dots found: the HLO pattern is stale"
+    backward = _dot_shapes(step.lower(params, opt_state, x)) - forward
+    frozen = jax.tree.leaves(jaxlora.split(params)[1])
+    return backward & {w.shape for w in frozen if w.ndim >= 2}
+
+
 def _assert_merge_matches(model, lora_model, params, x, atol=1e-5):
     """The merged base model computes what the adapted one does."""
     chex.assert_trees_all_close(
@@ -103,6 +122,7 @@ def test_custom_weights_adapt_identity_train_merge(model):
     tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
     step = jaxlora.make_train_step(loss, tx, donate=False)
     state, p = tx.init(lora_params), lora_params
+    assert not _weight_gradient_dots(step, lora_model, p, state, X)
     losses = []
     for _ in range(3):
         p, state, value = step(p, state, X)

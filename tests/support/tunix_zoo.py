@@ -15,11 +15,17 @@ Importing tunix has side effects this module undoes or contains:
   that metadata (``out_sharding`` naming mesh axes "tp"/"fsdp") plus
   ``eager_sharding=False``.
 * qwen2, qwen3 and gemma4 import ``jax.experimental.shard_map``, which warns
-  (DeprecationWarning) at import; the import is done with warnings silenced.
+  (DeprecationWarning) at import; the import is done with warnings silenced. Building warns
+  too ("'sharding' is deprecated") and is silenced the same way. Calling a model warns on
+  every call ("'.value' access is now deprecated", "pxla.thread_resources is deprecated"),
+  all attributed to tunix's modules: a test module using the zoo under this project's
+  ``filterwarnings = ["error"]`` needs
+  ``pytestmark = pytest.mark.filterwarnings(tunix_zoo.PYTEST_WARNINGS)``.
 
 Every family's ``__call__`` takes ``(tokens, positions, cache, attention_mask)``
 positionally and returns ``(logits, cache)``. The mask is ``[B, L, L]`` bool and must be
-given explicitly: without it qwen2/qwen3 attend bidirectionally and gemma3/gemma4 fail.
+given: with ``None`` llama3/qwen2/qwen3 silently attend bidirectionally and the gemma
+families raise.
 Nothing here needs a TPU: flash/splash attention stays off (its default), remat is
 ``NONE``, tunix's ``shard()`` is a no-op on CPU, and the qwen3 MoE layer takes its dense
 fallback (not megablox) when the platform is CPU.
@@ -50,6 +56,9 @@ with warnings.catch_warnings():
     from tunix.models.qwen2 import model as qwen2_lib
     from tunix.models.qwen3 import model as qwen3_lib
 flax.config.update("flax_always_shard_variable", _shard_flag)
+
+# Ignores the DeprecationWarnings tunix's own code raises on every call (see above).
+PYTEST_WARNINGS = "ignore::DeprecationWarning:tunix"
 
 # Shared tiny sizes. gemma4 uses 3 layers so that one of them reuses another's K/V.
 VOCAB, EMBED, HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 128, 32, 64, 4, 2, 8
@@ -296,6 +305,8 @@ def build(name: str, seed: int = 0, **config_overrides: Any) -> Zoo:
 
 # ---------------------------------------------------------------------------------------
 # Where the weights are and how they are consumed (tunix 0.1.7, checked against the source).
+# `PROJECTIONS` lists them for the default configs; ``build`` overrides can change both the
+# paths (e.g. weight tying removes ``lm_head``) and the shapes.
 #
 # Common to all families:
 # * Token embedding: ``embedder.input_embedding`` (V, D), a bare Param read by gather,
@@ -501,11 +512,7 @@ PROJECTIONS: dict[str, tuple[Site, ...]] = {
     ),
     "qwen2": (
         Site("embedder", "input_embedding", "Param", "embed", _GATHER + _TIED, (_V, _D)),
-        *_per_layer(
-            _llama_attn,
-            _qwen2_biases,
-            _mlp,
-        ),
+        *_per_layer(_llama_attn, _qwen2_biases, _mlp),
     ),
     "qwen3": (
         Site("embedder", "input_embedding", "Param", "embed", _GATHER + _TIED, (_V, _D)),
@@ -518,17 +525,11 @@ PROJECTIONS: dict[str, tuple[Site, ...]] = {
     ),
     "gemma": (
         Site("embedder", "input_embedding", "Param", "embed", _GATHER_SCALED + _TIED, (_V, _D)),
-        *_per_layer(
-            functools.partial(_gemma_attn, kv_heads=_N),
-            _mlp,
-        ),
+        *_per_layer(functools.partial(_gemma_attn, kv_heads=_N), _mlp),
     ),
     "gemma3": (
         Site("embedder", "input_embedding", "Param", "embed", _GATHER_SCALED + _TIED, (_V, _D)),
-        *_per_layer(
-            _gemma_attn,
-            _mlp,
-        ),
+        *_per_layer(_gemma_attn, _mlp),
     ),
     "gemma4": _gemma4_dense(),
     "gemma4_moe": _gemma4_sparse(),
