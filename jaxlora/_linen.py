@@ -70,14 +70,8 @@ def make_adapter(
       key: PRNG key, folded with the adapter's name.
       rank_axis: mesh axis to shard the rank over, or None.
     """
-    rank = config.rank_for(c.paths())
-    layout = c.layout(rank)
-    if rank > min(layout.fan_in, layout.fan_out):
-        raise ValueError(
-            f"lorafy: rank {rank} for {c.name!r} exceeds min(fan_in={layout.fan_in}, "
-            f"fan_out={layout.fan_out}) of its weight {c.shape}; use a smaller "
-            f"rank, or rank_pattern={{{c.name.rsplit('/', 1)[-1]!r}: ...}} for this layer."
-        )
+    layout = c.layout(config)
+    rank = layout.a_shape[-1]
     raw = weight.value if isinstance(weight, meta.Partitioned) else meta.unbox(weight)
     stack = tuple(raw.shape)[: raw.ndim - len(layout.kernel_shape)]
     a, b = _sharding.init_factors(

@@ -229,14 +229,7 @@ def lorafy(
     key = rngs.params()
     owners: dict[str, list[_targeting.Candidate]] = {}
     for c in selected:
-        rank = config.rank_for(c.paths())
-        layout = c.layout(rank)
-        if rank > min(layout.fan_in, layout.fan_out):
-            raise ValueError(
-                f"lorafy: rank {rank} for layer {c.name!r} exceeds min(fan_in={layout.fan_in}, "
-                f"fan_out={layout.fan_out}) of its weight {c.shape}; use a smaller "
-                "rank or a rank_pattern for this layer."
-            )
+        layout = c.layout(config)
         if c.module not in builtin:
             owners.setdefault(c.module, []).append(c)
             continue
@@ -263,7 +256,7 @@ def lorafy(
         adapters = {
             c.weight: WeightAdapter(
                 _weight_var(base, c.weight),
-                c.layout(config.rank_for(c.paths())),
+                c.layout(config),
                 scale=config.scale_for(c.paths()),
                 key=jax.random.fold_in(key, zlib.crc32(c.name.encode())),
                 config=config,

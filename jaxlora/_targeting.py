@@ -60,9 +60,21 @@ class Candidate:
         """Whether ``pattern`` (see `path_matches`) names this weight or its module."""
         return any(path_matches(p, pattern) for p in self.paths())
 
-    def layout(self, rank: int) -> _layout.Layout:
-        """The adapter layout at ``rank`` (see `layout_of`)."""
-        return layout_of(self.shape, self.roles, rank, embedding=self.embedding)
+    def layout(self, config: LoraConfig) -> _layout.Layout:
+        """The adapter layout at the rank ``config`` gives this weight (see `layout_of`).
+
+        Raises:
+          ValueError: the rank exceeds what the weight's fan-in or fan-out allows.
+        """
+        rank = config.rank_for(self.paths())
+        layout = layout_of(self.shape, self.roles, rank, embedding=self.embedding)
+        if rank > min(layout.fan_in, layout.fan_out):
+            raise ValueError(
+                f"lorafy: rank {rank} for layer {self.name!r} exceeds min(fan_in="
+                f"{layout.fan_in}, fan_out={layout.fan_out}) of its weight {self.shape}; use a "
+                f"smaller rank, or rank_pattern={{{self.name.rsplit('/', 1)[-1]!r}: ...}}."
+            )
+        return layout
 
 
 def _roles(seen: Seen) -> tuple[str, ...]:
