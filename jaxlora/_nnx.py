@@ -522,6 +522,11 @@ def _merged_path(path: tuple, wrapped: set[tuple]) -> tuple:
 
 def unmerge(merged: nnx.Module, adapted: nnx.Module) -> nnx.Module:
     """A copy of ``adapted`` whose weights come from ``merged`` minus each adapter's ΔW."""
+    if any(True for _ in _modules(merged, _WRAPPERS)):
+        raise ValueError(
+            "unmerge: the first module holds LoRA layers, so it was never merged; pass the "
+            "module that jaxlora.merge returned."
+        )
     out = nnx.clone(adapted)
     wrapped = {path for path, _ in _modules(out, _WRAPPERS)}
     merged_vars = {path: var for path, var in nnx.iter_graph(merged) if isinstance(var, nnx.Param)}
@@ -534,5 +539,14 @@ def unmerge(merged: nnx.Module, adapted: nnx.Module) -> nnx.Module:
                     "module that jaxlora.merge returned for this adapted module."
                 )
             var[...] = source[...]
+    for (name, weight, adapter), (_, base, _) in zip(
+        adapted_weights(out), adapted_weights(adapted), strict=True
+    ):
+        if adapter.lora_b[...].any() and jnp.array_equal(weight[...], base[...]):
+            raise ValueError(
+                f"unmerge: weight {name!r} of the first module equals the adapted module's "
+                "base weight although its adapter is not zero: it was never merged. Pass the "
+                "output of jaxlora.merge(adapted)."
+            )
     _fold(out, -1.0)
     return out

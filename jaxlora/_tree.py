@@ -286,10 +286,36 @@ def merge(params: PyTree) -> PyTree:
     return rebuild(unwrap_trainable(_map_layers(inner, fold)))
 
 
+def _check_was_merged(merged: PyTree, adapted: PyTree) -> None:
+    """Raises if a weight of ``merged`` still equals the adapted tree's base while its ΔW is not
+    zero: subtracting ΔW from weights that never had it added would be silently wrong.
+    Concrete arrays only (under ``jit`` nothing can be compared)."""
+    for name, module, weight, layer in iter_adapters(unwrap_trainable(adapted)):
+        m = subtree(merged, module)
+        if not isinstance(m, Mapping) or weight not in m:
+            continue  # reported by the restore below
+        w_merged, w_base = meta.unbox(m[weight]), meta.unbox(layer[weight])
+        b = meta.unbox(adapter_at(layer, weight).b)
+        if any(isinstance(x, jax.core.Tracer) for x in (w_merged, w_base, b)):
+            return
+        if bool(jnp.any(b != 0)) and bool(jnp.array_equal(w_merged, w_base)):
+            raise ValueError(
+                f"unmerge: weight {name!r} of the first argument equals the adapted tree's "
+                "base weight although its adapter is not zero: these params were never "
+                "merged. Pass the output of jaxlora.merge(adapted)."
+            )
+
+
 def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
     """The adapted tree with kernels ``merged - scale · A ⊗ B`` (see `jaxlora.unmerge`)."""
     merged_inner, _ = params_of(merged)
     adapted_inner, rebuild = params_of(adapted)
+    if has_adapters(merged_inner):
+        raise ValueError(
+            "unmerge: the first argument holds LoRA adapters, so it was never merged; pass "
+            "the plain params that jaxlora.merge returned."
+        )
+    _check_was_merged(merged_inner, adapted_inner)
 
     def restore(m, a, path):
         if isinstance(a, Trainable):

@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import jaxlora
 from tests.support import models
@@ -68,3 +69,35 @@ def test_unmerge_of_unrelated_params_is_an_error():
     )
     with pytest.raises(ValueError, match=r"merged params lack \['dense_1'\]"):
         jaxlora.unmerge({"dense_0": jaxlora.merge(lp)["dense_0"]}, lp)
+
+
+def test_unmerge_of_params_that_were_never_merged_is_an_error():
+    """Subtracting ΔW from weights that never had it added would be silently wrong."""
+    model = models.MLP(features=(16, 8))
+    x = jnp.ones((2, 8))
+    base = model.init(KEY, x)["params"]
+    _, lp = jaxlora.lorafy(model, base, jaxlora.LoraConfig(rank=2), x, key=KEY)
+    lp = _trained(lp)
+    with pytest.raises(ValueError, match=r"holds LoRA adapters, so it was never merged"):
+        jaxlora.unmerge(lp, lp)
+    with pytest.raises(
+        ValueError, match=r"weight 'dense_\d' of the first argument .* never merged"
+    ):
+        jaxlora.unmerge(base, lp)
+    jaxlora.unmerge(jaxlora.merge(lp), lp)  # the real thing still works
+
+
+def test_nnx_unmerge_of_a_module_that_was_never_merged_is_an_error():
+    model = jaxlora.lorafy(
+        models.NnxModel(nnx.Rngs(0)), jaxlora.LoraConfig(rank=2), rngs=nnx.Rngs(1)
+    )
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, jaxlora.LoraParam):
+            var[...] = var[...] + 0.1
+    with pytest.raises(ValueError, match=r"holds LoRA layers, so it was never merged"):
+        jaxlora.unmerge(model, model)
+    chex.assert_trees_all_close(
+        nnx.state(jaxlora.unmerge(jaxlora.merge(model), model), nnx.Param),
+        nnx.state(model, nnx.Param),
+        atol=1e-5,
+    )
