@@ -80,9 +80,7 @@ def test_unmerge_of_params_that_were_never_merged_is_an_error():
     lp = _trained(lp)
     with pytest.raises(ValueError, match=r"holds LoRA adapters, so it was never merged"):
         jaxlora.unmerge(lp, lp)
-    with pytest.raises(
-        ValueError, match=r"weight 'dense_\d' of the first argument .* never merged"
-    ):
+    with pytest.raises(ValueError, match=r"weight 'dense_\d' of the first .* never merged"):
         jaxlora.unmerge(base, lp)
     jaxlora.unmerge(jaxlora.merge(lp), lp)  # the real thing still works
 
