@@ -221,3 +221,57 @@ def test_nnx_module_bridged_into_linen():
     assert row.path == "query" and row.a_shape == (16, 2) and row.b_shape == (2, 2, 8)
     p = _random_b(lora_params)
     _assert_merge_matches(model, lora_model, p, X)
+
+
+class NnxEinsum(nnx.Module):
+    """A Tunix-style NNX einsum module whose __call__ is wrapped in nnx.jit."""
+
+    def __init__(self, shape, eq, rngs):
+        self.w = nnx.Param(0.1 * jax.random.normal(rngs.params(), shape))
+        self.eq = eq
+
+    @nnx.jit
+    def __call__(self, x):
+        return jnp.einsum(self.eq, x, self.w[...])
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.q = NnxEinsum((16, 2, 8), "btd,dnh->btnh", rngs)
+        self.o = NnxEinsum((2, 8, 16), "btnh,nhd->btd", rngs)
+
+    def __call__(self, x):
+        return x + self.o(self.q(x))
+
+
+class NnxStack(nnx.Module):
+    """Three blocks made with nnx.vmap (stacked params) and run with nnx.scan."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NnxBlock(rngs)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_nnx_jit_methods_and_scanned_stacks():
+    model = NnxStack(nnx.Rngs(0))
+    before = model(X)
+    model = jaxlora.lorafy(model, jaxlora.LoraConfig(rank=2), X, rngs=nnx.Rngs(1))
+    rows = {row.path: row for row in jaxlora.summary(model).layers}
+    assert rows.keys() == {"blocks/q/w", "blocks/o/w"}
+    assert rows["blocks/q/w"].a_shape == (3, 16, 2) and rows["blocks/q/w"].b_shape == (3, 2, 2, 8)
+    chex.assert_trees_all_equal(model(X), before)
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, jaxlora.LoraParam):
+            var[...] = var[...] + 0.1
+    chex.assert_trees_all_close(model(X), jaxlora.merge(model)(X), rtol=1e-5, atol=1e-4)
