@@ -5,7 +5,7 @@ from jaxlora._config import LoraConfig
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
 from jaxlora._linen import LoraModel
 from jaxlora._lorafy import lorafy, merge, unmerge
-from jaxlora._nnx import LoraLayer, LoraParam, TrainableParam
+from jaxlora._nnx import LoraLayer, LoraModule, LoraParam, TrainableParam, WeightAdapter
 from jaxlora._peft import export_peft, import_peft, peft_module_map, peft_module_maps
 from jaxlora._placement import adapter_partition_specs, shard_params
 from jaxlora._summary import LayerSummary, Summary, summary
@@ -18,12 +18,14 @@ __all__ = [
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
+    "LoraModule",
     "LoraParam",
     "ResumeState",
     "Summary",
     "TrainCheckpointer",
     "Trainable",
     "TrainableParam",
+    "WeightAdapter",
     "adapter_partition_specs",
     "combine",
     "export_peft",
