@@ -81,7 +81,7 @@ def make_adapter(
         init=config.init,
         dtype=jnp.dtype(config.dtype),
         shardings=_sharding.factor_shardings(
-            f"weight {c.name!r}", raw, layout.delta_eq, rank, rank_axis
+            f"layer {c.name!r}", raw, layout.delta_eq, rank, rank_axis
         ),
     )
     a, b = _sharding.box_factors(weight, a, b, layout.delta_eq, rank_axis)

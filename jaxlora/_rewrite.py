@@ -20,6 +20,7 @@ could not be followed; `call` runs it with adapters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -220,6 +221,16 @@ def _scan(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list]
     return outs, [None] * len(outs)
 
 
+@contextlib.contextmanager
+def _name_scopes(eqn: Any):
+    """The scopes (module path) the equation was traced in, one `jax.named_scope` each."""
+    parts = [p for p in str(eqn.source_info.name_stack).split("/") if p]
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(jax.named_scope(part))
+        yield
+
+
 def _eval(
     walk: _Walk, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], views: Sequence
 ) -> tuple[list[Any], list[View | None]]:
@@ -235,7 +246,9 @@ def _eval(
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
         in_views = [None if isinstance(v, jcore.Literal) else env_views.get(v) for v in eqn.invars]
-        outs, out_views = _eval_eqn(walk, eqn, invals, in_views)
+        # keep the module path in op names (profiles, HLO metadata), adapter ops included
+        with _name_scopes(eqn):
+            outs, out_views = _eval_eqn(walk, eqn, invals, in_views)
         for v, x, view in zip(eqn.outvars, outs, out_views, strict=True):
             if isinstance(v, jcore.DropVar):
                 continue
