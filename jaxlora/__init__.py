@@ -6,7 +6,9 @@ from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
 from jaxlora._linen import LoraModel
 from jaxlora._lorafy import lorafy, merge, unmerge
 from jaxlora._nnx import LoraLayer, LoraModule, LoraParam, TrainableParam, WeightAdapter
-from jaxlora._peft import export_peft, import_peft, peft_module_map, peft_module_maps
+from jaxlora._peft import export_peft
+from jaxlora._peft_import import import_peft
+from jaxlora._peft_names import peft_module_map, peft_module_maps
 from jaxlora._placement import adapter_partition_specs, shard_params
 from jaxlora._summary import LayerSummary, Summary, summary
 from jaxlora._train import make_train_step, optimizer

@@ -250,18 +250,29 @@ def test_corrupt_or_pickle_files_are_never_read(exported, base_params):
         _import(exported, base_params)
 
 
-def test_layers_peft_cannot_express_are_named(tmp_path):
-    class Heads(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.DenseGeneral((2, 4), name="split_heads")(nn.Dense(8, name="proj")(x))
+class _ScannedLayer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.Dense(8, name="dense")(h), None
 
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(
+            _ScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        return scan(name="layers")(x, None)[0]
+
+
+def test_layers_peft_cannot_express_are_named(tmp_path):
     x = jnp.ones((2, 8))
-    params = Heads().init(KEY, x)["params"]
+    params = _Scanned().init(KEY, x)["params"]
     cfg = jaxlora.LoraConfig(rank=2)
-    _, lora_params = jaxlora.lorafy(Heads(), params, cfg, x, key=KEY)
-    with pytest.raises(ValueError, match=r"'split_heads'.*PEFT only has 2-D"):
+    _, lora_params = jaxlora.lorafy(_Scanned(), params, cfg, x, key=KEY)
+    with pytest.raises(ValueError, match=r"'layers/dense'.*\(3, 8, 8\).*stacked axis"):
         jaxlora.export_peft(tmp_path / "out", lora_params, cfg, module_map=MODULE_MAP)
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_replaces_only_adapter_directories(exported, base_params):

@@ -1,0 +1,393 @@
+"""`import_peft`: a PEFT LoRA adapter onto a linen params tree or an NNX module.
+
+In two steps. Matching, which needs no knowledge of how the model uses its weights: every
+torch module (or parameter) of the file finds its flax weight through the module map, and
+each flax weight gets its rank and scale (`_Plan`). Converting, which does: the factors
+are laid out over the weight's input and output axes (`_peft_layouts`), which a linen
+tree's 2-D kernels, embeddings and conv kernels say by themselves, an adapter already on
+the weight says by its ``delta_eq``, and for an NNX module `lorafy` finds by tracing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import meta
+
+from jaxlora import _attach, _nnx, _peft_files, _targeting
+from jaxlora import _peft_layouts as layouts
+from jaxlora._config import LAYER_WEIGHTS, LoraConfig
+from jaxlora._peft_files import CONFIG_NAME, PREFIX, TORCH_LEAF, Factors
+from jaxlora._peft_flax import adapted, base_tree, set_nnx
+from jaxlora._peft_match import Plan, index_of, plans_of, resolve, targeted_missing
+from jaxlora._peft_names import ModuleMap
+from jaxlora._tree import (
+    LoraAdapter,
+    PyTree,
+    adapter_key,
+    subtree,
+    unwrap_trainable,
+    without_adapters,
+)
+
+
+def _check_factor(
+    factor: str, got: tuple[int, ...], want: tuple[int, ...], rank_axis: int, *, where: str
+) -> None:
+    """Raises unless a PEFT factor has the torch layout ``want``."""
+    if got == want:
+        return
+    layout = "(r, in)" if factor == "A" else "(out, r)"
+    if got == want[::-1]:
+        why = "it looks transposed: PEFT files hold torch's (out, in) layout."
+    elif len(got) == len(want) and all(
+        g == w for d, (g, w) in enumerate(zip(got, want, strict=True)) if d != rank_axis
+    ):
+        why = (
+            f"its rank {got[rank_axis]} disagrees with r={want[rank_axis]} that "
+            f"{CONFIG_NAME} gives this layer (r / rank_pattern); the file and config differ."
+        )
+    else:
+        why = "the adapter was trained for another base (other layer sizes)."
+    raise ValueError(
+        f"import_peft: {where}: lora_{factor} has shape {got}, expected {layout} = {want}; {why}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    """A flax weight's shape and the ``delta_eq`` its adapter has (which axes are in, out)."""
+
+    shape: tuple[int, ...]
+    delta_eq: str
+
+
+def _torch_flat(
+    f: Factors, kind: str, n_in: int, n_out: int, experts: int, window, peft_config, name, where
+) -> layouts.Flat:
+    rank = _peft_files.rank_of(peft_config, name)
+    want_a, want_b = layouts.torch_shapes(kind, n_in, n_out, rank, experts, window)
+    _check_factor("A", tuple(f.a.shape), want_a, 0, where=where)
+    _check_factor("B", tuple(f.b.shape), want_b, 1, where=where)
+    scale = _peft_files.scale_of(peft_config, name)
+    return layouts.from_torch(kind, f.a, f.b, experts, scale)
+
+
+def _factors(
+    plan: Plan,
+    plans: Sequence[Plan],
+    weights: Mapping[str, _Weight],
+    by_name: Mapping[str, Factors],
+    peft_config: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """jaxlora's ``(A, B)`` of one planned weight, shapes checked against the file."""
+    weight = weights[plan.path]
+    n_in, n_out = layouts.flat_sizes(weight.delta_eq, weight.shape)
+    experts = weight.shape[0] if layouts.stacked(weight.delta_eq, len(weight.shape)) else 0
+    window = weight.shape[:-2] if plan.kind == layouts.CONV else ()
+    where = f"layer {plan.path!r} ({', '.join(plan.sources)})"
+    args = (plan.kind, n_in)
+    if plan.block is not None:
+        (name,) = plan.sources
+        blocks = sorted((p for p in plans if p.sources == plan.sources), key=lambda p: p.block)
+        outs = [
+            layouts.flat_sizes(weights[p.path].delta_eq, weights[p.path].shape)[1] for p in blocks
+        ]
+        flat = _torch_flat(
+            by_name[name], *args, sum(outs), experts, window, peft_config, name, where
+        )
+        flat = layouts.split_outputs(flat, outs)[plan.block]
+    else:
+        n_out //= len(plan.sources)
+        parts = [
+            _torch_flat(by_name[n], *args, n_out, experts, window, peft_config, n, where)
+            for n in plan.sources
+        ]
+        flat = layouts.concat_outputs(parts)
+    return layouts.from_flat(flat, weight.delta_eq, weight.shape, where=where)
+
+
+def _linen_weight(plan: Plan, inner: Mapping[str, Any]) -> _Weight:
+    """The layout of a linen weight: from its adapter if it has one, else from its kind."""
+    node = subtree(inner, plan.module)
+    shape = tuple(_attach.unmark(node[plan.weight_key]).shape)
+    existing = node.get(adapter_key(plan.weight_key))
+    if isinstance(existing, LoraAdapter):
+        roles = _targeting.roles_of(existing.delta_eq, len(shape))
+    elif plan.kind == layouts.CONV and len(shape) >= 3:
+        roles = (_targeting.IN,) * (len(shape) - 1) + (_targeting.OUT,)
+    elif plan.weight_key in LAYER_WEIGHTS and len(shape) == 2:
+        roles = (_targeting.IN, _targeting.OUT)
+    else:
+        raise ValueError(
+            f"import_peft: the file adapts {plan.path!r} {shape}, whose input and output axes "
+            "jaxlora learns from how the model uses it. Adapt the params first (jaxlora.lorafy "
+            f"with targets=[{plan.path!r}], any rank) and import into the adapted tree."
+        )
+    layout = _targeting.layout_of(shape, roles, plan.rank, embedding=plan.kind == "embedding")
+    return _Weight(shape, layout.delta_eq)
+
+
+def _flax_leaf(module: Mapping[str, Any], torch_leaf: str) -> str | None:
+    candidates = [k for k, v in TORCH_LEAF.items() if v == torch_leaf and k in module]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _leaf(
+    name: str, torch_leaf: str, value: np.ndarray, path: str, node: Any
+) -> tuple[_attach.LeafSpec, np.ndarray]:
+    """A fully trained flax leaf from a PEFT tensor (kernels transposed, base dtype kept)."""
+    leaf = _flax_leaf(node, torch_leaf) if isinstance(node, Mapping) else None
+    if leaf is None:
+        raise ValueError(
+            f"import_peft: {PREFIX}{name}.{torch_leaf} has no flax counterpart: module "
+            f"{path!r} has no single leaf among "
+            f"{[k for k, v in TORCH_LEAF.items() if v == torch_leaf]}; check module_map."
+        )
+    base = _attach.unmark(node[leaf])
+    array = value.T if leaf == "kernel" else value
+    if array.shape != base.shape:
+        raise ValueError(
+            f"import_peft: {PREFIX}{name}.{torch_leaf} has shape {value.shape}; the flax "
+            f"{leaf} {path}/{leaf} is {base.shape}"
+            + (", stored transposed from torch's (out, in)" if leaf == "kernel" else "")
+            + ". The adapter was trained for another base."
+        )
+    spec = _attach.LeafSpec(f"{path}/{leaf}", tuple(base.shape), jax.numpy.dtype(base.dtype).name)
+    return spec, array.astype(base.dtype)
+
+
+def _leaves(
+    tensors: Mapping[tuple[str, str], np.ndarray],
+    modules: Mapping[str, str],
+    plain: Mapping[str, Any],
+    peft_config: Mapping[str, Any],
+) -> tuple[list[tuple[_attach.LeafSpec, np.ndarray]], list[str]]:
+    """The fully trained leaves of the file, and what does not match (both ways)."""
+    leaves, unmatched = [], []
+    biases = peft_config.get("bias", "none") != "none"
+    for (name, torch_leaf), value in tensors.items():
+        path = modules.get(name)
+        key = f"{PREFIX}{name}.{torch_leaf}"
+        if path is None:
+            unmatched.append(f"{key}: no flax module")
+        elif not (
+            _peft_files.in_modules_to_save(peft_config, name) or (biases and torch_leaf == "bias")
+        ):
+            unmatched.append(f"{key}: neither in modules_to_save nor a bias PEFT trains")
+        else:
+            leaves.append(_leaf(name, torch_leaf, value, path, subtree(plain, path)))
+    loaded = {spec.path for spec, _ in leaves}
+    for name, path in modules.items():
+        if not _peft_files.in_modules_to_save(peft_config, name):
+            continue
+        node = subtree(plain, path)
+        for leaf, value in node.items() if isinstance(node, Mapping) else ():
+            missing = f"{path}/{leaf}" not in loaded
+            if leaf in TORCH_LEAF and not isinstance(value, Mapping) and missing:
+                unmatched.append(
+                    f"{PREFIX}{name}.{TORCH_LEAF[leaf]} (modules_to_save) is missing from the file"
+                )
+    return leaves, unmatched
+
+
+def _exact(path: str) -> str:
+    return "re:" + re.escape(path)
+
+
+def _lora_config(
+    peft_config: Mapping[str, Any],
+    plans: Sequence[Plan],
+    leaves: Sequence[_attach.LeafSpec],
+    modules: Mapping[str, str],
+    dtype: str,
+) -> LoraConfig:
+    """The `LoraConfig` of an imported adapter, naming its layers exactly."""
+    r, alpha = peft_config["r"], peft_config["lora_alpha"]
+    names = {path: name for name, path in modules.items()}
+    saved = set()
+    for leaf in leaves:
+        parts = leaf.path.split("/")[:-1]
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        top = next(
+            (p for p in prefixes if _peft_files.in_modules_to_save(peft_config, names.get(p, ""))),
+            None,
+        )
+        if top is not None:
+            saved.add(top)
+    return LoraConfig(
+        rank=r,
+        alpha=alpha,
+        targets=[_exact(p.path) for p in plans],
+        rank_pattern={_exact(p.path): p.rank for p in plans if p.rank != r},
+        alpha_pattern={_exact(p.path): p.alpha for p in plans if p.alpha != alpha},
+        dropout=float(peft_config.get("lora_dropout") or 0.0),
+        rslora=bool(peft_config.get("use_rslora")),
+        dtype=dtype,
+        modules_to_save=[_exact(p) for p in sorted(saved)],
+        bias=peft_config.get("bias", "none"),
+    )
+
+
+def import_peft(
+    directory: str | os.PathLike,
+    model: PyTree | nnx.Module,
+    *inputs: Any,
+    module_map: ModuleMap,
+    rngs: nnx.Rngs | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    allow_unmatched: bool = False,
+) -> tuple[LoraConfig, PyTree | nnx.Module]:
+    """Loads a PEFT LoRA adapter (``adapter_config.json`` + safetensors) onto a flax model.
+
+    Every key must find its flax weight through ``module_map`` with the expected shapes
+    (PEFT's layouts, see `export_peft`): r and alpha from ``r``/``rank_pattern`` and
+    ``lora_alpha``/``alpha_pattern`` (PEFT's matching rules), ``use_rslora`` honoured,
+    ``target_parameters`` (expert weights, routers) and Conv LoRA read. Torch modules that a
+    flax weight fuses (``q_proj``/``k_proj``/``v_proj`` of a ``qkv_einsum``) load onto it
+    with one A when theirs are equal, else with their As stacked along the rank and B
+    block-diagonal (rank the sum of theirs: exact); a fused torch weight (``gate_up_proj``)
+    gives each flax weight its block of B and the shared A. The head factors PEFT saves
+    for an embedding tied to it (``ensure_weight_tying``) are the embedding's own.
+
+    **linen** (``model`` a params tree, base or adapted): adapters replace those already
+    there. Which axes of a weight meet the input is known for a 2-D ``kernel``/
+    ``embedding`` and a conv kernel ``(*window, in, out)``; any other weight (an einsum's
+    ``w``) must already carry an adapter, from `lorafy` with any rank, whose layout is kept.
+    **NNX** (``model`` a base module): a copy is adapted by `lorafy` with the imported
+    config, given example ``inputs`` of its ``__call__`` when it has weights outside Flax's
+    layers (tunix models do), and the factors are put in. Arrays are placed like the
+    weights they adapt (see `load_adapter`), or on ``sharding``.
+
+    Args:
+      directory: a directory written by PEFT's ``save_pretrained`` (or `export_peft`).
+      model: base params (or an adapted tree whose adapters are replaced), or an NNX module.
+      *inputs: NNX: example positional inputs of ``model.__call__``.
+      module_map: flax name -> torch name (see `peft_module_map`, `peft_module_maps`).
+      rngs: NNX: ``nnx.Rngs`` for the adapted module (LoRA dropout); default ``nnx.Rngs(0)``.
+      sharding: put every array here instead of following the base.
+      allow_unmatched: load what matches and warn about the rest (keys with no flax
+        layer, targeted layers or ``modules_to_save`` weights missing from the file),
+        instead of raising.
+
+    Returns:
+      ``(config, adapted)``: a `LoraConfig` naming the adapted weights exactly
+      (``"re:<path>"`` patterns) with PEFT's rank, alpha, dropout, rsLoRA, bias and
+      ``modules_to_save``; and the adapted tree, or the adapted copy of the NNX module.
+
+    Raises:
+      FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``
+        (pickle ``.bin`` files are never read).
+      ValueError: a corrupt file, a key without PEFT's prefix, unknown or missing keys
+        (without ``allow_unmatched``), shapes of another base, transposed factors, a rank
+        that disagrees with the config, or an unsupported PEFT option.
+
+    Example:
+      >>> cfg, lora_params = jaxlora.import_peft(
+      ...     "peft_dir", base_params, module_map=jaxlora.peft_module_maps["bert"])
+      >>> jaxlora.LoraModel(model, cfg).apply({"params": lora_params}, ids)
+      >>> cfg, lora_llama = jaxlora.import_peft(
+      ...     "peft_dir", llama, *inputs, module_map=jaxlora.peft_module_maps["tunix-llama3"])
+    """
+    who = "import_peft"
+    path = Path(directory)
+    source = f"PEFT adapter {str(path)!r}"
+    peft_config = _peft_files.read_config(path)
+    tensors = _peft_files.read_tensors(path)
+    factors, leaf_tensors = _peft_files.group(tensors, path / _peft_files.WEIGHTS_NAME)
+    if not factors:
+        raise ValueError(f"import_peft: {source} holds no LoRA factors (lora_A / lora_B).")
+    inner = base_tree(model, who=who)
+    plain = without_adapters(unwrap_trainable(inner))
+    index = index_of(plain, module_map, who=who)
+    by_name, unmatched = resolve(factors, index, peft_config, module_map)
+    plans, more = plans_of(by_name, index, plain, peft_config)
+    unmatched += more + targeted_missing(index, by_name, plain, peft_config)
+    if not plans:
+        raise ValueError(
+            f"import_peft: no LoRA factor of {source} matches a layer of these params, so "
+            f"there is nothing to load (allow_unmatched=True loads a part, not none):"
+            f"{_attach.listing(unmatched)}\nCheck module_map: it must send the flax "
+            "layer paths to the torch module names in the file."
+        )
+    modules = {n: e[0].path for n, e in index.items() if e[0].block is None and e[0].parts == 1}
+    leaves, unmatched_leaves = _leaves(leaf_tensors, modules, plain, peft_config)
+    dtype = by_name[plans[0].sources[0]].a.dtype.name
+    config = _lora_config(peft_config, plans, [spec for spec, _ in leaves], modules, dtype)
+    unmatched += unmatched_leaves
+    if isinstance(model, nnx.Module):
+        _attach.report_unmatched(unmatched, source=source, who=who, allow_unmatched=allow_unmatched)
+        module = _adapted_copy(model, config, inputs, rngs)
+        weights = {
+            layer.spec.path: _Weight(layer.spec.kernel_shape, layer.spec.delta_eq)
+            for layer in adapted(module, who=who).layers
+        }
+        arrays = {p.path: _factors(p, plans, weights, by_name, peft_config) for p in plans}
+        set_nnx(module, arrays, {spec.path: value for spec, value in leaves}, sharding)
+        return config, module
+    weights = {p.path: _linen_weight(p, inner) for p in plans}
+    specs, adapters = [], {}
+    for p in plans:
+        a, b = _factors(p, plans, weights, by_name, peft_config)
+        node = subtree(plain, p.module)
+        spec = _attach.LayerSpec(
+            path=p.path,
+            weight_key=p.weight_key,
+            kernel_shape=weights[p.path].shape,
+            kernel_dtype=jax.numpy.dtype(meta.unbox(node[p.weight_key]).dtype).name,
+            a_shape=a.shape,
+            b_shape=b.shape,
+            dtype=a.dtype.name,
+            scale=p.scale,
+            delta_eq=weights[p.path].delta_eq,
+        )
+        specs.append(spec)
+        adapters[spec] = (a, b)
+    _attach.plan(
+        model,
+        specs,
+        [spec for spec, _ in leaves],
+        source=source,
+        who=who,
+        allow_unmatched=allow_unmatched,
+        unmatched=unmatched,
+    )
+    placed = {}
+    for spec, (a, b) in adapters.items():
+        a_sharding, b_sharding = _attach.layer_shardings(model, spec, sharding)
+        placed[spec] = LoraAdapter(
+            jax.device_put(a, a_sharding),
+            jax.device_put(b, b_sharding),
+            scale=spec.scale,
+            delta_eq=spec.delta_eq,
+        )
+    trainable = {
+        spec.path: jax.device_put(value, _attach.leaf_sharding(model, spec, sharding))
+        for spec, value in leaves
+    }
+    return config, _attach.attach(model, placed, trainable)
+
+
+def _adapted_copy(
+    model: nnx.Module, config: LoraConfig, inputs: tuple, rngs: nnx.Rngs | None
+) -> nnx.Module:
+    """A copy of an NNX module adapted by `lorafy` with ``config`` (factors still random)."""
+    module = nnx.clone(model)
+    try:
+        return _nnx.lorafy(module, config, *inputs, rngs=rngs or nnx.Rngs(0))
+    except ValueError as e:
+        if inputs:
+            raise
+        raise ValueError(
+            f"import_peft: {e}\nThe file adapts weights jaxlora finds by tracing the module: "
+            "pass example inputs of its __call__, import_peft(directory, module, *inputs, "
+            "module_map=...)."
+        ) from e
