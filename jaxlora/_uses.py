@@ -160,7 +160,8 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _dot_delta(x, first, second, *, geo: _Geometry, scale: float, rank_last: int):
+def _dot_delta(x, first, second, *, geo: _Geometry, scale: float):
+    """``scale · x·first·second`` laid out as ``dot_general(x, W)`` (or ``(W, x)``) lays it out."""
     nb = len(geo.w_batch)
     if not nb:
         y = _layout.linear_delta(x, first, second, geo.x_contract, scale)
@@ -172,7 +173,7 @@ def _dot_delta(x, first, second, *, geo: _Geometry, scale: float, rank_last: int
         batch = tuple(range(nb))
         y = lax.dot_general(h, second, (((h.ndim - 1,), (nb,)), (batch, batch)))
     if geo.weight_first:  # dot_general puts the weight's free axes before the input's
-        n_x = y.ndim - nb - rank_last
+        n_x = y.ndim - nb - len(geo.w_free)
         y = jnp.moveaxis(y, tuple(range(nb, nb + n_x)), tuple(range(y.ndim - n_x, y.ndim)))
     return y
 
@@ -245,5 +246,5 @@ def adapted_output(
     if op == "ragged_dot_general":
         fn = functools.partial(_ragged_delta, scale=scale)
         return _layout.add_delta(y, fn, x, first, second, operands[2])
-    fn = functools.partial(_dot_delta, geo=geo, scale=scale, rank_last=len(geo.w_free))
+    fn = functools.partial(_dot_delta, geo=geo, scale=scale)
     return _layout.add_delta(y, fn, x, first, second)

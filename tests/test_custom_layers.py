@@ -275,3 +275,23 @@ def test_nnx_jit_methods_and_scanned_stacks():
         if isinstance(var, jaxlora.LoraParam):
             var[...] = var[...] + 0.1
     chex.assert_trees_all_close(model(X), jaxlora.merge(model)(X), rtol=1e-5, atol=1e-4)
+
+
+class WeightFirst(nn.Module):
+    """dot_general with the weight as the left operand, plain and batched over experts."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(), (16, 8))
+        plain = jax.lax.dot_general(w, x, (((0,), (2,)), ((), ())))  # (8, batch, time)
+        e = self.param("e", nn.initializers.normal(), (3, 16, 8))
+        batched = jax.lax.dot_general(e, jnp.stack([x] * 3), (((1,), (3,)), ((0,), (0,))))
+        return plain.sum(0) + (batched**2).sum((0, 1))
+
+
+def test_weight_as_the_left_operand():
+    model = WeightFirst()
+    params = model.init(KEY, X)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["w", "e"])
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    _assert_merge_matches(model, lora_model, _random_b(lora_params), X)
