@@ -44,6 +44,7 @@ _PASS_THROUGH = frozenset(
         "mesh_cast",
         "reduce_precision",
         "pvary",
+        "name",  # jax.ad_checkpoint.checkpoint_name
     }
 )
 _INLINED = frozenset({"jit", "pjit", "closed_call", "core_call"})

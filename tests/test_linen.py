@@ -255,3 +255,20 @@ def test_example_inputs_may_be_abstract(tiny_lm):
     spec = jax.ShapeDtypeStruct(IDS.shape, IDS.dtype)
     _, lp = jaxlora.lorafy(model, params, jaxlora.LoraConfig(targets=["up"]), spec, key=KEY)
     assert len(jaxlora.summary(lp).layers) == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"targets": ["query", "valeu"]}, r"targets pattern 'valeu' matches no layer"),
+        ({"exclude": ["qurey"]}, r"exclude pattern 'qurey' matches no layer"),
+        ({"targets": ["query"], "rank_pattern": {"value": 2}}, r"rank_pattern key 'value'"),
+        ({"alpha_pattern": {"re:.*nope": 2.0}}, r"alpha_pattern key 're:.\*nope'"),
+    ],
+    ids=["target", "exclude", "rank_pattern", "alpha_pattern"],
+)
+def test_every_pattern_that_matches_nothing_is_an_error(tiny_lm, fields, message):
+    """One misspelt entry among good ones used to be ignored silently."""
+    model, params = tiny_lm
+    with pytest.raises(ValueError, match=message):
+        jaxlora.lorafy(model, params, jaxlora.LoraConfig(**fields), IDS, key=KEY)
