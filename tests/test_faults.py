@@ -7,6 +7,12 @@ lists the same cases.
 import dataclasses
 import json
 import math
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import chex
 import jax
@@ -16,8 +22,9 @@ import optax
 import pytest
 
 import jaxlora
-from tests.support import models
+from tests.support import models, save_loop
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = jax.random.key(0)
 X = jax.random.normal(KEY, (4, 16))
 
@@ -310,3 +317,54 @@ def test_another_base_of_the_same_shapes_is_refused_naming_the_layers(tmp_path, 
             tmp_path / "adapter", _placed(other, placement), allow_other_base=True
         )
     chex.assert_trees_all_equal(jaxlora.split(loaded)[0], jaxlora.split(lora_params)[0])
+
+
+# --- interrupted saves: the next successful save removes what they left --------------------
+
+
+def _staging(directory):
+    return sorted(p.name for p in directory.iterdir() if ".staging-" in p.name)
+
+
+def test_next_save_removes_the_staging_folders_of_interrupted_saves_only(tmp_path):
+    _, lora_params, cfg = _adapted()
+    for name in (".adapter.staging-0123", ".adapter.staging-4567/previous", ".other.staging-89"):
+        (tmp_path / name).mkdir(parents=True)
+    jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
+    assert _staging(tmp_path) == [".other.staging-89"]  # another target's: not ours
+    jaxlora.export_peft(tmp_path / "other", lora_params, cfg, module_map=jaxlora.peft_module_map())
+    assert _staging(tmp_path) == []
+
+
+def test_sigkills_mid_save_leave_a_complete_version_and_no_staging_after_the_next(tmp_path):
+    params, cfg, adapted = save_loop.versions()
+    adapter, rng = tmp_path / "adapter", random.Random(14)
+    jaxlora.save_adapter(adapter, adapted[0], cfg)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.save_loop", str(adapter)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        wanted = f"SAVING {rng.randrange(1, 3)}"
+        while proc.stdout.readline().strip() != wanted:
+            pass
+        time.sleep(rng.uniform(0.0, 0.08))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        try:
+            _, loaded = jaxlora.load_adapter(adapter, params)
+        except FileNotFoundError as e:  # killed between the two renames: both copies named
+            assert "interrupted" in str(e), e
+            continue
+        trained = jaxlora.split(loaded)[0]
+        assert any(
+            jax.tree.all(jax.tree.map(jnp.array_equal, trained, jaxlora.split(v)[0]))
+            for v in adapted
+        )
+    jaxlora.save_adapter(adapter, adapted[1], cfg)
+    assert _staging(tmp_path) == []
+    chex.assert_trees_all_equal(jaxlora.load_adapter(adapter, params)[1], adapted[1])
