@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -368,3 +369,19 @@ def test_sigkills_mid_save_leave_a_complete_version_and_no_staging_after_the_nex
     jaxlora.save_adapter(adapter, adapted[1], cfg)
     assert _staging(tmp_path) == []
     chex.assert_trees_all_equal(jaxlora.load_adapter(adapter, params)[1], adapted[1])
+
+
+# --- the README's table ------------------------------------------------------------------
+
+
+def test_readme_failure_table_quotes_messages_the_code_raises():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 12  # header + the 11 cases above
+    source = "".join(p.read_text() for p in (ROOT / "jaxlora").glob("*.py"))
+    quoted = [q for row in rows[1:] for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
+    messages = [q for q in quoted if " " in q and not q.startswith(("allow_", "step."))]
+    assert len(messages) >= 10
+    missing = [m for m in messages if m not in source]
+    assert not missing, f"README quotes messages the code no longer has: {missing}"
