@@ -169,7 +169,7 @@ def save_adapter(
 def _record_checksum(record: Mapping[str, Any]) -> str:
     """SHA-256 of the record without its checksum, as canonical JSON."""
     body = {k: v for k, v in record.items() if k != "checksum"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
