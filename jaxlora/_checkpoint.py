@@ -152,6 +152,7 @@ def save_adapter(
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
     target = Path(directory)
+    _files.check_parent(target, who="save_adapter")
     if target.exists() and any(target.iterdir()) and not _is_adapter(target):
         raise ValueError(
             f"save_adapter: {target} exists and is not an adapter saved by jaxlora; "
@@ -536,6 +537,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = Path(directory).absolute()
+        _files.check_parent(self.directory, who="TrainCheckpointer")
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={

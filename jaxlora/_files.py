@@ -146,6 +146,24 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
         )
 
 
+def check_parent(target: str | os.PathLike, *, who: str) -> None:
+    """Raises a clear error if ``target`` cannot be created because an ancestor is a file.
+
+    Args:
+      target: the directory about to be written.
+      who: the calling function, for the message.
+    """
+    target = Path(target).absolute()
+    for ancestor in target.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(
+                    f"{who}: cannot write {target}: {ancestor} is a file, not a directory. "
+                    "Choose a path whose parents are directories (or can be created)."
+                )
+            return
+
+
 def missing_hint(target: str | os.PathLike) -> str:
     """Where the complete copies are if a save to ``target`` was interrupted, or ``""``."""
     target = Path(target).absolute()

@@ -352,6 +352,7 @@ def export_peft(
 
 
 def _write(target: Path, peft_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    _files.check_parent(target, who="export_peft")
     ours = {CONFIG_NAME, WEIGHTS_NAME, *_KEPT_ON_REPLACE}
     foreign = (
         sorted(p.name for p in target.iterdir() if p.name not in ours) if target.is_dir() else []

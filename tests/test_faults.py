@@ -413,6 +413,29 @@ def test_sigkills_mid_save_leave_a_complete_version_and_no_staging_after_the_nex
     chex.assert_trees_all_equal(jaxlora.load_adapter(adapter, params)[1], adapted[1])
 
 
+# --- unwritable paths ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("saver", ["save_adapter", "export_peft", "TrainCheckpointer"])
+def test_a_path_under_a_file_is_one_clear_error_naming_the_file(tmp_path, saver):
+    _, lora_params, cfg = _adapted()
+    (tmp_path / "file").write_text("not a directory")
+    target = tmp_path / "file" / "sub" / "out"
+    save = {
+        "save_adapter": lambda: jaxlora.save_adapter(target, lora_params, cfg),
+        "export_peft": lambda: jaxlora.export_peft(
+            target, lora_params, cfg, module_map=jaxlora.peft_module_map()
+        ),
+        "TrainCheckpointer": lambda: jaxlora.TrainCheckpointer(target),
+    }[saver]
+    with pytest.raises(NotADirectoryError) as e:
+        save()
+    assert str(e.value) == (
+        f"{saver}: cannot write {target}: {tmp_path / 'file'} is a file, not a directory. "
+        "Choose a path whose parents are directories (or can be created)."
+    )
+
+
 # --- the README's table ------------------------------------------------------------------
 
 
@@ -420,7 +443,7 @@ def test_readme_failure_table_quotes_messages_the_code_raises():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 13  # header + the 12 cases above
+    assert len(rows) == 14  # header + the 13 cases above
     source = "".join(p.read_text() for p in (ROOT / "jaxlora").glob("*.py"))
     quoted = [q for row in rows[1:] for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
     messages = [q for q in quoted if " " in q and not q.startswith(("allow_", "step."))]
