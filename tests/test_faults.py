@@ -32,12 +32,15 @@ KEY = jax.random.key(0)
 X = jax.random.normal(KEY, (4, 16))
 
 
+MODEL = models.MLP(features=(64, 64, 32))
+CONFIG = jaxlora.LoraConfig(rank=4, targets=["dense_0", "dense_1"])
+
+
 def _adapted(**cfg_kwargs):
     """MLP base params, the adapted tree with non-zero B, and the config."""
-    model = models.MLP(features=(64, 64, 32))
-    params = model.init(KEY, X)["params"]
-    cfg = jaxlora.LoraConfig(rank=4, targets=["dense_0", "dense_1"], **cfg_kwargs)
-    _, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    params = MODEL.init(KEY, X)["params"]
+    cfg = dataclasses.replace(CONFIG, **cfg_kwargs)
+    _, lora_params = jaxlora.lorafy(MODEL, params, cfg, X, key=KEY)
     trainable, frozen = jaxlora.split(lora_params)
     trainable = jax.tree.map(lambda x: x + 0.01 * jnp.arange(x.size).reshape(x.shape), trainable)
     return params, jaxlora.combine(trainable, frozen), cfg
@@ -136,7 +139,7 @@ def test_restore_refuses_a_changed_scale_like_a_changed_rank(tmp_path, changed):
         same = ckpt.restore(1, lora_params, tx.init(lora_params))
         chex.assert_trees_all_equal(same.params, lora_params)
         other_cfg = dataclasses.replace(cfg, **changed)
-        _, other = jaxlora.lorafy(models.MLP(features=(64, 64, 32)), params, other_cfg, X, key=KEY)
+        _, other = jaxlora.lorafy(MODEL, params, other_cfg, X, key=KEY)
         with pytest.raises(ValueError, match=r"step 1 .* does not fit") as e:
             ckpt.restore(1, other, jaxlora.optimizer(optax.adam(1e-3), other).init(other))
     old, new = cfg.scale_for("dense_1"), other_cfg.scale_for("dense_1")
@@ -148,8 +151,8 @@ def test_restore_refuses_a_changed_scale_like_a_changed_rank(tmp_path, changed):
 
 def _mse_loss(params, batch):
     x, y = batch
-    model = jaxlora.LoraModel(models.MLP(features=(64, 64, 32)), jaxlora.LoraConfig())
-    return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+    y_hat = jaxlora.LoraModel(MODEL, CONFIG).apply({"params": params}, x)
+    return jnp.mean((y_hat - y) ** 2)
 
 
 def _batches():
