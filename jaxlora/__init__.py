@@ -1,5 +1,7 @@
 """jaxlora: LoRA fine-tuning for JAX and Flax."""
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -151,6 +152,7 @@ def save_adapter(
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
     target = Path(directory)
+    _files.check_parent(target, who="save_adapter")
     if target.exists() and any(target.iterdir()) and not _is_adapter(target):
         raise ValueError(
             f"save_adapter: {target} exists and is not an adapter saved by jaxlora; "
@@ -168,7 +170,7 @@ def save_adapter(
 def _record_checksum(record: Mapping[str, Any]) -> str:
     """SHA-256 of the record without its checksum, as canonical JSON."""
     body = {k: v for k, v in record.items() if k != "checksum"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -482,6 +484,15 @@ def _global_rng(key_data: Any, params: PyTree) -> Any:
     return _sharding.place_on_mesh_of(params, key_data)
 
 
+class _DamagedStep(ValueError):
+    """A training checkpoint step that cannot be read (truncated, corrupt or missing files)."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 class TrainCheckpointer:
     """Resumable training checkpoints: trainable params, optimizer state, step, RNG, data state.
 
@@ -526,6 +537,7 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = Path(directory).absolute()
+        _files.check_parent(self.directory, who="TrainCheckpointer")
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
@@ -585,10 +597,38 @@ class TrainCheckpointer:
         return self._manager.latest_step()
 
     def restore_latest(self, params: PyTree, opt_state: PyTree) -> ResumeState | None:
-        """The newest complete checkpoint (see `restore`), or None if there is none."""
+        """The newest readable checkpoint (see `restore`), or None if there is none.
+
+        A damaged newer step (a truncated or corrupt file, a missing item) is skipped with
+        a warning naming it.
+
+        Raises:
+          ValueError: every step on disk is damaged (each is named), or the newest
+            readable one does not fit the templates.
+        """
         self.wait()
-        step = self._manager.latest_step()
-        return None if step is None else self.restore(step, params, opt_state)
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                resumed = self.restore(step, params, opt_state)
+            except _DamagedStep as e:
+                damaged.append(str(e))
+                continue
+            if damaged:
+                warnings.warn(
+                    f"TrainCheckpointer: resuming from step {step}; newer steps are damaged:"
+                    f"{_attach.listing(damaged)}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return resumed
+        if damaged:
+            raise ValueError(
+                f"TrainCheckpointer: every checkpoint in {self.directory} is damaged:"
+                f"{_attach.listing(damaged)}\nStart afresh in a new directory (or restore "
+                "the checkpoints from a copy)."
+            )
+        return None
 
     def restore(self, step: int, params: PyTree, opt_state: PyTree) -> ResumeState:
         """Restores the checkpoint at ``step`` into the placement of the given templates.
@@ -605,17 +645,22 @@ class TrainCheckpointer:
           The `ResumeState`.
 
         Raises:
-          ValueError: the checkpoint does not fit the templates (another model, config or
-            optimizer: other shapes, or for linen params another alpha or rank, i.e. another
-            adapter scale); the message lists the differing leaves or layers.
+          ValueError: the step is damaged (unreadable files; the message names the step
+            and the cause), or it does not fit the templates (another model, config or
+            optimizer: other shapes, or for linen params another alpha or rank, i.e.
+            another adapter scale); the message lists the differing leaves or layers.
         """
         self.wait()
         trainable, rebuild = _trained_part(params)
-        meta = self._manager.restore(
-            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-        )[_META]
-        stored = self._manager.item_metadata(step)[_STATE]
-        rng_shape = tuple(stored["rng"].shape)
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+            )[_META]
+            stored = self._manager.item_metadata(step)[_STATE]
+            rng_shape = tuple(stored["rng"].shape)
+            data_state, rng_impl = meta["data_state"], meta["rng_impl"]
+        except Exception as e:
+            raise self._damaged(step, e) from e
         abstract = {
             "params": _abstract(trainable),
             "opt_state": _abstract(opt_state),
@@ -631,12 +676,19 @@ class TrainCheckpointer:
                 "model, LoraConfig and optimizer the run was saved with."
             )
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
-        state = self._manager.restore(step, args=args)[_STATE]
+        try:
+            state = self._manager.restore(step, args=args)[_STATE]
+        except Exception as e:
+            raise self._damaged(step, e) from e
         rng = state["rng"]
-        if meta["rng_impl"] is not None:
-            rng = jax.random.wrap_key_data(rng, impl=meta["rng_impl"])
-        return ResumeState(
-            step, rebuild(state["params"]), state["opt_state"], rng, meta["data_state"]
+        if rng_impl is not None:
+            rng = jax.random.wrap_key_data(rng, impl=rng_impl)
+        return ResumeState(step, rebuild(state["params"]), state["opt_state"], rng, data_state)
+
+    def _damaged(self, step: int, cause: BaseException) -> _DamagedStep:
+        return _DamagedStep(
+            f"step {step} in {self.directory} is damaged (a file is missing, truncated or "
+            f"corrupt: {_first_line(cause)})"
         )
 
     def wait(self) -> None:

@@ -4,7 +4,8 @@ A save is written into a private staging directory next to its target and only t
 renamed into place; the previous version is moved aside first and deleted last. Killed
 at any point, the target is either the old complete directory or the new complete one
 (or, between the two renames, absent, with both complete copies in the staging
-directory, which `missing_hint` points to).
+directory, which `missing_hint` points to). The next successful save to the target
+deletes the staging directories a killed save left.
 
 With several JAX processes (``jax.distributed``) every process saves to the same path
 on a filesystem they share: process 0 makes the staging directory and tells the others
@@ -57,6 +58,16 @@ def _make_staging(target: Path) -> Path:
     return _staging_path(target, from_primary(token))
 
 
+def _remove_stale_staging(target: Path) -> None:
+    """Deletes the staging directories of ``target`` that interrupted saves left behind.
+
+    Called once a save is installed, so their copies (`missing_hint`) are out of date.
+    Only one save to a target may run at a time: another one's staging goes too.
+    """
+    for stale in target.parent.glob(f".{target.name}{_STAGING}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _install(new: Path, target: Path, staging: Path) -> None:
     if not new.is_dir():
         raise RuntimeError(f"internal error: nothing was written to {new}")
@@ -83,7 +94,8 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
     succeeded: if one raised, it re-raises and the others raise an error naming it, with
     ``target`` untouched (rather than waiting for it at a barrier). Otherwise process 0
     installs the new version; no process leaves before it is in place, and if installing
-    fails every process raises.
+    fails every process raises. Once installed, the staging directories that earlier
+    interrupted saves to ``target`` left are deleted.
 
     Args:
       target: the directory to create or replace.
@@ -124,12 +136,32 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
             failure = e
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if failure is None:
+            _remove_stale_staging(target)
     if from_primary(np.int32(failure is not None)):  # also waits for process 0 to finish
         if failure is not None:
             raise failure
         raise RuntimeError(
             f"process 0 could not install the new version of {target}; see its error."
         )
+
+
+def check_parent(target: str | os.PathLike, *, who: str) -> None:
+    """Raises a clear error if ``target`` cannot be created because an ancestor is a file.
+
+    Args:
+      target: the directory about to be written.
+      who: the calling function, for the message.
+    """
+    target = Path(target).absolute()
+    for ancestor in target.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(
+                    f"{who}: cannot write {target}: {ancestor} is a file, not a directory. "
+                    "Choose a path whose parents are directories (or can be created)."
+                )
+            return
 
 
 def missing_hint(target: str | os.PathLike) -> str:

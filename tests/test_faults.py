@@ -5,8 +5,17 @@ lists the same cases.
 """
 
 import dataclasses
+import gc
 import json
 import math
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import chex
 import jax
@@ -16,18 +25,22 @@ import optax
 import pytest
 
 import jaxlora
-from tests.support import models
+from tests.support import models, save_loop
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = jax.random.key(0)
 X = jax.random.normal(KEY, (4, 16))
 
 
+MODEL = models.MLP(features=(64, 64, 32))
+CONFIG = jaxlora.LoraConfig(rank=4, targets=["dense_0", "dense_1"])
+
+
 def _adapted(**cfg_kwargs):
     """MLP base params, the adapted tree with non-zero B, and the config."""
-    model = models.MLP(features=(64, 64, 32))
-    params = model.init(KEY, X)["params"]
-    cfg = jaxlora.LoraConfig(rank=4, targets=["dense_0", "dense_1"], **cfg_kwargs)
-    _, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
+    params = MODEL.init(KEY, X)["params"]
+    cfg = dataclasses.replace(CONFIG, **cfg_kwargs)
+    _, lora_params = jaxlora.lorafy(MODEL, params, cfg, X, key=KEY)
     trainable, frozen = jaxlora.split(lora_params)
     trainable = jax.tree.map(lambda x: x + 0.01 * jnp.arange(x.size).reshape(x.shape), trainable)
     return params, jaxlora.combine(trainable, frozen), cfg
@@ -126,7 +139,7 @@ def test_restore_refuses_a_changed_scale_like_a_changed_rank(tmp_path, changed):
         same = ckpt.restore(1, lora_params, tx.init(lora_params))
         chex.assert_trees_all_equal(same.params, lora_params)
         other_cfg = dataclasses.replace(cfg, **changed)
-        _, other = jaxlora.lorafy(models.MLP(features=(64, 64, 32)), params, other_cfg, X, key=KEY)
+        _, other = jaxlora.lorafy(MODEL, params, other_cfg, X, key=KEY)
         with pytest.raises(ValueError, match=r"step 1 .* does not fit") as e:
             ckpt.restore(1, other, jaxlora.optimizer(optax.adam(1e-3), other).init(other))
     old, new = cfg.scale_for("dense_1"), other_cfg.scale_for("dense_1")
@@ -138,8 +151,8 @@ def test_restore_refuses_a_changed_scale_like_a_changed_rank(tmp_path, changed):
 
 def _mse_loss(params, batch):
     x, y = batch
-    model = jaxlora.LoraModel(models.MLP(features=(64, 64, 32)), jaxlora.LoraConfig())
-    return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+    y_hat = jaxlora.LoraModel(MODEL, CONFIG).apply({"params": params}, x)
+    return jnp.mean((y_hat - y) ** 2)
 
 
 def _batches():
@@ -245,7 +258,7 @@ def _loads_exactly_or_one_clear_error(adapter, params, expected_cfg, expected):
     return "exact"
 
 
-# orbax leaves a coroutine whose read failed un-awaited; the error itself reaches us.
+# orbax leaves a coroutine whose read failed un-finalised; the error itself reaches us.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("part", ["record", "arrays"])
 def test_bit_flips_in_an_adapter_load_exactly_or_raise_one_clear_error(tmp_path, part):
@@ -263,6 +276,7 @@ def test_bit_flips_in_an_adapter_load_exactly_or_raise_one_clear_error(tmp_path,
             finally:
                 file.write_bytes(original)
             outcomes[(file.name, position)] = outcome
+    gc.collect()  # finalises orbax's failed reads here, under this test's warning filter
     assert "error" in outcomes.values()
     if part == "record":  # every byte of the JSON record matters: each flip is caught
         assert {o for (name, _), o in outcomes.items() if name == "metadata"} == {"error"}
@@ -310,3 +324,132 @@ def test_another_base_of_the_same_shapes_is_refused_naming_the_layers(tmp_path, 
             tmp_path / "adapter", _placed(other, placement), allow_other_base=True
         )
     chex.assert_trees_all_equal(jaxlora.split(loaded)[0], jaxlora.split(lora_params)[0])
+
+
+def _damage(step_dir, how):
+    if how == "truncated array file":
+        for data in (step_dir / "state").rglob("d/*"):
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif how == "bad metadata JSON":
+        (step_dir / "meta" / "metadata").write_text('{"data_state": {"pos')
+    else:
+        shutil.rmtree(step_dir / "state")
+
+
+# orbax leaves a coroutine whose read failed un-finalised; the error itself reaches us.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["truncated array file", "bad metadata JSON", "missing state/"])
+def test_a_damaged_newest_step_falls_back_to_the_newest_readable_one(tmp_path, how):
+    _, lora_params, _ = _adapted()
+    tx = jaxlora.optimizer(optax.adam(1e-3), lora_params)
+    states = {s: jax.tree.map(lambda x, s=s: x * s, lora_params) for s in (1, 2, 3)}
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        for s, params in states.items():
+            ckpt.save(s, params, tx.init(params), KEY, {"position": s})
+    _damage(tmp_path / "ckpt" / "3", how)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.warns(UserWarning, match=r"resuming from step 2; newer steps are damaged"):
+            resumed = ckpt.restore_latest(lora_params, tx.init(lora_params))
+        assert (resumed.step, resumed.data_state) == (2, {"position": 2})
+        chex.assert_trees_all_equal(jaxlora.split(resumed.params)[0], jaxlora.split(states[2])[0])
+        with pytest.raises(ValueError, match=r"step 3 in .* is damaged \(a file is missing"):
+            ckpt.restore(3, lora_params, tx.init(lora_params))
+    for step in (1, 2):
+        _damage(tmp_path / "ckpt" / str(step), how)
+    with (
+        jaxlora.TrainCheckpointer(tmp_path / "ckpt") as ckpt,
+        pytest.raises(ValueError, match=r"every checkpoint in .* is damaged") as e,
+    ):
+        ckpt.restore_latest(lora_params, tx.init(lora_params))
+    assert all(f"step {s} in" in str(e.value) for s in (1, 2, 3))
+    gc.collect()  # finalises orbax's failed reads here, under this test's warning filter
+
+
+# --- interrupted saves: the next successful save removes what they left --------------------
+
+
+def _staging(directory):
+    return sorted(p.name for p in directory.iterdir() if ".staging-" in p.name)
+
+
+def test_next_save_removes_the_staging_folders_of_interrupted_saves_only(tmp_path):
+    _, lora_params, cfg = _adapted()
+    for name in (".adapter.staging-0123", ".adapter.staging-4567/previous", ".other.staging-89"):
+        (tmp_path / name).mkdir(parents=True)
+    jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
+    assert _staging(tmp_path) == [".other.staging-89"]  # another target's: not ours
+    jaxlora.export_peft(tmp_path / "other", lora_params, cfg, module_map=jaxlora.peft_module_map())
+    assert _staging(tmp_path) == []
+
+
+def test_sigkills_mid_save_leave_a_complete_version_and_no_staging_after_the_next(tmp_path):
+    params, cfg, adapted = save_loop.versions()
+    adapter, rng = tmp_path / "adapter", random.Random(14)
+    jaxlora.save_adapter(adapter, adapted[0], cfg)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.save_loop", str(adapter)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        wanted = f"SAVING {rng.randrange(1, 3)}"
+        while proc.stdout.readline().strip() != wanted:
+            pass
+        time.sleep(rng.uniform(0.0, 0.08))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        try:
+            _, loaded = jaxlora.load_adapter(adapter, params)
+        except FileNotFoundError as e:  # killed between the two renames: both copies named
+            assert "interrupted" in str(e), e
+            continue
+        trained = jaxlora.split(loaded)[0]
+        assert any(
+            jax.tree.all(jax.tree.map(jnp.array_equal, trained, jaxlora.split(v)[0]))
+            for v in adapted
+        )
+    jaxlora.save_adapter(adapter, adapted[1], cfg)
+    assert _staging(tmp_path) == []
+    chex.assert_trees_all_equal(jaxlora.load_adapter(adapter, params)[1], adapted[1])
+
+
+# --- unwritable paths ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("saver", ["save_adapter", "export_peft", "TrainCheckpointer"])
+def test_a_path_under_a_file_is_one_clear_error_naming_the_file(tmp_path, saver):
+    _, lora_params, cfg = _adapted()
+    (tmp_path / "file").write_text("not a directory")
+    target = tmp_path / "file" / "sub" / "out"
+    save = {
+        "save_adapter": lambda: jaxlora.save_adapter(target, lora_params, cfg),
+        "export_peft": lambda: jaxlora.export_peft(
+            target, lora_params, cfg, module_map=jaxlora.peft_module_map()
+        ),
+        "TrainCheckpointer": lambda: jaxlora.TrainCheckpointer(target),
+    }[saver]
+    with pytest.raises(NotADirectoryError) as e:
+        save()
+    assert str(e.value) == (
+        f"{saver}: cannot write {target}: {tmp_path / 'file'} is a file, not a directory. "
+        "Choose a path whose parents are directories (or can be created)."
+    )
+
+
+# --- the README's table ------------------------------------------------------------------
+
+
+def test_readme_failure_table_quotes_messages_the_code_raises():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 14  # header + the 13 cases above
+    source = "".join(p.read_text() for p in (ROOT / "jaxlora").glob("*.py"))
+    quoted = [q for row in rows[1:] for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
+    messages = [q for q in quoted if " " in q and not q.startswith(("allow_", "step."))]
+    assert len(messages) >= 10
+    missing = [m for m in messages if m not in source]
+    assert not missing, f"README quotes messages the code no longer has: {missing}"

@@ -2,6 +2,7 @@
 
 import inspect
 import re
+import tomllib
 from pathlib import Path
 
 import jaxlora
@@ -15,6 +16,13 @@ def test_every_public_name_is_exported_and_documented():
     for name in jaxlora.__all__:
         obj = getattr(jaxlora, name)
         assert inspect.getdoc(obj), f"jaxlora.{name} has no docstring"
+
+
+def test_version_is_the_package_version():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", jaxlora.__version__), jaxlora.__version__
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["dynamic"] == ["version"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "jaxlora.__version__"}
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
