@@ -183,6 +183,7 @@ def group(
 
 def write(target: Path, peft_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
     """Replaces ``target`` with a PEFT adapter directory, atomically (process 0 writes)."""
+    _files.check_parent(target, who="export_peft")
     ours = {CONFIG_NAME, WEIGHTS_NAME, *_KEPT_ON_REPLACE}
     foreign = (
         sorted(p.name for p in target.iterdir() if p.name not in ours) if target.is_dir() else []
