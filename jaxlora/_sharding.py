@@ -52,7 +52,8 @@ def factor_axes(
     Args:
       kernel_axes: one entry per stored kernel axis (stack axes first): a mesh or logical
         axis name, a tuple of names, or None (replicated). Shorter sequences are padded
-        with None, like a `PartitionSpec`.
+        with None at the end, like a `PartitionSpec`, and then have no stacked axes: for
+        a stored weight pass one entry per axis (`factor_shardings` pads its spec).
       delta_eq: the adapter's ``delta_eq`` (``"...A,...B->...kernel"``).
       rank_axis: name to shard the rank axis over; skipped in a factor that already uses it.
 
@@ -77,6 +78,17 @@ def factor_axes(
         return (*stack, *axes)
 
     return one(a_idx), one(b_idx)
+
+
+def _full(axes: Sequence[AxisEntry] | None, ndim: int) -> tuple[AxisEntry, ...]:
+    """``axes`` with one entry per axis of an ``ndim``-axis weight, as a `PartitionSpec` reads it.
+
+    A spec may leave trailing axes out (``jit`` outputs do: ``P("expert", "model")`` for an
+    ``(experts, in, out)`` weight sharded ``("expert", "model", None)``); `factor_axes` reads
+    leading entries beyond the kernel's own axes as stacked axes, so it needs them all.
+    """
+    axes = tuple(axes or ())
+    return (*axes, *(None,) * (ndim - len(axes)))
 
 
 def mesh_axes_size(mesh: Any, axes: Sequence[str], *, where: str, fix: str) -> int:
@@ -171,7 +183,7 @@ def factor_shardings(
     if sharding is None:
         return None
     _check_rank_axis(layer, sharding.mesh, rank_axis, rank)
-    a_axes, b_axes = factor_axes(tuple(sharding.spec), delta_eq, rank_axis)
+    a_axes, b_axes = factor_axes(_full(sharding.spec, kernel.ndim), delta_eq, rank_axis)
     return (
         NamedSharding(sharding.mesh, PartitionSpec(*a_axes)),
         NamedSharding(sharding.mesh, PartitionSpec(*b_axes)),
@@ -228,7 +240,7 @@ def box_factors(
     """A and B in boxes like a linen kernel's ``nn.Partitioned`` one, with derived names."""
     if not isinstance(kernel, meta.Partitioned):
         return a, b
-    a_names, b_names = factor_axes(kernel.names, delta_eq, rank_axis)
+    a_names, b_names = factor_axes(_full(kernel.names, kernel.value.ndim), delta_eq, rank_axis)
     return kernel.replace(value=a, names=a_names), kernel.replace(value=b, names=b_names)
 
 
@@ -244,5 +256,5 @@ def nnx_factor_metadata(
     sharding = concrete_sharding(kernel.get_value())
     if common.get("mesh") is None and sharding is not None:
         common["mesh"] = sharding.mesh
-    a_names, b_names = factor_axes(tuple(names), delta_eq, rank_axis)
+    a_names, b_names = factor_axes(_full(names, len(kernel.shape)), delta_eq, rank_axis)
     return {**common, "out_sharding": a_names}, {**common, "out_sharding": b_names}
