@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -50,18 +53,23 @@ class Summary:
         return self.trainable_params / max(self.total_params, 1)
 
     def __str__(self) -> str:
-        header = ("layer", "kernel", "A", "B", "r", "scale", "params")
+        """The table, one row per layer pattern (layer numbers as ``*``) with its count."""
+        header = ("layer", "count", "kernel", "A", "B", "r", "scale", "params")
         rows = [
             (
-                l.path,
+                path,
+                str(count),
                 str(l.kernel_shape),
                 str(l.a_shape),
                 str(l.b_shape),
                 str(l.rank),
                 f"{l.scale:g}",
-                f"{l.params:,}",
+                f"{l.params * count:,}",
             )
-            for l in self.layers
+            for (path, l), count in _grouped(
+                (l.path, l, (l.kernel_shape, l.a_shape, l.b_shape, l.rank, l.scale))
+                for l in self.layers
+            )
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
@@ -70,12 +78,38 @@ class Summary:
         ]
         if self.not_adapted:
             lines.append("seen, not adapted:")
-            lines += [f"  {name}: {why}" for name, why in self.not_adapted]
+            seen = _grouped((name, why, why) for name, why in self.not_adapted)
+            lines += [
+                f"  {name}: {why}" + (f" ({count} layers)" if count > 1 else "")
+                for (name, why), count in seen
+            ]
         lines.append(
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,}"
             f" || trainable%: {100 * self.trainable_fraction:.4f}"
         )
         return "\n".join(lines)
+
+
+_LAYER_NUMBER = re.compile(r"(?<=[/._])\d+(?=[/.]|$)|^\d+(?=[/.])")
+
+
+def _grouped(items: Iterable[tuple[str, Any, Any]]) -> list[tuple[tuple[str, Any], int]]:
+    """``(path, value, key)`` items grouped by path pattern and ``key``, in first-seen order.
+
+    The pattern writes each layer number in a path (a whole path step, or a ``_N`` suffix,
+    e.g. ``layers_12`` or ``h/3``) as ``*``. A pattern that one path alone matches keeps
+    that path.
+
+    Returns:
+      ``((pattern or path, first value), count)`` per group.
+    """
+    groups: dict[tuple[str, Any], list[tuple[str, Any]]] = {}
+    for path, value, key in items:
+        groups.setdefault((_LAYER_NUMBER.sub("*", path), key), []).append((path, value))
+    return [
+        ((pattern if len(members) > 1 else members[0][0], members[0][1]), len(members))
+        for (pattern, _), members in groups.items()
+    ]
 
 
 def _size(tree: PyTree) -> int:

@@ -52,8 +52,29 @@ def test_finds_every_layer_kind_and_reports_it(tiny_lm):
     base = sum(x.size for x in jax.tree.leaves(params))
     assert report.total_params == base + adapter_params
     text = str(report)
-    assert "block_0/attn/query" in text and "trainable%" in text
+    assert "block_*/attn/query  2      (32, 32)   (32, 4)   (4, 32)   4  4      512" in text
+    assert "trainable params: 4,992 || all params: 32,768 || trainable%: 15.2344" in text
     assert all(line == line.rstrip() for line in text.splitlines())
+
+
+def test_summary_groups_layers_by_pattern_with_counts(tiny_lm):
+    model, params = tiny_lm
+    cfg = jaxlora.LoraConfig(rank=4, targets=["query", "up"], rank_pattern={"block_1/up": 2})
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, IDS, key=KEY)
+    report = jaxlora.summary(lora_params, lora_model)
+    assert [layer.path for layer in report.layers] == [  # the rows themselves stay per layer
+        "block_0/attn/query",
+        "block_0/up",
+        "block_1/attn/query",
+        "block_1/up",
+    ]
+    assert str(report).splitlines()[:4] == [
+        "layer               count  kernel     A        B         r  scale  params",
+        "block_*/attn/query  2      (32, 32)   (32, 4)  (4, 32)   4  4      512",
+        "block_0/up          1      (32, 128)  (32, 4)  (4, 128)  4  4      640",
+        "block_1/up          1      (32, 128)  (32, 2)  (2, 128)  2  8      320",
+    ]
+    assert "  block_*/attn/key: not targeted (2 layers)" in str(report).splitlines()
 
 
 def test_adapter_delta_matches_the_formula():
