@@ -8,6 +8,8 @@ wrt=jaxlora.TrainableParam)``, ``nnx.DiffState(0, jaxlora.TrainableParam)``,
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import functools
 import inspect
 import warnings
@@ -21,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora import _layout, _rewrite, _sharding, _targeting
-from jaxlora._config import LoraConfig, format_paths, path_matches
+from jaxlora._config import LoraConfig, adapter_name, format_paths, path_matches
 from jaxlora._views import factors_for
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
@@ -264,10 +266,44 @@ def lorafy(
             )
             for c in cands
         }
-        _set_child(module, path, LoraModule(base, adapters, config=config, rngs=rngs))
+        _set_child(module, path, LoraModule(base, adapters, config=config, rngs=rngs, path=owner))
+    if owners:
+        _check_every_use_applied(module, inputs, kwargs, [c for cs in owners.values() for c in cs])
     _mark_full_training(module, config)
     module.jaxlora_not_adapted = tuple(_targeting.not_adapted(found, selected).items())
     return module
+
+
+# While lorafy checks a wrapped module, LoraModules count the uses they adapt here.
+_APPLIED: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
+    "jaxlora_applied", default=None
+)
+
+
+def _check_every_use_applied(
+    module: nnx.Module, inputs: tuple, kwargs: dict, wrapped: list[_targeting.Candidate]
+) -> None:
+    """Raises if a wrapped weight is also used outside its own module's methods.
+
+    A `LoraModule` adapts the uses in its module's methods; another module reading the
+    weight directly (``jnp.dot(x, self.other.w.T)``) would see it without the adapter,
+    silently unlike `merge`. One abstract call counts the adapted uses against the traced.
+    """
+    counts: collections.Counter = collections.Counter()
+    token = _APPLIED.set(counts)
+    try:
+        graphdef, state = nnx.split(module)
+        jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*inputs, **kwargs), state)
+    finally:
+        _APPLIED.reset(token)
+    for c in wrapped:
+        if counts[c.name] < c.uses:
+            raise ValueError(
+                f"lorafy: weight {c.name!r} is used {c.uses} times by the model but only "
+                f"{counts[c.name]} of them in methods of its own module {c.module!r} (another "
+                "module reads it directly, e.g. a tied head); jaxlora cannot adapt those uses. "
+                "Exclude it, or call the owning module's method instead."
+            )
 
 
 def not_adapted(module: nnx.Module) -> tuple[tuple[str, str], ...]:
@@ -375,9 +411,11 @@ class LoraModule(nnx.Module):
         *,
         config: LoraConfig,
         rngs: nnx.Rngs,
+        path: str = "",
     ):
         self.base = base
         self.adapters = nnx.Dict(adapters)
+        self.jaxlora_path = path
         self.dropout = (
             nnx.Dropout(config.dropout, rng_collection=config.dropout_rng, rngs=rngs)
             if config.dropout
@@ -389,7 +427,7 @@ class LoraModule(nnx.Module):
         return self.call_method("__call__", *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("base", "adapters", "dropout"):
+        if name.startswith("_") or name in ("base", "adapters", "dropout", "jaxlora_path"):
             raise AttributeError(name)
         attr = getattr(self.base, name)
         if inspect.ismethod(attr) and attr.__self__ is self.base:
@@ -411,6 +449,8 @@ class LoraModule(nnx.Module):
             out = getattr(module, method)(*call_args, **call_kwargs)
             return out, nnx.state(module)
 
+        counts = _APPLIED.get()
+        applied: dict[str, int] = {}
         factors = {
             weight: factors_for(
                 adapter.lora_a[...],
@@ -429,7 +469,11 @@ class LoraModule(nnx.Module):
             kwargs,
             dropout=0.0 if self.dropout is None else self.dropout.rate,
             key=self._dropout_key(),
+            applied=applied,
         )
+        if counts is not None:
+            for weight, n in applied.items():
+                counts[adapter_name(self.jaxlora_path, weight)] += n
         # Write back only what the method changed (a cache, a counter): an unchanged
         # variable may belong to an outer trace that must not be written from this one.
         old, new = jax.tree.leaves(state), jax.tree.leaves(new_state)

@@ -369,6 +369,7 @@ def call(
     *,
     dropout: float = 0.0,
     key: jax.Array | None = None,
+    applied: dict[str, int] | None = None,
 ) -> Any:
     """``fn(weights, *args, **kwargs)`` with each adapter added where its weight is used.
 
@@ -379,6 +380,7 @@ def call(
       args, kwargs: the call's arguments.
       dropout: LoRA dropout rate.
       key: PRNG key for LoRA dropout (None: no dropout).
+      applied: if given, each adapter's number of uses in this call is added to it.
 
     Returns:
       What ``fn`` returns.
@@ -401,6 +403,8 @@ def call(
                 f"LoRA on weight {path!r} could not be applied: {why}. Adapt the params "
                 "again with jaxlora.lorafy on this model and these inputs."
             )
+        if applied is not None:
+            applied[path] = applied.get(path, 0) + len(s.uses)
     return jax.tree.unflatten(out_tree, outs)
 
 

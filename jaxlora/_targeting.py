@@ -42,6 +42,7 @@ class Candidate:
       embedding: whether it is looked up by row (an embedding table).
       roles: per weight axis, ``"in"``, ``"out"`` or ``"stack"``; None if it cannot be adapted.
       reason: why it cannot be adapted ("" if it can).
+      uses: how many operations of the traced model consume it (0: not traced).
     """
 
     name: str
@@ -51,6 +52,7 @@ class Candidate:
     embedding: bool
     roles: tuple[str, ...] | None
     reason: str = ""
+    uses: int = 0
 
     def paths(self) -> tuple[str, ...]:
         """The paths a pattern is matched against (see `target_paths`)."""
@@ -121,10 +123,9 @@ def candidates(seen: Mapping[str, Seen], *, root: str = "") -> list[Candidate]:
         except ValueError as e:
             roles, reason = None, str(e)
         embedding = any(u.op == "gather" for u in s.uses)
+        name = adapter_name(module, weight)
         found.append(
-            Candidate(
-                adapter_name(module, weight), module, weight, s.shape, embedding, roles, reason
-            )
+            Candidate(name, module, weight, s.shape, embedding, roles, reason, len(s.uses))
         )
     return found
 

@@ -295,3 +295,29 @@ def test_weight_as_the_left_operand():
     cfg = jaxlora.LoraConfig(rank=2, targets=["w", "e"])
     lora_model, lora_params = jaxlora.lorafy(model, params, cfg, X, key=KEY)
     _assert_merge_matches(model, lora_model, _random_b(lora_params), X)
+
+
+class ReadsAnothersWeight(nnx.Module):
+    """A head that reads the embedder's table itself instead of calling a method of it."""
+
+    def __init__(self, rngs):
+        self.embedder = NnxTable(rngs)
+
+    def __call__(self, ids):
+        x = self.embedder(ids)
+        return x @ self.embedder.table[...].T
+
+
+class NnxTable(nnx.Module):
+    def __init__(self, rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (20, 16)))
+
+    def __call__(self, ids):
+        return self.table[...][ids]
+
+
+def test_nnx_weight_used_outside_its_module_is_refused():
+    ids = jnp.arange(6).reshape(2, 3)
+    model = ReadsAnothersWeight(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'embedder/table' is used 2 times .* only 1 of them"):
+        jaxlora.lorafy(model, jaxlora.LoraConfig(rank=2, targets=["table"]), ids, rngs=nnx.Rngs(1))
