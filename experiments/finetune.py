@@ -6,14 +6,17 @@ Run from the repository root::
     python experiments/finetune.py --full-finetune      # the same budget, every weight trains
     python experiments/finetune.py --model smollm2      # SmolLM2-135M on Hamlet (data default)
     python experiments/finetune.py --model path/to/hf_dir --targets query,key,value --rank 16
-    python experiments/finetune.py --stop-at 100        # stop after step 100 ...
-    python experiments/finetune.py --resume             # ... and continue, bit-identically
+    python experiments/finetune.py --stop-at 100 --output-dir runs/a  # stop after step 100 ...
+    python experiments/finetune.py --resume --output-dir runs/a  # ... continue, bit-identically
 
 Everything lands in ``--output-dir`` (default ``runs/<model>-<data>-<lora|full>``):
-``results.json``, ``curves.png``, ``checkpoints/`` (the resumable training state) and the
-weights: ``adapter/`` (for ``jaxlora.load_adapter``) and ``peft/`` (for PEFT) under LoRA,
-``model.safetensors`` (Hugging Face names) under full fine-tuning. Bad input ends with one
-line ``error: ...`` on stderr and exit status 2.
+``settings.json`` (every setting that changes results), ``results.json``, ``curves.png``,
+``checkpoints/`` (the resumable training state) and the weights: ``adapter/`` (for
+``jaxlora.load_adapter``) and ``peft/`` (for PEFT) under LoRA, ``model.safetensors`` (Hugging
+Face names) under full fine-tuning. ``--resume`` takes the recorded settings; a flag that
+contradicts them is refused. Ctrl-C (SIGINT) or SIGTERM during training finishes the step in
+flight, saves a checkpoint, prints the command that resumes and exits with status 128 + the
+signal's number. Bad input ends with one line ``error: ...`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,18 +62,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         argv: Arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        The options; budget flags left unset are None (see `settings`).
+        The options; every flag that `given_settings` records is None when not given.
     """
     p = argparse.ArgumentParser(
         description="LoRA (or full) fine-tuning: MiniLM on Rotten Tomatoes sentiment, "
         "SmolLM2-135M on Hamlet, or a local Hugging Face BERT/Llama directory.",
     )
     add = p.add_argument
-    add("--model", default="minilm", help="minilm (default), smollm2, HF directory or .gguf file")
+    add("--model", help="minilm (default), smollm2, HF directory or .gguf file")
     add("--data", choices=tasks.DATASETS, help="default: rotten_tomatoes (bert), hamlet (llama)")
-    add("--full-finetune", action="store_true", help="train every weight (plain optax), no LoRA")
-    add("--rank", type=int, default=8, help="LoRA rank (8)")
-    add("--alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha/rank (16)")
+    add(
+        "--full-finetune",
+        action="store_true",
+        default=None,
+        help="train every weight (plain optax), no LoRA",
+    )
+    add("--rank", type=int, help="LoRA rank (8)")
+    add("--alpha", type=float, help="LoRA alpha; scale = alpha/rank (16)")
     add(
         "--targets",
         help="comma-separated layer patterns (bert: query,value; llama: every block linear)",
@@ -83,12 +93,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add(
         "--skip-nonfinite",
         action=argparse.BooleanOptionalAction,
-        default=True,
         help="skip steps whose gradients hold NaN or inf, and count them (on)",
     )
-    add("--seed", type=int, default=0, help="seed of the head and adapter init, batches, dropout")
+    add("--seed", type=int, help="seed of the head and adapter init, batches, dropout (0)")
     add("--output-dir", type=Path, help="default: runs/<model>-<data>-<lora|full>")
-    add("--resume", action="store_true", help="continue the run in --output-dir")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir with its recorded settings",
+    )
     add("--stop-at", type=int, help="stop after this step (continue later with --resume)")
     add("--mesh", help="device mesh, e.g. data=2,model=4 (batches over data, weights over model)")
     add(
@@ -113,39 +126,21 @@ def one_line(error: BaseException) -> str:
     return " ".join(lines) or type(error).__name__
 
 
-def settings(args: argparse.Namespace, family: str, data_name: str) -> dict[str, Any]:
-    """The settings that determine a run's trajectory: flags, else the dataset's defaults.
+DEFAULT_MODEL = "minilm"
 
-    A resumed run must have the same settings (the checkpoint records them).
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that change results which the command line gives explicitly.
 
     Args:
         args: From `parse_args`.
-        family: ``"bert"`` or ``"llama"``.
-        data_name: The dataset.
 
     Returns:
-        JSON-serialisable settings.
+        ``{setting: value}`` of the flags given (see `settings` for the names).
 
     Raises:
-        ValueError: If a count is not positive.
+        ValueError: If a count or the learning rate is not positive.
     """
-    budget = tasks.BUDGETS[data_name]
-    full = args.full_finetune
-    targets = args.targets.split(",") if args.targets else tasks.DEFAULT_TARGETS[family]
-    values = {
-        "model": args.model,
-        "data": data_name,
-        "method": "full" if full else "lora",
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "targets": [t.strip() for t in targets if t.strip()],
-        "steps": _given(args.steps, budget.steps),
-        "lr": _given(args.lr, budget.lr_full if full else budget.lr_lora),
-        "batch_size": _given(args.batch_size, budget.batch_size),
-        "seq_len": _given(args.seq_len, budget.seq_len),
-        "seed": args.seed,
-        "skip_nonfinite": args.skip_nonfinite,
-    }
     counts = {
         "--steps": args.steps,
         "--batch-size": args.batch_size,
@@ -158,20 +153,119 @@ def settings(args: argparse.Namespace, family: str, data_name: str) -> dict[str,
     for flag, value in counts.items():
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}.")
-    if not values["lr"] > 0:
-        raise ValueError(f"--lr must be positive, got {values['lr']}.")
-    return values
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}.")
+    targets = None
+    if args.targets is not None:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    given = {
+        "model": args.model,
+        "data": args.data,
+        "method": "full" if args.full_finetune else None,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "targets": targets,
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "skip_nonfinite": args.skip_nonfinite,
+        "eval_every": args.eval_every,
+        "max_eval_examples": args.max_eval_examples,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
-def _given(value: Any, default: Any) -> Any:
-    return default if value is None else value
+def settings(
+    given: dict[str, Any],
+    family: str,
+    data_name: str,
+    recorded: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every setting that changes a run's results: given, else recorded, else the defaults.
+
+    Args:
+        given: From `given_settings` (checked against ``recorded`` by `check_resume`).
+        family: ``"bert"`` or ``"llama"``.
+        data_name: The dataset.
+        recorded: A resumed run's ``settings.json`` (None for a fresh run).
+
+    Returns:
+        JSON-serialisable settings: model, data, method, rank, alpha, targets, steps, lr,
+        batch_size, seq_len, seed, skip_nonfinite, eval_every and max_eval_examples (None:
+        the whole evaluation set).
+    """
+    recorded = recorded or {}
+    method = given.get("method", recorded.get("method", "lora"))
+    budget = tasks.BUDGETS[data_name]
+    defaults = {
+        "model": DEFAULT_MODEL,
+        "data": data_name,
+        "method": method,
+        "rank": 8,
+        "alpha": 16.0,
+        "targets": list(tasks.DEFAULT_TARGETS[family]),
+        "steps": budget.steps,
+        "lr": budget.lr_full if method == "full" else budget.lr_lora,
+        "batch_size": budget.batch_size,
+        "seq_len": budget.seq_len,
+        "seed": 0,
+        "skip_nonfinite": True,
+        "eval_every": budget.eval_every,
+        "max_eval_examples": None,
+    }
+    return {**defaults, **recorded, **given}
+
+
+def read_settings(output_dir: Path) -> dict[str, Any]:
+    """The recorded settings of the run to resume in ``output_dir``.
+
+    Args:
+        output_dir: The run's output directory.
+
+    Returns:
+        Its ``settings.json``.
+
+    Raises:
+        FileNotFoundError: If there is no run in ``output_dir``.
+    """
+    checkpoints, recorded = output_dir / "checkpoints", output_dir / "settings.json"
+    if not (checkpoints.is_dir() and recorded.is_file()):
+        raise FileNotFoundError(
+            f"--resume: no run to continue in {output_dir} (it needs checkpoints/ and "
+            "settings.json); start without --resume, or pass the run's --output-dir."
+        )
+    return json.loads(recorded.read_text())
+
+
+def check_resume(given: dict[str, Any], recorded: dict[str, Any], output_dir: Path) -> None:
+    """Refuses flags that contradict the settings a resumed run was started with.
+
+    Args:
+        given: From `given_settings`.
+        recorded: From `read_settings`.
+        output_dir: The run's output directory (for the message).
+
+    Raises:
+        ValueError: Naming each setting, its recorded value and the one given.
+    """
+    changed = sorted(k for k in given if k in recorded and given[k] != recorded[k])
+    if changed:
+        was = ", ".join(f"{k}={recorded[k]!r} (now {given[k]!r})" for k in changed)
+        raise ValueError(
+            f"--resume: the run in {output_dir} was started with {was}; resume it with the "
+            "settings it was started with (leave those flags out: --resume uses the "
+            "recorded ones)."
+        )
 
 
 def prepare_output(output_dir: Path, resume: bool, run: dict[str, Any]) -> Path:
-    """Checks a run to resume against its recorded settings, or starts a fresh one.
+    """Starts a fresh run in ``output_dir``, or finds the one to resume.
 
     A fresh run removes the directory's old checkpoints and records its settings in
-    ``settings.json``; a resumed run must have the same settings.
+    ``settings.json`` (a resumed run's were read and checked by `read_settings` and
+    `check_resume`).
 
     Args:
         output_dir: The run's output directory.
@@ -180,27 +274,9 @@ def prepare_output(output_dir: Path, resume: bool, run: dict[str, Any]) -> Path:
 
     Returns:
         The checkpoint directory, ``output_dir / "checkpoints"``.
-
-    Raises:
-        FileNotFoundError: If resuming and there is no run in ``output_dir``.
-        ValueError: If resuming with other settings (naming them).
     """
     checkpoints, recorded = output_dir / "checkpoints", output_dir / "settings.json"
-    if resume:
-        if not (checkpoints.is_dir() and recorded.is_file()):
-            raise FileNotFoundError(
-                f"--resume: no run to continue in {output_dir} (it needs checkpoints/ and "
-                "settings.json); start without --resume, or pass the run's --output-dir."
-            )
-        saved = json.loads(recorded.read_text())
-        changed = sorted(k for k in run.keys() | saved.keys() if run.get(k) != saved.get(k))
-        if changed:
-            was = ", ".join(f"{k}={saved.get(k)!r} (now {run.get(k)!r})" for k in changed)
-            raise ValueError(
-                f"--resume: the run in {output_dir} was started with {was}; resume it with "
-                "the settings it was started with."
-            )
-    elif jax.process_index() == 0:
+    if not resume and jax.process_index() == 0:
         if checkpoints.exists():
             print(f"note: starting afresh, removing the earlier run's checkpoints in {output_dir}")
             shutil.rmtree(checkpoints)
@@ -211,13 +287,35 @@ def prepare_output(output_dir: Path, resume: bool, run: dict[str, Any]) -> Path:
     return checkpoints
 
 
+def resume_command(args: argparse.Namespace, output_dir: Path) -> str:
+    """The shell command that continues the run in ``output_dir``.
+
+    Args:
+        args: From `parse_args` (``--mesh`` and ``--distributed``, which are not recorded,
+            are passed on).
+        output_dir: The run's output directory.
+
+    Returns:
+        The command, quoted for a POSIX shell.
+    """
+    script = Path(__file__).resolve()
+    if script.is_relative_to(Path.cwd()):
+        script = script.relative_to(Path.cwd())
+    command = [sys.executable, str(script), "--resume", "--output-dir", str(output_dir)]
+    if args.mesh:
+        command += ["--mesh", args.mesh]
+    if args.distributed:
+        command.append("--distributed")
+    return shlex.join(command)
+
+
 def save_weights(
     output_dir: Path,
     pretrained: tasks.Pretrained,
     task: tasks.Task,
     method: training.Method,
     params: tasks.Params,
-) -> Path:
+) -> dict[str, Path]:
     """Saves what was trained: the adapter (jaxlora and PEFT formats) or the full weights.
 
     Every process calls it (in a multi-process run the jaxlora savers gather and write
@@ -231,7 +329,9 @@ def save_weights(
         params: The trained params.
 
     Returns:
-        The adapter directory (LoRA) or ``model.safetensors`` (full fine-tuning).
+        What was written, by what it is: ``{"adapter": ..., "PEFT export": ...}`` (LoRA)
+        or ``{"weights": .../model.safetensors}`` (full fine-tuning), the trained weights
+        first.
     """
     config = method.lora_config
     if config is None:
@@ -239,7 +339,7 @@ def save_weights(
         host_params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() == 0:
             save_file(flax_to_hf_state_dict(host_params), path)
-        return path
+        return {"weights": path}
     jaxlora.export_peft(
         output_dir / "peft",
         params,
@@ -250,7 +350,7 @@ def save_weights(
     )
     path = output_dir / "adapter"
     jaxlora.save_adapter(path, params, config)
-    return path
+    return {"adapter": path, "PEFT export": output_dir / "peft"}
 
 
 def _metrics(evaluation: dict[str, float]) -> dict[str, float]:
@@ -263,6 +363,7 @@ def results_of(
     state: training.RunState,
     times: list[float],
     saved: Path,
+    outputs: dict[str, Path],
     metric: str,
 ) -> dict[str, Any]:
     """Everything ``results.json`` records.
@@ -272,7 +373,8 @@ def results_of(
         method: How the params trained.
         state: The final state (its history holds the metrics and samples).
         times: Step times of this process.
-        saved: Where the weights went.
+        saved: The trained weights (the adapter, or the full weights) whose size to report.
+        outputs: Every file or directory the run leaves, by what it is.
         metric: The task's headline metric.
 
     Returns:
@@ -300,6 +402,7 @@ def results_of(
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "saved_path": str(saved),
         "saved_bytes": report.directory_bytes(saved),
+        "outputs": {name: str(path) for name, path in outputs.items()},
         "lora_config": None if method.lora_config is None else method.lora_config.to_dict(),
         "machine": {
             "cpus": len(os.sched_getaffinity(0)),
@@ -345,50 +448,78 @@ def run(args: argparse.Namespace) -> int:
         args: From `parse_args`.
 
     Returns:
-        The exit status, 0.
+        The exit status: 0, or 128 + the signal's number if SIGINT or SIGTERM stopped
+        the training.
     """
+    given = given_settings(args)
+    recorded = None
+    if args.resume and args.output_dir is not None:  # refuse a contradiction before loading
+        recorded = read_settings(args.output_dir)
+        check_resume(given, recorded, args.output_dir)
     if args.distributed:
         jaxlora.initialize_distributed()
     mesh_spec = args.mesh or ("data=-1" if args.distributed else None)
     mesh = jaxlora.parse_mesh(mesh_spec) if mesh_spec else None
     feed = training.batch_feeder(mesh)
-    pretrained = tasks.load_pretrained(args.model)
-    data_name = args.data or tasks.DEFAULT_DATA[pretrained.family]
-    run_settings = settings(args, pretrained.family, data_name)
-    method_name = run_settings["method"]
+    known = {**(recorded or {}), **given}
+    pretrained = tasks.load_pretrained(known.get("model", DEFAULT_MODEL))
+    data_name = known.get("data", tasks.DEFAULT_DATA[pretrained.family])
+    method_name = known.get("method", "lora")
     output_dir = args.output_dir or Path("runs") / f"{pretrained.name}-{data_name}-{method_name}"
-    head_key, lora_key, rng = jax.random.split(jax.random.key(args.seed), 3)
+    if args.resume and recorded is None:
+        recorded = read_settings(output_dir)
+        check_resume(given, recorded, output_dir)
+    run_settings = settings(given, pretrained.family, data_name, recorded)
+    head_key, lora_key, rng = jax.random.split(jax.random.key(run_settings["seed"]), 3)
     task = tasks.build_task(pretrained, data_name, run_settings["seq_len"], head_key)
-    task = training.fit_task(task, run_settings["batch_size"], args.max_eval_examples, mesh)
+    batch_size = run_settings["batch_size"]
+    task = training.fit_task(task, batch_size, run_settings["max_eval_examples"], mesh)
     method = make_method(task, run_settings, lora_key)
     checkpoints = prepare_output(output_dir, args.resume, run_settings)  # input is valid
     if method.summary is not None:
         print(method.summary)
-    eval_every = _given(args.eval_every, tasks.BUDGETS[data_name].eval_every)
+    eval_every = run_settings["eval_every"]
     schedule = training.Schedule(
         steps=run_settings["steps"],
-        batch_size=run_settings["batch_size"],
+        batch_size=batch_size,
         eval_every=eval_every,
-        save_every=_given(args.save_every, eval_every),
+        save_every=args.save_every or eval_every,
         stop_at=args.stop_at,
     )
-    state = training.initial_state(method, args.seed, rng, mesh)
-    with jaxlora.TrainCheckpointer(checkpoints, max_to_keep=2) as checkpointer:
+    state = training.initial_state(method, run_settings["seed"], rng, mesh)
+    with (
+        training.Interrupt() as interrupt,
+        jaxlora.TrainCheckpointer(checkpoints, max_to_keep=2) as checkpointer,
+    ):
         if args.resume:
             state = training.restore_state(checkpointer, method, state)
             print(f"resumed after step {state.step} from {checkpoints}")
-        state, times = training.train(task, method, schedule, state, checkpointer, feed)
+        state, times = training.train(task, method, schedule, state, checkpointer, feed, interrupt)
+    resume = resume_command(args, output_dir)
+    if interrupt.stopped or interrupt.requested():  # a signal after the last step stops too
+        if jax.process_index() == 0:
+            name = "a signal" if interrupt.signum is None else signal.Signals(interrupt.signum).name
+            print(
+                f"interrupted by {name}: saved a checkpoint after step {state.step} of "
+                f"{schedule.steps} in {checkpoints}; resume with:\n  {resume}",
+                file=sys.stderr,
+            )
+        return interrupt.exit_status
     if state.step < schedule.steps:
-        print(f"stopped after step {state.step} of {schedule.steps}; continue with --resume")
+        print(f"stopped after step {state.step} of {schedule.steps}; continue with:\n  {resume}")
         return 0
 
-    saved = save_weights(output_dir, pretrained, task, method, state.params)
+    weights = save_weights(output_dir, pretrained, task, method, state.params)
     if jax.process_index() == 0:
-        results = results_of(run_settings, method, state, times, saved, task.metric)
-        report.write_json(output_dir / "results.json", results)
-        report.plot_curves(
-            output_dir / "curves.png", results["history"], task.metric, results["title"]
-        )
+        outputs = {
+            "results": output_dir / "results.json",
+            "curves": output_dir / "curves.png",
+            **weights,
+        }
+        saved = next(iter(weights.values()))
+        results = results_of(run_settings, method, state, times, saved, outputs, task.metric)
+        report.write_json(outputs["results"], results)
+        report.plot_curves(outputs["curves"], results["history"], task.metric, results["title"])
         for when, text in results["samples"].items():
             print(f"sample {when}: {text!r}")
         print(report.format_table(results))
@@ -397,6 +528,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; bad input prints ``error: ...`` (one line) and returns 2.
+
+    Ctrl-C outside the training loop (while loading, or saving the weights at the end)
+    prints one line and returns 130; during training `run` checkpoints first.
 
     Args:
         argv: Arguments without the program name (default ``sys.argv[1:]``).
@@ -410,6 +544,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted (SIGINT) outside the training loop; nothing was saved since the "
+            "run's last checkpoint.",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

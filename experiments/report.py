@@ -83,7 +83,8 @@ def format_table(results: Mapping[str, Any]) -> str:
 
     Returns:
         Aligned text: each metric before and after, then parameters, step time, steps
-        skipped for non-finite gradients, peak memory and the size of what was saved.
+        skipped for non-finite gradients, peak memory and the size of what was saved;
+        then where each output is (``results["outputs"]``).
     """
     before, after = results["before"], results["after"]
     step_time = results["step_time_median_s"]
@@ -113,4 +114,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         f"{label.ljust(widths[0])}  {first.rjust(widths[1])}  {second}"
         for label, first, second in rows
     ]
+    outputs = results["outputs"]
+    width = max(len(name) for name in outputs)
+    lines.append("written:")
+    lines += [f"  {name.ljust(width)}  {path}" for name, path in outputs.items()]
     return "\n".join([results["title"], *lines])

@@ -12,7 +12,10 @@ import copy
 import dataclasses
 import functools
 import math
+import os
+import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -406,6 +410,66 @@ def restore_state(
     return RunState(resumed.step, params, resumed.opt_state, resumed.rng, batches, history)
 
 
+class Interrupt:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) as a request to stop at the next step boundary.
+
+    A context manager: inside it the first of these signals only records itself, and
+    `train` finishes the step in flight, checkpoints and returns; a second one stops the
+    process at once, unsaved (the signal's default action). On exit the previous handlers
+    are back. Signal handlers belong to the main thread, so enter it there.
+
+    Attributes:
+        signum: The signal this process received, or None.
+        stopped: Whether `requested` said yes (in a multi-process run, on every process).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.stopped = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupt:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing the step in flight, then saving a "
+            "checkpoint (send it again to stop at once, unsaved)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def requested(self) -> bool:
+        """Whether to stop now; every process of a multi-process run must call it together.
+
+        Returns:
+            True if a signal arrived (in any process of the run).
+        """
+        asked = self.signum is not None
+        if jax.process_count() > 1:
+            asked = bool(multihost_utils.process_allgather(np.int32(asked)).any())
+        self.stopped = self.stopped or asked
+        return asked
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by the signal: 128 + its number."""
+        return 128 + (self.signum or signal.SIGTERM)
+
+
 def _evaluate_into(
     bar: tqdm, task: Task, eval_fn: Callable, state: RunState, batch_size: int, feed: Feed
 ) -> None:
@@ -426,12 +490,15 @@ def train(
     state: RunState,
     checkpointer: jaxlora.TrainCheckpointer,
     feed: Feed,
+    interrupt: Interrupt | None = None,
 ) -> tuple[RunState, list[float]]:
     """Trains from ``state`` to ``schedule.last_step``, evaluating and checkpointing.
 
     Evaluates (and, for language models, samples) at step 0 and at the end, and evaluates
     every ``eval_every`` steps; saves every ``save_every`` steps and at ``last_step``. A
-    progress bar shows the loss and the throughput of the last step.
+    progress bar shows the loss and the throughput of the last step. When ``interrupt``
+    is requested, it saves the state at the step reached (unless that step is already
+    saved) and returns before the next step.
 
     Args:
         task: The task.
@@ -440,6 +507,7 @@ def train(
         state: Where to start (fresh or restored); updated in place.
         checkpointer: Where to save.
         feed: Puts batches on the devices.
+        interrupt: Checked between steps (None: never stop early).
 
     Returns:
         ``(final state, wall time of each step this process ran)``; the first time includes
@@ -447,11 +515,16 @@ def train(
     """
     eval_fn = jax.jit(functools.partial(task.eval_sums, method.apply))
     times: list[float] = []
+    saved = checkpointer.latest_step
     with tqdm(total=schedule.steps, initial=state.step, desc=method.name, unit="step") as bar:
         if state.step == 0 and not state.history["eval"]:
             _evaluate_into(bar, task, eval_fn, state, schedule.batch_size, feed)
             _sample_into(task, method, state, "before")
         while state.step < schedule.last_step:
+            if interrupt is not None and interrupt.requested():
+                if saved != state.step:
+                    save_state(checkpointer, method, state)
+                break
             batch, state.batches = data.next_batch(task.train, state.batches, schedule.batch_size)
             state.rng, dropout_rng = jax.random.split(state.rng)
             start = time.perf_counter()
@@ -469,6 +542,7 @@ def train(
                 _evaluate_into(bar, task, eval_fn, state, schedule.batch_size, feed)
             if state.step % schedule.save_every == 0 or state.step == schedule.last_step:
                 save_state(checkpointer, method, state)
+                saved = state.step
     if state.step == schedule.steps:
         _sample_into(task, method, state, "after")
     return state, times

@@ -1,6 +1,10 @@
 """`experiments/finetune.py` end to end on tiny budgets: outputs, resume, local models, errors."""
 
 import json
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -90,6 +94,35 @@ def test_default_task_writes_results_plot_adapter_and_table(minilm_run):
     rows = ("eval accuracy", "trainable params", "step time", "skipped steps", "peak memory")
     for row in (*rows, "saved on disk"):
         assert row in table
+    assert table.splitlines()[-5:] == [
+        "written:",
+        f"  results      {output_dir / 'results.json'}",
+        f"  curves       {output_dir / 'curves.png'}",
+        f"  adapter      {output_dir / 'adapter'}",
+        f"  PEFT export  {output_dir / 'peft'}",
+    ]
+    assert results["outputs"]["PEFT export"] == str(output_dir / "peft")
+
+
+def test_settings_record_evaluation_flags_and_defaults(minilm_run):
+    output_dir, _ = minilm_run
+    recorded = json.loads((output_dir / "settings.json").read_text())
+    assert recorded == {
+        "model": "minilm",
+        "data": "rotten_tomatoes",
+        "method": "lora",
+        "rank": 8,
+        "alpha": 16.0,
+        "targets": ["query", "value"],
+        "steps": 4,
+        "lr": 1e-3,
+        "batch_size": 4,
+        "seq_len": 64,
+        "seed": 0,
+        "skip_nonfinite": True,
+        "eval_every": 2,
+        "max_eval_examples": 8,
+    }
 
 
 def test_resume_is_bit_identical(minilm_run, tmp_path):
@@ -97,9 +130,13 @@ def test_resume_is_bit_identical(minilm_run, tmp_path):
     output_dir = tmp_path / "run"
     first = run_script(*TINY_BUDGET, "--output-dir", str(output_dir), "--stop-at", "2")
     assert first.returncode == 0, first.stderr
-    assert "stopped after step 2 of 4" in first.stdout
+    command = shlex.join([sys.executable, "experiments/finetune.py", "--resume"])
+    command += f" --output-dir {shlex.quote(str(output_dir))}"
+    assert f"stopped after step 2 of 4; continue with:\n  {command}\n" in first.stdout
     assert not (output_dir / "results.json").exists()
-    second = run_script(*TINY_BUDGET, "--output-dir", str(output_dir), "--resume")
+    second = subprocess.run(  # the printed command alone: every setting comes from the record
+        shlex.split(command), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stderr
     assert "resumed after step 2" in second.stdout
 
@@ -189,8 +226,64 @@ def test_resume_with_other_settings_is_refused(capsys, tiny_llama_dir, tmp_path)
     capsys.readouterr()
     err = one_error_line(capsys, *run, "--batch-size", "4", "--resume")
     assert "was started with batch_size=2 (now 4); resume it with the settings" in err
+    err = one_error_line(
+        capsys, "--output-dir", str(tmp_path), "--max-eval-examples", "3", "--resume"
+    )
+    assert "was started with max_eval_examples=None (now 3);" in err
     one_error_line(capsys, *run, "--batch-size", "2", "--targets", "typo")  # a fresh start...
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["1"]  # ...left them
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_the_step_reached_and_prints_the_resume_command(
+    tiny_llama_dir, tmp_path, signum
+):
+    output_dir = tmp_path / "run"
+    flags = ["--model", str(tiny_llama_dir), "--steps", "100000", "--batch-size", "2"]
+    flags += ["--seq-len", "16", "--max-eval-examples", "4", "--eval-every", "3"]
+    flags += ["--save-every", "100000", "--output-dir", str(output_dir)]
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *flags],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            lines = iter(proc.stdout.readline, "")
+            assert any(line.startswith("step 3: eval") for line in lines)  # training is under way
+            proc.send_signal(signum)
+            proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 128 + signum, err
+    name = signal.Signals(signum).name
+    assert f"{name}: finishing the step in flight, then saving a checkpoint" in err
+    found = re.search(
+        rf"interrupted by {name}: saved a checkpoint after step (\d+) of 100000 in "
+        rf"{re.escape(str(output_dir / 'checkpoints'))}; resume with:\n  (.*)\n",
+        err,
+    )
+    assert found, err
+    step, command = int(found[1]), found[2]
+    assert step >= 3
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == [str(step)]
+    assert command == shlex.join(
+        [sys.executable, "experiments/finetune.py", "--resume", "--output-dir", str(output_dir)]
+    )
+    resumed = subprocess.run(
+        [*shlex.split(command), "--stop-at", str(step + 1)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed after step {step} from" in resumed.stdout
+    assert f"stopped after step {step + 1} of 100000" in resumed.stdout
 
 
 def test_missing_package_names_the_install_command():
@@ -204,3 +297,10 @@ def test_missing_package_names_the_install_command():
         "error: the package 'matplotlib' is not installed; install jaxlora with the experiment "
         "dependencies: `pip install -e '.[experiments]'`.\n"
     )
+
+
+def test_readme_two_process_example_writes_to_its_own_output_dir():
+    readme = (REPO_ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "--distributed" in b]
+    flags = shlex.split(block.split("finetune.py", 1)[1].split("&", 1)[0])
+    assert flags[flags.index("--output-dir") + 1] == "runs/two-process", block
