@@ -234,6 +234,101 @@ def test_make_train_step_on_a_tree_with_nothing_trainable_is_an_error():
         step.lower(params, optax.adam(1e-3).init({}), good)
 
 
+# --- make_train_step: loss output, optimizer state and mask that do not match ---------------
+
+
+def _aux_loss(params, batch):
+    return _mse_loss(params, batch), {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "has_aux", "message"),
+    [
+        (_mse_loss, True, r"has_aux=True\): loss_fn returned an array of shape \(\), not a"),
+        (
+            lambda p, b: (_mse_loss(p, b), 1, 2),
+            True,
+            r"has_aux=True\): loss_fn returned a tuple of 3, not a \(loss, aux\) pair",
+        ),
+        (_aux_loss, False, r"has_aux=False\): loss_fn returned a tuple of 2, not a scalar loss"),
+        (lambda p, b: jnp.ones(3), False, r"loss is an array of shape \(3,\), not a scalar"),
+    ],
+    ids=["aux-expected", "triple", "aux-unexpected", "not-scalar"],
+)
+def test_make_train_step_loss_output_that_contradicts_has_aux_is_named(loss_fn, has_aux, message):
+    _, lora_params, _ = _adapted()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(loss_fn, tx, has_aux=has_aux, donate=False)
+    with pytest.raises(TypeError, match=message):
+        step(lora_params, step.init(lora_params), _batches()[0])
+
+
+def test_make_train_step_with_has_aux_returns_the_aux():
+    _, lora_params, _ = _adapted()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_aux_loss, tx, has_aux=True, donate=False)
+    _, _, (loss, aux) = step(lora_params, step.init(lora_params), _batches()[0])
+    assert loss.shape == () and aux == {"n": 1}
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_opt_state_of_another_tree_names_the_differences(lower):
+    params, lora_params, _ = _adapted()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_mse_loss, tx, donate=False)
+    _, other = jaxlora.lorafy(MODEL, params, dataclasses.replace(CONFIG, rank=8), X, key=KEY)
+    other_state = jaxlora.optimizer(optax.adam(1e-2), other).init(other)
+    call = step.lower if lower else step
+    with pytest.raises(ValueError, match=r"opt_state does not fit these params") as e:
+        call(lora_params, other_state, _batches()[0])
+    mu_a = ".inner_states['trainable'].inner_state[0].mu['dense_0']['lora'].a"
+    assert f"{mu_a}: (16, 8) float32, these params need (16, 4) float32" in str(e.value)
+    assert "Make it with step.init(params)" in str(e.value)
+    with pytest.raises(ValueError, match=r"opt_state does not fit these params") as e:
+        step(lora_params, optax.adam(1e-2).init(lora_params), _batches()[0])  # another optimizer
+    assert ".inner_states['trainable'].inner_state[0].count: missing" in str(e.value)
+
+
+def test_optimizer_init_on_another_tree_names_the_differences():
+    params, lora_params, _ = _adapted()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    _, fewer = jaxlora.lorafy(
+        MODEL, params, dataclasses.replace(CONFIG, targets=["dense_0"]), X, key=KEY
+    )
+    with pytest.raises(ValueError, match=r"init got params of another tree") as e:
+        tx.init(fewer)
+    assert "dense_1/lora/a: missing\n  dense_1/lora/b: missing" in str(e.value)
+    _, rescaled = jaxlora.lorafy(MODEL, params, dataclasses.replace(CONFIG, alpha=4.0), X, key=KEY)
+    with pytest.raises(ValueError, match=r"same leaves, other adapter scales \(alpha/rank\)"):
+        tx.init(rescaled)
+
+
+def test_a_prefix_mask_holds_for_its_subtrees_and_must_not_train_frozen_leaves():
+    _, lora_params, _ = _adapted()
+    good = _batches()[0]
+    prefix = {  # True/False for a whole adapter: train dense_0's only
+        "dense_0": {"kernel": False, "bias": False, "lora": True},
+        "dense_1": {"kernel": False, "bias": False, "lora": False},
+        "dense_2": False,
+    }
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params, mask=prefix)
+    step = jaxlora.make_train_step(_mse_loss, tx, donate=False)
+    params, _, _ = step(lora_params, step.init(lora_params), good)
+    chex.assert_trees_all_equal(params["dense_1"], lora_params["dense_1"])
+    assert not np.array_equal(params["dense_0"]["lora"].b, lora_params["dense_0"]["lora"].b)
+
+    whole_layer = {"dense_0": True, "dense_1": False, "dense_2": False}
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params, mask=whole_layer)
+    step = jaxlora.make_train_step(_mse_loss, tx, donate=False)
+    with pytest.raises(ValueError, match=r"the optimizer's mask trains leaves that these") as e:
+        step(lora_params, step.init(lora_params), good)
+    assert "\n  dense_0/bias\n  dense_0/kernel\nWrap those leaves in jaxlora.Trainable" in str(
+        e.value
+    )
+    with pytest.raises(ValueError, match=r"the mask does not fit params \(it is neither"):
+        jaxlora.optimizer(optax.adam(1e-2), lora_params, mask={"dense_9": True})
+
+
 # --- damaged adapters: load exactly or raise one clear error -----------------------------
 
 
@@ -446,7 +541,7 @@ def test_readme_failure_table_quotes_messages_the_code_raises():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 14  # header + the 13 cases above
+    assert len(rows) == 18  # header + the 17 cases above
     source = "".join(p.read_text() for p in (ROOT / "jaxlora").glob("*.py"))
     quoted = [q for row in rows[1:] for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
     messages = [q for q in quoted if " " in q and not q.startswith(("allow_", "step."))]
