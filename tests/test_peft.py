@@ -157,6 +157,20 @@ def test_module_maps():
     assert jaxlora.peft_module_maps["llama-body"]("layers_2/mlp/up_proj") == (
         "model.layers.2.mlp.up_proj"
     )
+    tunix = jaxlora.peft_module_maps["tunix-llama3"]
+    assert tunix("layers/3/attn/o_proj/w") == "model.layers.3.self_attn.o_proj"
+    assert tunix("embedder/input_embedding") == "model.embed_tokens"
+    assert tunix("layers/3/attn/o_proj") is None  # the module; its weight w is the adapter
+    gemma = jaxlora.peft_module_maps["tunix-gemma"]
+    attn = "model.layers.1.self_attn"
+    assert gemma("layers/1/attn/qkv_einsum/w") == (
+        f"{attn}.q_proj",
+        f"{attn}.k_proj",
+        f"{attn}.v_proj",
+    )
+    assert gemma("layers/1/moe/linear") == "model.layers.1.experts.down_proj"
+    moe = jaxlora.peft_module_maps["tunix-qwen3-moe"]
+    assert moe("layers/0/mlp/up_proj") == "model.layers.0.mlp.experts.gate_up_proj[1]"
 
 
 # ----------------------------------------------------------------------------- errors
