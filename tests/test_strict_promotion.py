@@ -35,9 +35,13 @@ def test_linen_path_is_strict_clean():
         lp = jaxlora.combine(
             jax.tree.map(lambda x: x + jnp.asarray(0.1, x.dtype), trainable), frozen
         )
-        lora_model.apply({"params": lp}, ids, deterministic=False, rngs={"dropout": KEY})
+        out = lora_model.apply({"params": lp}, ids, deterministic=False, rngs={"dropout": KEY})
         merged = jax.jit(jaxlora.merge)(lp)
-        jaxlora.unmerge(merged, lp)
+        unmerged = jaxlora.unmerge(merged, lp)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 8, 16)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}
+    assert jax.tree.structure(unmerged) == jax.tree.structure(lp)
 
 
 def test_nnx_path_is_strict_clean():
@@ -45,5 +49,9 @@ def test_nnx_path_is_strict_clean():
         model = models.NnxModel(nnx.Rngs(0))
         cfg = jaxlora.LoraConfig(rank=2, targets=["all-linear", "embed"], dropout=0.1)
         jaxlora.lorafy(model, cfg, rngs=nnx.Rngs(1))
-        model(jnp.zeros((2, 4), jnp.int32))
-        jaxlora.unmerge(jaxlora.merge(model), model)
+        out = model(jnp.zeros((2, 4), jnp.int32))
+        merged = jaxlora.merge(model)
+        unmerged = jaxlora.unmerge(merged, model)
+    assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(out))
+    assert not jaxlora.summary(merged).layers  # merged: plain layers, no adapter left
+    assert len(jaxlora.summary(unmerged).layers) == len(jaxlora.summary(model).layers) > 0

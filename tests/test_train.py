@@ -177,7 +177,9 @@ def test_donated_step_and_has_aux():
     step = jaxlora.make_train_step(loss_fn, tx, has_aux=True)
     params, opt_state, (loss, aux) = step(lora_params, tx.init(lora_params), batch)
     assert float(aux["loss_x2"]) == pytest.approx(2 * float(loss))
-    params, opt_state, _ = step(params, opt_state, batch)
+    _, _, (second, aux) = step(params, opt_state, batch)
+    assert float(second) < float(loss)  # the first step trained the adapters
+    assert float(aux["loss_x2"]) == pytest.approx(2 * float(second))
 
 
 def test_one_step_serves_trees_with_different_trainable_leaves():
