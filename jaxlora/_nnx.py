@@ -9,9 +9,6 @@ wrt=jaxlora.TrainableParam)``, ``nnx.DiffState(0, jaxlora.TrainableParam)``,
 from __future__ import annotations
 
 import collections
-import contextvars
-import functools
-import inspect
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -19,22 +16,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxlora import _layout, _rewrite, _sharding, _targeting
-from jaxlora._config import LoraConfig, adapter_name, format_paths, path_matches
-from jaxlora._views import factors_for
+from jaxlora import _layout, _rewrite, _targeting
+from jaxlora._config import LoraConfig, format_paths, path_matches
+from jaxlora._nnx_wrappers import (
+    APPLIED_USES,
+    LoraLayer,
+    LoraModule,
+    LoraParam,
+    TrainableParam,
+    WeightAdapter,
+    layer_weight,
+)
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
-
-
-class TrainableParam(nnx.Param):
-    """A parameter that trains: a LoRA factor, or a ``modules_to_save``/bias leaf."""
-
-
-class LoraParam(TrainableParam):
-    """A LoRA factor (A or B) of an NNX `LoraLayer`."""
 
 
 def _layout_of(layer: nnx.Module, rank: int) -> _layout.Layout:
@@ -47,91 +43,6 @@ def _layout_of(layer: nnx.Module, rank: int) -> _layout.Layout:
             raise ValueError("LinearGeneral with batch_axis is not supported")
         return _layout.linear_layout(tuple(layer.in_features), tuple(layer.out_features), rank)
     return _layout.linear_layout((layer.in_features,), (layer.out_features,), rank)
-
-
-def _weight(layer: nnx.Module) -> nnx.Variable:
-    return layer.embedding if isinstance(layer, nnx.Embed) else layer.kernel
-
-
-class LoraLayer(nnx.Module):
-    """An NNX layer plus a LoRA adapter: ``base(x) + scale · dropout(x) @ A @ B``.
-
-    Attributes:
-      base: the original layer (its kernel stays at ``base.kernel``).
-      lora_a: `LoraParam` ``(*stack, *a_shape)``.
-      lora_b: `LoraParam` ``(*stack, *b_shape)``, zero at creation.
-      scale: alpha / rank (or alpha / sqrt(rank)).
-      delta_eq: einsum building the kernel-shaped ΔW from A and B.
-
-    A and B are placed like the base kernel (see `jaxlora.lorafy`): a kernel value with a
-    `NamedSharding` gives them derived shardings, its ``out_sharding`` metadata derived
-    names; ``rank_axis`` optionally shards the rank axis over a mesh axis.
-    """
-
-    def __init__(
-        self,
-        base: nnx.Module,
-        layout: _layout.Layout,
-        *,
-        scale: float,
-        key: jax.Array,
-        config: LoraConfig,
-        rngs: nnx.Rngs,
-        rank_axis: str | None = None,
-    ):
-        weight = _weight(base)
-        stored = tuple(weight.shape)
-        stack = stored[: len(stored) - len(layout.kernel_shape)]
-        rank = layout.a_shape[-1]
-        shardings = _sharding.factor_shardings(
-            f"the {type(base).__name__} with kernel {stored}",
-            weight.get_value(),
-            layout.delta_eq,
-            rank,
-            rank_axis,
-        )
-        a, b = _sharding.init_factors(
-            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
-        )
-        a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
-        self.base = base
-        self.lora_a = LoraParam(a, **a_meta)
-        self.lora_b = LoraParam(b, **b_meta)
-        self.scale = scale
-        self.delta_eq = layout.delta_eq
-        self.dropout = (
-            nnx.Dropout(config.dropout, rng_collection=config.dropout_rng, rngs=rngs)
-            if config.dropout
-            else None
-        )
-
-    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        """The base layer's output plus the adapter's; same arguments as the base."""
-        y = self.base(x, *args, **kwargs)
-        a, b = self.lora_a[...], self.lora_b[...]
-        if isinstance(self.base, nnx.Embed):
-            delta = functools.partial(_layout.embed_delta, scale=self.scale)
-            return _layout.add_delta(y, delta, x, a, b)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        if isinstance(self.base, nnx.Einsum):
-            einsum_str = kwargs.get("einsum_str", args[0] if args else None) or self.base.einsum_str
-            delta = functools.partial(_layout.einsum_delta, einsum_str=einsum_str, scale=self.scale)
-        else:
-            axis = self.base.axis if isinstance(self.base, nnx.LinearGeneral) else -1
-            axis = tuple(np.atleast_1d(axis).tolist())
-            delta = functools.partial(_layout.linear_delta, axis=axis, scale=self.scale)
-        return _layout.add_delta(y, delta, x, a, b)
-
-    def attend(self, query: jax.Array) -> jax.Array:
-        """``Embed.attend`` with the adapted table (embedding layers only)."""
-        y = self.base.attend(query)
-        delta = functools.partial(_layout.attend_delta, scale=self.scale)
-        return _layout.add_delta(y, delta, query, self.lora_a[...], self.lora_b[...])
-
-    def delta_weight(self) -> jax.Array:
-        """``scale · A ⊗ B`` in the base kernel's layout (float32)."""
-        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
 
 
 def _path_str(path: tuple) -> str:
@@ -176,7 +87,7 @@ def _builtin_candidates(module: nnx.Module) -> list[_targeting.Candidate]:
     for path, layer in _modules(module, _SUPPORTED):
         name = _path_str(path)
         weight = "embedding" if isinstance(layer, nnx.Embed) else "kernel"
-        shape = tuple(_weight(layer).shape)
+        shape = tuple(layer_weight(layer).shape)
         try:
             roles, reason = _targeting.roles_of(_layout_of(layer, 1).delta_eq, len(shape)), ""
         except ValueError as e:
@@ -257,7 +168,7 @@ def lorafy(
             )
         adapters = {
             c.weight: WeightAdapter(
-                _weight_var(base, c.weight),
+                getattr(base, c.weight),
                 c.layout(config),
                 scale=config.scale_for(c.paths()),
                 key=jax.random.fold_in(key, zlib.crc32(c.name.encode())),
@@ -274,12 +185,6 @@ def lorafy(
     return module
 
 
-# While lorafy checks a wrapped module, LoraModules count the uses they adapt here.
-_APPLIED: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
-    "jaxlora_applied", default=None
-)
-
-
 def _check_every_use_applied(
     module: nnx.Module, inputs: tuple, kwargs: dict, wrapped: list[_targeting.Candidate]
 ) -> None:
@@ -290,12 +195,12 @@ def _check_every_use_applied(
     silently unlike `merge`. One abstract call counts the adapted uses against the traced.
     """
     counts: collections.Counter = collections.Counter()
-    token = _APPLIED.set(counts)
+    token = APPLIED_USES.set(counts)
     try:
         graphdef, state = nnx.split(module)
         jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*inputs, **kwargs), state)
     finally:
-        _APPLIED.reset(token)
+        APPLIED_USES.reset(token)
     for c in wrapped:
         if counts[c.name] < c.uses:
             raise ValueError(
@@ -347,141 +252,6 @@ def _child(root: Any, path: tuple) -> Any:
     return node
 
 
-def _weight_var(module: nnx.Module, weight: str) -> nnx.Variable:
-    return getattr(module, weight)
-
-
-class WeightAdapter(nnx.Module):
-    """The LoRA factors of one weight of a `LoraModule`.
-
-    Attributes:
-      lora_a: `LoraParam` A, ``(*stack, *in, r)`` (see `jaxlora.LoraAdapter`).
-      lora_b: `LoraParam` B, ``(*stack, r, *out)``, zero at creation.
-      scale: alpha / rank (or alpha / sqrt(rank)).
-      delta_eq: einsum building the weight-shaped ΔW from A and B.
-    """
-
-    def __init__(
-        self,
-        weight: nnx.Variable,
-        layout: _layout.Layout,
-        *,
-        scale: float,
-        key: jax.Array,
-        config: LoraConfig,
-        rank_axis: str | None = None,
-    ):
-        stored = tuple(weight.shape)
-        stack = stored[: len(stored) - len(layout.kernel_shape)]
-        rank = layout.a_shape[-1]
-        shardings = _sharding.factor_shardings(
-            f"the weight {stored}", weight.get_value(), layout.delta_eq, rank, rank_axis
-        )
-        a, b = _sharding.init_factors(
-            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
-        )
-        a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
-        self.lora_a = LoraParam(a, **a_meta)
-        self.lora_b = LoraParam(b, **b_meta)
-        self.scale = scale
-        self.delta_eq = layout.delta_eq
-
-    def delta_weight(self) -> jax.Array:
-        """``scale · A ⊗ B`` in the weight's layout (float32)."""
-        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
-
-
-class LoraModule(nnx.Module):
-    """A module of the user's whose own weights carry LoRA, applied wherever it uses them.
-
-    The module (``base``) is kept as it is. Each of its methods, called through the
-    wrapper (``wrapper(x)``, ``wrapper.decode(x)``), runs through jaxlora's rewrite of its
-    traced program (see `jaxlora.lorafy`), which adds ``scale · x @ A @ B`` after every
-    contraction or lookup of an adapted weight. Other attributes read through to ``base``.
-
-    Attributes:
-      base: the original module.
-      adapters: ``nnx.Dict`` weight name -> `WeightAdapter`.
-    """
-
-    def __init__(
-        self,
-        base: nnx.Module,
-        adapters: dict[str, WeightAdapter],
-        *,
-        config: LoraConfig,
-        rngs: nnx.Rngs,
-        path: str = "",
-    ):
-        self.base = base
-        self.adapters = nnx.Dict(adapters)
-        self.jaxlora_path = path
-        self.dropout = (
-            nnx.Dropout(config.dropout, rng_collection=config.dropout_rng, rngs=rngs)
-            if config.dropout
-            else None
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The base module's ``__call__`` with its adapters active."""
-        return self.call_method("__call__", *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("base", "adapters", "dropout", "jaxlora_path"):
-            raise AttributeError(name)
-        attr = getattr(self.base, name)
-        if inspect.ismethod(attr) and attr.__self__ is self.base:
-            return functools.partial(self.call_method, name)
-        return attr
-
-    def _dropout_key(self) -> jax.Array | None:
-        if self.dropout is None or self.dropout.deterministic:
-            return None
-        rngs = self.dropout.rngs
-        return rngs[self.dropout.rng_collection]() if isinstance(rngs, nnx.Rngs) else rngs()
-
-    def call_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """``base.<method>(*args, **kwargs)`` with the adapters active."""
-        graphdef, state = nnx.split(self.base)
-
-        def run(state, *call_args, **call_kwargs):
-            module = nnx.merge(graphdef, state)
-            out = getattr(module, method)(*call_args, **call_kwargs)
-            return out, nnx.state(module)
-
-        counts = _APPLIED.get()
-        applied: dict[str, int] = {}
-        factors = {
-            weight: factors_for(
-                adapter.lora_a[...],
-                adapter.lora_b[...],
-                adapter.delta_eq,
-                _weight_var(self.base, weight).ndim,
-                adapter.scale,
-            )
-            for weight, adapter in self.adapters.items()
-        }
-        out, new_state = _rewrite.call(
-            run,
-            state,
-            factors,
-            args,
-            kwargs,
-            dropout=0.0 if self.dropout is None else self.dropout.rate,
-            key=self._dropout_key(),
-            applied=applied,
-        )
-        if counts is not None:
-            for weight, n in applied.items():
-                counts[adapter_name(self.jaxlora_path, weight)] += n
-        # Write back only what the method changed (a cache, a counter): an unchanged
-        # variable may belong to an outer trace that must not be written from this one.
-        old, new = jax.tree.leaves(state), jax.tree.leaves(new_state)
-        if any(a is not b for a, b in zip(old, new, strict=True)):
-            nnx.update(self.base, new_state)
-        return out
-
-
 def _mark_full_training(module: nnx.Module, config: LoraConfig) -> None:
     wrapped = {path for path, _ in _modules(module, (LoraLayer, LoraModule))}
     for pattern in config.modules_to_save:
@@ -528,10 +298,10 @@ def adapted_weights(module: nnx.Module) -> list[tuple[str, nnx.Variable, Any]]:
     for path, wrapper in _modules(module, _WRAPPERS):
         name = _path_str(_merged_path(path, owners))
         if isinstance(wrapper, LoraLayer):
-            out.append((name, _weight(wrapper.base), wrapper))
+            out.append((name, layer_weight(wrapper.base), wrapper))
         else:
             for weight, adapter in wrapper.adapters.items():
-                out.append((f"{name}/{weight}", _weight_var(wrapper.base, weight), adapter))
+                out.append((f"{name}/{weight}", getattr(wrapper.base, weight), adapter))
     return out
 
 

@@ -1,0 +1,256 @@
+"""The NNX modules jaxlora puts in a user's model: adapter variables and the two wrappers.
+
+`LoraLayer` wraps one of Flax's own layers (its delta computed from the layer's
+attributes); `LoraModule` wraps a module of the user's whose own weights are adapted,
+running its methods through jaxlora's rewrite of their traced program (`_rewrite`).
+Adapter factors are `LoraParam` variables and fully trained parameters `TrainableParam`,
+so NNX filters select them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import functools
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlora import _layout, _rewrite, _sharding
+from jaxlora._config import LoraConfig, adapter_name
+from jaxlora._views import factors_for
+
+
+class TrainableParam(nnx.Param):
+    """A parameter that trains: a LoRA factor, or a ``modules_to_save``/bias leaf."""
+
+
+class LoraParam(TrainableParam):
+    """A LoRA factor (A or B) of an NNX `LoraLayer`."""
+
+
+def layer_weight(layer: nnx.Module) -> nnx.Variable:
+    """The adapted variable of one of Flax's layers: its embedding table or kernel."""
+    return layer.embedding if isinstance(layer, nnx.Embed) else layer.kernel
+
+
+class LoraLayer(nnx.Module):
+    """An NNX layer plus a LoRA adapter: ``base(x) + scale · dropout(x) @ A @ B``.
+
+    Attributes:
+      base: the original layer (its kernel stays at ``base.kernel``).
+      lora_a: `LoraParam` ``(*stack, *a_shape)``.
+      lora_b: `LoraParam` ``(*stack, *b_shape)``, zero at creation.
+      scale: alpha / rank (or alpha / sqrt(rank)).
+      delta_eq: einsum building the kernel-shaped ΔW from A and B.
+
+    A and B are placed like the base kernel (see `jaxlora.lorafy`): a kernel value with a
+    `NamedSharding` gives them derived shardings, its ``out_sharding`` metadata derived
+    names; ``rank_axis`` optionally shards the rank axis over a mesh axis.
+    """
+
+    def __init__(
+        self,
+        base: nnx.Module,
+        layout: _layout.Layout,
+        *,
+        scale: float,
+        key: jax.Array,
+        config: LoraConfig,
+        rngs: nnx.Rngs,
+        rank_axis: str | None = None,
+    ):
+        weight = layer_weight(base)
+        stored = tuple(weight.shape)
+        stack = stored[: len(stored) - len(layout.kernel_shape)]
+        rank = layout.a_shape[-1]
+        shardings = _sharding.factor_shardings(
+            f"the {type(base).__name__} with kernel {stored}",
+            weight.get_value(),
+            layout.delta_eq,
+            rank,
+            rank_axis,
+        )
+        a, b = _sharding.init_factors(
+            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
+        )
+        a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
+        self.base = base
+        self.lora_a = LoraParam(a, **a_meta)
+        self.lora_b = LoraParam(b, **b_meta)
+        self.scale = scale
+        self.delta_eq = layout.delta_eq
+        self.dropout = (
+            nnx.Dropout(config.dropout, rng_collection=config.dropout_rng, rngs=rngs)
+            if config.dropout
+            else None
+        )
+
+    def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """The base layer's output plus the adapter's; same arguments as the base."""
+        y = self.base(x, *args, **kwargs)
+        a, b = self.lora_a[...], self.lora_b[...]
+        if isinstance(self.base, nnx.Embed):
+            delta = functools.partial(_layout.embed_delta, scale=self.scale)
+            return _layout.add_delta(y, delta, x, a, b)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if isinstance(self.base, nnx.Einsum):
+            einsum_str = kwargs.get("einsum_str", args[0] if args else None) or self.base.einsum_str
+            delta = functools.partial(_layout.einsum_delta, einsum_str=einsum_str, scale=self.scale)
+        else:
+            axis = self.base.axis if isinstance(self.base, nnx.LinearGeneral) else -1
+            axis = tuple(np.atleast_1d(axis).tolist())
+            delta = functools.partial(_layout.linear_delta, axis=axis, scale=self.scale)
+        return _layout.add_delta(y, delta, x, a, b)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """``Embed.attend`` with the adapted table (embedding layers only)."""
+        y = self.base.attend(query)
+        delta = functools.partial(_layout.attend_delta, scale=self.scale)
+        return _layout.add_delta(y, delta, query, self.lora_a[...], self.lora_b[...])
+
+    def delta_weight(self) -> jax.Array:
+        """``scale · A ⊗ B`` in the base kernel's layout (float32)."""
+        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
+
+
+# While lorafy checks a wrapped module, LoraModules count the uses they adapt here.
+APPLIED_USES: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
+    "jaxlora_applied", default=None
+)
+
+
+class WeightAdapter(nnx.Module):
+    """The LoRA factors of one weight of a `LoraModule`.
+
+    Attributes:
+      lora_a: `LoraParam` A, ``(*stack, *in, r)`` (see `jaxlora.LoraAdapter`).
+      lora_b: `LoraParam` B, ``(*stack, r, *out)``, zero at creation.
+      scale: alpha / rank (or alpha / sqrt(rank)).
+      delta_eq: einsum building the weight-shaped ΔW from A and B.
+    """
+
+    def __init__(
+        self,
+        weight: nnx.Variable,
+        layout: _layout.Layout,
+        *,
+        scale: float,
+        key: jax.Array,
+        config: LoraConfig,
+        rank_axis: str | None = None,
+    ):
+        stored = tuple(weight.shape)
+        stack = stored[: len(stored) - len(layout.kernel_shape)]
+        rank = layout.a_shape[-1]
+        shardings = _sharding.factor_shardings(
+            f"the weight {stored}", weight.get_value(), layout.delta_eq, rank, rank_axis
+        )
+        a, b = _sharding.init_factors(
+            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
+        )
+        a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
+        self.lora_a = LoraParam(a, **a_meta)
+        self.lora_b = LoraParam(b, **b_meta)
+        self.scale = scale
+        self.delta_eq = layout.delta_eq
+
+    def delta_weight(self) -> jax.Array:
+        """``scale · A ⊗ B`` in the weight's layout (float32)."""
+        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
+
+
+class LoraModule(nnx.Module):
+    """A module of the user's whose own weights carry LoRA, applied wherever it uses them.
+
+    The module (``base``) is kept as it is. Each of its methods, called through the
+    wrapper (``wrapper(x)``, ``wrapper.decode(x)``), runs through jaxlora's rewrite of its
+    traced program (see `jaxlora.lorafy`), which adds ``scale · x @ A @ B`` after every
+    contraction or lookup of an adapted weight. Other attributes read through to ``base``.
+
+    Attributes:
+      base: the original module.
+      adapters: ``nnx.Dict`` weight name -> `WeightAdapter`.
+    """
+
+    def __init__(
+        self,
+        base: nnx.Module,
+        adapters: dict[str, WeightAdapter],
+        *,
+        config: LoraConfig,
+        rngs: nnx.Rngs,
+        path: str = "",
+    ):
+        self.base = base
+        self.adapters = nnx.Dict(adapters)
+        self.jaxlora_path = path
+        self.dropout = (
+            nnx.Dropout(config.dropout, rng_collection=config.dropout_rng, rngs=rngs)
+            if config.dropout
+            else None
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The base module's ``__call__`` with its adapters active."""
+        return self.call_method("__call__", *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("base", "adapters", "dropout", "jaxlora_path"):
+            raise AttributeError(name)
+        attr = getattr(self.base, name)
+        if inspect.ismethod(attr) and attr.__self__ is self.base:
+            return functools.partial(self.call_method, name)
+        return attr
+
+    def _dropout_key(self) -> jax.Array | None:
+        if self.dropout is None or self.dropout.deterministic:
+            return None
+        rngs = self.dropout.rngs
+        return rngs[self.dropout.rng_collection]() if isinstance(rngs, nnx.Rngs) else rngs()
+
+    def call_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``base.<method>(*args, **kwargs)`` with the adapters active."""
+        graphdef, state = nnx.split(self.base)
+
+        def run(state, *call_args, **call_kwargs):
+            module = nnx.merge(graphdef, state)
+            out = getattr(module, method)(*call_args, **call_kwargs)
+            return out, nnx.state(module)
+
+        counts = APPLIED_USES.get()
+        applied: dict[str, int] = {}
+        factors = {
+            weight: factors_for(
+                adapter.lora_a[...],
+                adapter.lora_b[...],
+                adapter.delta_eq,
+                getattr(self.base, weight).ndim,
+                adapter.scale,
+            )
+            for weight, adapter in self.adapters.items()
+        }
+        out, new_state = _rewrite.call(
+            run,
+            state,
+            factors,
+            args,
+            kwargs,
+            dropout=0.0 if self.dropout is None else self.dropout.rate,
+            key=self._dropout_key(),
+            applied=applied,
+        )
+        if counts is not None:
+            for weight, n in applied.items():
+                counts[adapter_name(self.jaxlora_path, weight)] += n
+        # Write back only what the method changed (a cache, a counter): an unchanged
+        # variable may belong to an outer trace that must not be written from this one.
+        old, new = jax.tree.leaves(state), jax.tree.leaves(new_state)
+        if any(a is not b for a, b in zip(old, new, strict=True)):
+            nnx.update(self.base, new_state)
+        return out
