@@ -35,12 +35,10 @@ from flax import nnx
 from jaxlora import _attach, _layout, _peft_files
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LoraConfig, path_matches
-from jaxlora._peft_files import PARAMETER_ORDER, PREFIX, TORCH_LEAF
-from jaxlora._peft_flax import Layer, adapted
+from jaxlora._peft_files import PREFIX, TORCH_LEAF
+from jaxlora._peft_flax import Adapted, Layer, adapted
 from jaxlora._peft_names import ModuleMap, facts, listed, slots
-from jaxlora._tree import (
-    PyTree,
-)
+from jaxlora._tree import PyTree
 
 
 def _number(x: float) -> float | int:
@@ -141,10 +139,12 @@ def _export_targets(
             by_name.setdefault(name, []).append((block, layer, part, len(found)))
     targets = []
     for name, entries in by_name.items():
-        if entries[0][0] is not None:
+        whole = [e for e in entries if e[0] is None]
+        if whole and len(entries) > 1:
+            other = next(e for e in entries if e is not whole[0])
+            _claim({name: whole[0][1].spec.path}, name, other[1].spec.path, who=who)
+        if not whole:
             entries = _blocks(name, entries, weights, module_map, who)
-        elif len(entries) > 1:
-            _claim({name: entries[0][1].spec.path}, name, entries[1][1].spec.path, who=who)
         _, layer, part, parts = entries[0]
         kind = _kind(name, layer, module_map)
         target = _Target(name, kind, tuple(e[1] for e in entries), part, parts)
@@ -211,24 +211,9 @@ def _depths(targets: Sequence[_Target], *, who: str) -> dict[str, int]:
             by_module.setdefault(t.name.rpartition(".")[0], []).append(t.name)
     depths = {}
     for module, names in by_module.items():
-        ordered = _parameter_order(names, module, who=who)
+        ordered = _peft_files.wrapping_order(names, module, who=who)
         depths.update({name: len(ordered) - 1 - i for i, name in enumerate(ordered)})
     return depths
-
-
-def _parameter_order(names: Sequence[str], module: str, *, who: str) -> list[str]:
-    """Parameters of one torch module in the order PEFT wraps them (innermost first)."""
-    if len(names) == 1:
-        return list(names)
-    short = [n.rpartition(".")[2] for n in names]
-    unknown = [s for s in short if s not in PARAMETER_ORDER]
-    if unknown:
-        raise ValueError(
-            f"{who}: torch module {module!r} has several adapted parameters {short}; PEFT nests "
-            "their factors in the order the module registers them, which jaxlora knows only "
-            f"for {list(PARAMETER_ORDER)}. Adapt one of them at a time."
-        )
-    return sorted(names, key=lambda n: PARAMETER_ORDER.index(n.rpartition(".")[2]))
 
 
 def _alpha(config: LoraConfig, layer: Layer, rank: int) -> float:
@@ -244,12 +229,13 @@ def _alpha(config: LoraConfig, layer: Layer, rank: int) -> float:
 def _tied_head(
     module_map: ModuleMap, targets: Sequence[_Target], weights: Sequence[str]
 ) -> tuple[str, _Target] | None:
-    """The torch head tied to an adapted embedding (see `NameMap.tied_head`), if any."""
-    head = getattr(module_map, "tied_head", None)
-    embeddings = [t for t in targets if t.kind == layouts.EMBEDDING]
-    if head is None or not embeddings or any(module_map(w) == head for w in weights):
+    """The torch head tied to an adapted input embedding (see `NameMap.tied`), if any: when
+    no flax weight of this model maps to the head, the model reuses the embedding for it."""
+    tied = getattr(module_map, "tied", None)
+    if tied is None or any(module_map(w) == tied[0] for w in weights):
         return None
-    return head, embeddings[0]
+    embedding = next((t for t in targets if t.name == tied[1]), None)
+    return None if embedding is None else (tied[0], embedding)
 
 
 def export_peft(
@@ -275,7 +261,7 @@ def export_peft(
     (see `peft_module_map`) gives each its slice of B and the shared A; flax weights fused
     into one torch weight share one adapter (rank r if their A are equal, else the sum
     of their ranks with block-diagonal B: exact either way). An embedding the torch model
-    ties to its output head (the module map's ``tied_head``) is exported with PEFT's
+    ties to its output head (the module map's ``tied``) is exported with PEFT's
     ``ensure_weight_tying``, as jaxlora adapts both uses. The directory is replaced
     atomically; with several JAX processes every process calls it and process 0 writes.
 
@@ -349,7 +335,12 @@ def export_peft(
 
 
 def _exported_leaves(
-    model, targets: Sequence[_Target], config: LoraConfig, module_map: ModuleMap, *, who: str
+    model: Adapted,
+    targets: Sequence[_Target],
+    config: LoraConfig,
+    module_map: ModuleMap,
+    *,
+    who: str,
 ) -> dict[str, np.ndarray]:
     """``modules_to_save`` and bias tensors, by PEFT key."""
     owners = {t.name: t.layers[0].spec.path for t in targets if len(t.layers) == 1}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,24 @@ def group(
             module, _, leaf = rest.rpartition(".")
             leaves[(module, leaf)] = value
     return list(factors.values()), leaves
+
+
+def wrapping_order(names: Sequence[str], module: str, *, who: str) -> list[str]:
+    """Targeted parameters of one torch module in the order PEFT wraps them, innermost first.
+
+    Raises:
+      ValueError: several parameters whose registration order jaxlora does not know.
+    """
+    if len(names) == 1:
+        return list(names)
+    short = [n.rpartition(".")[2] for n in names]
+    if any(s not in PARAMETER_ORDER for s in short):
+        raise ValueError(
+            f"{who}: torch module {module!r} has several adapted parameters {short}; PEFT nests "
+            "their factors in the order the module registers them, which jaxlora knows only "
+            f"for {list(PARAMETER_ORDER)}. Adapt one of them at a time."
+        )
+    return sorted(names, key=lambda n: PARAMETER_ORDER.index(n.rpartition(".")[2]))
 
 
 def write(target: Path, peft_config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:

@@ -2,7 +2,7 @@
 
 In two steps. Matching, which needs no knowledge of how the model uses its weights: every
 torch module (or parameter) of the file finds its flax weight through the module map, and
-each flax weight gets its rank and scale (`_Plan`). Converting, which does: the factors
+each flax weight gets its rank and scale (`_peft_match`). Converting, which does: the factors
 are laid out over the weight's input and output axes (`_peft_layouts`), which a linen
 tree's 2-D kernels, embeddings and conv kernels say by themselves, an adapter already on
 the weight says by its ``delta_eq``, and for an NNX module `lorafy` finds by tracing it.
@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from flax.core import meta
 
 from jaxlora import _attach, _nnx, _peft_files, _targeting
 from jaxlora import _peft_layouts as layouts
@@ -71,8 +70,10 @@ class _Weight:
 
 
 def _torch_flat(
-    f: Factors, kind: str, n_in: int, n_out: int, experts: int, window, peft_config, name, where
+    f: Factors, name: str, kind: str, shape: tuple[int, int, int], window, peft_config, where
 ) -> layouts.Flat:
+    """The `Flat` adapter of torch module ``name`` whose flax side is ``(in, out, experts)``."""
+    n_in, n_out, experts = shape
     rank = _peft_files.rank_of(peft_config, name)
     want_a, want_b = layouts.torch_shapes(kind, n_in, n_out, rank, experts, window)
     _check_factor("A", tuple(f.a.shape), want_a, 0, where=where)
@@ -94,25 +95,21 @@ def _factors(
     experts = weight.shape[0] if layouts.stacked(weight.delta_eq, len(weight.shape)) else 0
     window = weight.shape[:-2] if plan.kind == layouts.CONV else ()
     where = f"layer {plan.path!r} ({', '.join(plan.sources)})"
-    args = (plan.kind, n_in)
-    if plan.block is not None:
-        (name,) = plan.sources
+
+    def flat(name: str, outputs: int) -> layouts.Flat:
+        sizes = (n_in, outputs, experts)
+        return _torch_flat(by_name[name], name, plan.kind, sizes, window, peft_config, where)
+
+    if plan.block is None:
+        parts = [flat(name, n_out // len(plan.sources)) for name in plan.sources]
+        fused = layouts.concat_outputs(parts)
+    else:  # one block of a torch weight fusing several flax weights' outputs
         blocks = sorted((p for p in plans if p.sources == plan.sources), key=lambda p: p.block)
         outs = [
             layouts.flat_sizes(weights[p.path].delta_eq, weights[p.path].shape)[1] for p in blocks
         ]
-        flat = _torch_flat(
-            by_name[name], *args, sum(outs), experts, window, peft_config, name, where
-        )
-        flat = layouts.split_outputs(flat, outs)[plan.block]
-    else:
-        n_out //= len(plan.sources)
-        parts = [
-            _torch_flat(by_name[n], *args, n_out, experts, window, peft_config, n, where)
-            for n in plan.sources
-        ]
-        flat = layouts.concat_outputs(parts)
-    return layouts.from_flat(flat, weight.delta_eq, weight.shape, where=where)
+        fused = layouts.split_outputs(flat(plan.sources[0], sum(outs)), outs)[plan.block]
+    return layouts.from_flat(fused, weight.delta_eq, weight.shape, where=where)
 
 
 def _linen_weight(plan: Plan, inner: Mapping[str, Any]) -> _Weight:
@@ -132,7 +129,7 @@ def _linen_weight(plan: Plan, inner: Mapping[str, Any]) -> _Weight:
             "jaxlora learns from how the model uses it. Adapt the params first (jaxlora.lorafy "
             f"with targets=[{plan.path!r}], any rank) and import into the adapted tree."
         )
-    layout = _targeting.layout_of(shape, roles, plan.rank, embedding=plan.kind == "embedding")
+    layout = _targeting.layout_of(shape, roles, plan.rank, embedding=plan.kind == layouts.EMBEDDING)
     return _Weight(shape, layout.delta_eq)
 
 
@@ -323,46 +320,85 @@ def import_peft(
     dtype = by_name[plans[0].sources[0]].a.dtype.name
     config = _lora_config(peft_config, plans, [spec for spec, _ in leaves], modules, dtype)
     unmatched += unmatched_leaves
+    match = _Match(plans, by_name, peft_config, leaves, unmatched)
     if isinstance(model, nnx.Module):
         _attach.report_unmatched(unmatched, source=source, who=who, allow_unmatched=allow_unmatched)
-        module = _adapted_copy(model, config, inputs, rngs)
-        weights = {
-            layer.spec.path: _Weight(layer.spec.kernel_shape, layer.spec.delta_eq)
-            for layer in adapted(module, who=who).layers
-        }
-        arrays = {p.path: _factors(p, plans, weights, by_name, peft_config) for p in plans}
-        set_nnx(module, arrays, {spec.path: value for spec, value in leaves}, sharding)
-        return config, module
-    weights = {p.path: _linen_weight(p, inner) for p in plans}
-    specs, adapters = [], {}
-    for p in plans:
-        a, b = _factors(p, plans, weights, by_name, peft_config)
-        node = subtree(plain, p.module)
+        return config, _into_nnx(model, config, match, inputs, rngs, sharding)
+    return config, _into_linen(model, inner, match, source, sharding, allow_unmatched)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Match:
+    """What of a PEFT file matched the model: planned weights, their factors, the leaves."""
+
+    plans: list[Plan]
+    by_name: dict[str, Factors]
+    peft_config: dict[str, Any]
+    leaves: list[tuple[_attach.LeafSpec, np.ndarray]]
+    unmatched: list[str]
+
+    def factors(self, plan: Plan, weights: Mapping[str, _Weight]) -> tuple[np.ndarray, np.ndarray]:
+        """jaxlora's ``(A, B)`` of ``plan`` (see `_factors`)."""
+        return _factors(plan, self.plans, weights, self.by_name, self.peft_config)
+
+
+def _into_nnx(
+    model: nnx.Module,
+    config: LoraConfig,
+    match: _Match,
+    inputs: tuple,
+    rngs: nnx.Rngs | None,
+    sharding: jax.sharding.Sharding | None,
+) -> nnx.Module:
+    """An adapted copy of ``model`` holding the file's factors and leaves."""
+    module = _adapted_copy(model, config, inputs, rngs)
+    weights = {
+        layer.spec.path: _Weight(layer.spec.kernel_shape, layer.spec.delta_eq)
+        for layer in adapted(module, who="import_peft").layers
+    }
+    arrays = {p.path: match.factors(p, weights) for p in match.plans}
+    set_nnx(module, arrays, {spec.path: value for spec, value in match.leaves}, sharding)
+    return module
+
+
+def _into_linen(
+    params: PyTree,
+    inner: Mapping[str, Any],
+    match: _Match,
+    source: str,
+    sharding: jax.sharding.Sharding | None,
+    allow_unmatched: bool,
+) -> PyTree:
+    """``params`` with the file's adapters and leaves attached (placed like their weights)."""
+    weights = {p.path: _linen_weight(p, inner) for p in match.plans}
+    adapters = {}
+    for p in match.plans:
+        a, b = match.factors(p, weights)
+        weight = _attach.unmark(subtree(inner, p.module)[p.weight_key])
         spec = _attach.LayerSpec(
             path=p.path,
             weight_key=p.weight_key,
             kernel_shape=weights[p.path].shape,
-            kernel_dtype=jax.numpy.dtype(meta.unbox(node[p.weight_key]).dtype).name,
+            kernel_dtype=jax.numpy.dtype(weight.dtype).name,
             a_shape=a.shape,
             b_shape=b.shape,
             dtype=a.dtype.name,
             scale=p.scale,
             delta_eq=weights[p.path].delta_eq,
         )
-        specs.append(spec)
         adapters[spec] = (a, b)
     _attach.plan(
-        model,
-        specs,
-        [spec for spec, _ in leaves],
+        params,
+        list(adapters),
+        [spec for spec, _ in match.leaves],
         source=source,
-        who=who,
+        who="import_peft",
         allow_unmatched=allow_unmatched,
-        unmatched=unmatched,
+        unmatched=match.unmatched,
     )
     placed = {}
     for spec, (a, b) in adapters.items():
-        a_sharding, b_sharding = _attach.layer_shardings(model, spec, sharding)
+        a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)
         placed[spec] = LoraAdapter(
             jax.device_put(a, a_sharding),
             jax.device_put(b, b_sharding),
@@ -370,10 +406,10 @@ def import_peft(
             delta_eq=spec.delta_eq,
         )
     trainable = {
-        spec.path: jax.device_put(value, _attach.leaf_sharding(model, spec, sharding))
-        for spec, value in leaves
+        spec.path: jax.device_put(value, _attach.leaf_sharding(params, spec, sharding))
+        for spec, value in match.leaves
     }
-    return config, _attach.attach(model, placed, trainable)
+    return _attach.attach(params, placed, trainable)
 
 
 def _adapted_copy(

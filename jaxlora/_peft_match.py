@@ -22,7 +22,7 @@ from flax.core import meta
 from jaxlora import _peft_files
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LAYER_WEIGHTS
-from jaxlora._peft_files import CONFIG_NAME, PARAMETER_ORDER, Factors
+from jaxlora._peft_files import CONFIG_NAME, Factors
 from jaxlora._peft_flax import weight_names
 from jaxlora._peft_names import ModuleMap, slots
 from jaxlora._tree import module_paths, subtree
@@ -106,28 +106,22 @@ def _parameters(module: str, index: Mapping, peft_config: Mapping[str, Any]) -> 
         for n in index
         if n.rpartition(".")[0] == module and _peft_files.targeted(peft_config, n, parameter=True)
     ]
-    return sorted(
-        names,
-        key=lambda n: (
-            PARAMETER_ORDER.index(n.rpartition(".")[2])
-            if (n.rpartition(".")[2] in PARAMETER_ORDER)
-            else len(PARAMETER_ORDER)
-        ),
-    )
+    return _peft_files.wrapping_order(names, module, who="import_peft") if names else []
 
 
 def _tied_copy(f: Factors, by_name: Mapping[str, Factors], module_map, peft_config) -> bool:
     """Whether ``f`` is the copy of a tied embedding's factors PEFT saves for the head."""
-    head = getattr(module_map, "tied_head", None)
-    if not peft_config.get("ensure_weight_tying") or f.module != head or f.depth:
+    tied = getattr(module_map, "tied", None)
+    if tied is None or not peft_config.get("ensure_weight_tying") or f.module != tied[0]:
         return False
-    embeddings = [e for e in by_name.values() if e.embedding]
-    return any(
-        e.a is not None
-        and e.b is not None
+    e = by_name.get(tied[1])
+    return (
+        not f.depth
+        and e is not None
+        and e.embedding
+        and all(x is not None for x in (e.a, e.b, f.a, f.b))
         and np.array_equal(f.a, e.b.T)
         and np.array_equal(f.b, e.a.T)
-        for e in embeddings
     )
 
 
@@ -154,7 +148,7 @@ def resolve(
     return by_name, unmatched
 
 
-def _weight_of(plain: Mapping[str, Any], path: str, f: Factors, name: str) -> tuple[str, str]:
+def _weight_of(plain: Mapping[str, Any], path: str, f: Factors) -> tuple[str, str]:
     """``(module path, weight key)`` of the flax weight ``path`` that the factors ``f`` adapt."""
     node = subtree(plain, path)
     if not isinstance(node, Mapping):
@@ -188,6 +182,11 @@ def _missing_factor(f: Factors, path: str, name: str) -> None:
         )
 
 
+def _parts(index: Mapping[str, Sequence[Slot]], path: str) -> list[tuple[int, str]]:
+    """``(part, torch name)`` of every torch module a split flax weight goes to."""
+    return [(s.part, n) for n, entries in index.items() for s in entries if s.path == path]
+
+
 def plans_of(
     by_name: Mapping[str, Factors],
     index: Mapping[str, Sequence[Slot]],
@@ -202,9 +201,7 @@ def plans_of(
             if slot.path in seen or (slot.parts == 1 and name not in by_name):
                 continue
             sources = (
-                tuple(n for n, e in index.items() if any(s.path == slot.path for s in e))
-                if slot.parts > 1
-                else (name,)
+                tuple(n for _, n in sorted(_parts(index, slot.path))) if slot.parts > 1 else (name,)
             )
             found = [n for n in sources if n in by_name]
             if not found:
@@ -217,7 +214,7 @@ def plans_of(
             for n in sources:
                 _missing_factor(by_name[n], slot.path, n)
             f = by_name[sources[0]]
-            module, key = _weight_of(plain, slot.path, f, name)
+            module, key = _weight_of(plain, slot.path, f)
             ranks = [_peft_files.rank_of(peft_config, n) for n in sources]
             scales = [_peft_files.scale_of(peft_config, n) for n in sources]
             shared = len(set(scales)) == 1 and all(
@@ -247,6 +244,13 @@ def plans_of(
     return plans, unmatched
 
 
+def _adaptable(node: Any) -> bool:
+    """A layer with a kernel or embedding, or a weight of 2 or more axes."""
+    if isinstance(node, Mapping):
+        return any(not isinstance(node.get(k, {}), Mapping) for k in LAYER_WEIGHTS)
+    return getattr(meta.unbox(node), "ndim", 0) >= 2
+
+
 def targeted_missing(
     index: Mapping, by_name: Mapping, plain: Mapping[str, Any], peft_config: Mapping[str, Any]
 ) -> list[str]:
@@ -259,11 +263,7 @@ def targeted_missing(
         if not (parameter or _peft_files.targeted(peft_config, name, parameter=False)):
             continue
         for slot in entries:
-            node = subtree(plain, slot.path)
-            if parameter or (
-                isinstance(node, Mapping)
-                and any(not isinstance(node.get(k, {}), Mapping) for k in LAYER_WEIGHTS)
-            ):
+            if parameter or _adaptable(subtree(plain, slot.path)):
                 out.append(
                     f"layer {slot.path!r} ({name}) is targeted by {CONFIG_NAME} but has no "
                     "factors in the file"

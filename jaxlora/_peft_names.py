@@ -16,7 +16,7 @@ A module map is any callable from a jaxlora adapter name — the layer path for 
 
 A `NameMap` also says what names alone cannot: which torch modules are Embeddings or
 convolutions, which names are parameters, and the output head that shares the input
-embedding's weight when the flax model has no head of its own (``tied_head``). Plain
+embedding's weight when the flax model has no head of its own (``tied``). Plain
 callables work too; they then describe Linear modules and Flax's own Embed/Conv layers.
 """
 
@@ -42,8 +42,10 @@ class NameMap:
       parameters: names that are torch parameters, adapted by PEFT's ``target_parameters``:
         expert weights ``(experts, ...)`` (the only stacked weights PEFT adapts) and 2-D
         parameters of modules that are not Linear (e.g. a router's ``gate.weight``).
-      tied_head: the torch output head that reuses the input embedding's weight (e.g.
-        ``"lm_head"``) when the flax model has no weight of its own mapped to it.
+      tied: ``(head, embedding)``: the torch output head that reuses the input embedding's
+        weight when the flax model has no weight of its own mapped to the head (e.g.
+        ``("lm_head", "model.embed_tokens")``). An adapted embedding then adapts the head
+        too, in jaxlora as in PEFT's ``ensure_weight_tying``.
     """
 
     def __init__(
@@ -53,13 +55,13 @@ class NameMap:
         embeddings: Sequence[str] = (),
         convs: Sequence[str] = (),
         parameters: Sequence[str] = (),
-        tied_head: str | None = None,
+        tied: tuple[str, str] | None = None,
     ):
         self._name_of = name_of
         self.embeddings = tuple(embeddings)
         self.convs = tuple(convs)
         self.parameters = tuple(parameters)
-        self.tied_head = tied_head
+        self.tied = tied
 
     def __call__(self, path: str) -> str | tuple[str, ...] | None:
         """The torch name(s) of a flax adapter or module path (see the module docstring)."""
@@ -171,7 +173,7 @@ def _tunix(rules, **torch_facts) -> NameMap:
     return NameMap(
         functools.partial(_by_rules, rules),
         embeddings=embeddings,
-        tied_head="lm_head",
+        tied=("lm_head", "model.embed_tokens"),
         **torch_facts,
     )
 
