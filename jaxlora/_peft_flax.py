@@ -19,7 +19,7 @@ from flax import nnx
 from jaxlora import _attach, _nnx
 from jaxlora._config import adapter_name
 from jaxlora._distributed import to_host
-from jaxlora._tree import PyTree, module_paths, params_of
+from jaxlora._tree import PyTree, module_paths, params_of, unwrap_trainable, without_adapters
 
 _WRAPPERS = (_nnx.LoraLayer, _nnx.LoraModule)
 
@@ -80,7 +80,7 @@ def adapted(model: PyTree | nnx.Module, *, who: str) -> Adapted:
         layers=[Layer(spec, to_host(a), to_host(b)) for spec, a, b in layers],
         leaves=[(spec, to_host(value)) for spec, value in leaves],
         modules=list(module_paths(inner)),
-        weights=weight_names(jax.tree.map(lambda _: 0, inner)),
+        weights=weight_names(without_adapters(unwrap_trainable(inner))),
     )
 
 

@@ -26,7 +26,6 @@ import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-Answer = "str | tuple[str, ...] | None"
 ModuleMap = Callable[[str], "str | tuple[str, ...] | None"]
 
 _BLOCK = re.compile(r"(.+)\[(\d+)\]")
