@@ -3,9 +3,10 @@
 `llama` builds a ``transformers.LlamaForCausalLM`` and `qwen3_moe` a
 ``Qwen3MoeForCausalLM`` of the zoo's tiny sizes; each returns the same logits as the tunix
 model it was copied from (to 3.4e-6 for llama3, 1.7e-6 for qwen3_moe).
-`gemma3` builds a ``Gemma3ForCausalLM`` whose attention and MLP projections hold the tunix
-gemma3 weights (its fused ``kv_einsum`` split into ``k_proj``/``v_proj``); only the
-projections are compared, not the whole model.
+`gemma` builds a ``Gemma2ForCausalLM`` (zoo "gemma") or ``Gemma3ForCausalLM`` ("gemma3")
+whose attention and MLP projections hold the tunix weights (the fused ``qkv_einsum`` /
+``kv_einsum`` split into ``q_proj``/``k_proj``/``v_proj``); only the projections are
+compared, not the whole model.
 
 RoPE: tunix's llama3 and qwen3 call ``apply_rope`` without their config's ``rope_theta``, so
 they always rotate with its default base 1e6, whatever the config says; the twins use
