@@ -68,21 +68,26 @@ def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Mo
     return model.eval()
 
 
+def _sizes(built: zoo.Zoo) -> dict:
+    """The Hugging Face config fields every twin shares with the zoo's sizes (untied head)."""
+    return {
+        "vocab_size": zoo.VOCAB,
+        "hidden_size": zoo.EMBED,
+        "intermediate_size": zoo.HIDDEN,
+        "num_hidden_layers": zoo.LAYERS,
+        "num_attention_heads": zoo.HEADS,
+        "num_key_value_heads": zoo.KV_HEADS,
+        "head_dim": zoo.HEAD_DIM,
+        "rope_theta": TUNIX_ROPE_THETA,
+        "rms_norm_eps": built.config.norm_eps,
+        "tie_word_embeddings": False,
+    }
+
+
 def llama(built: zoo.Zoo) -> transformers.LlamaForCausalLM:
     """A ``LlamaForCausalLM`` holding the weights of the zoo's llama3 (untied head)."""
     module = built.module
-    config = transformers.LlamaConfig(
-        vocab_size=zoo.VOCAB,
-        hidden_size=zoo.EMBED,
-        intermediate_size=zoo.HIDDEN,
-        num_hidden_layers=zoo.LAYERS,
-        num_attention_heads=zoo.HEADS,
-        num_key_value_heads=zoo.KV_HEADS,
-        head_dim=zoo.HEAD_DIM,
-        rope_theta=TUNIX_ROPE_THETA,
-        rms_norm_eps=built.config.norm_eps,
-        tie_word_embeddings=False,
-    )
+    config = transformers.LlamaConfig(**_sizes(built))
     state = _common(module)
     for i, layer in enumerate(module.layers):
         prefix = f"model.layers.{i}."
@@ -101,20 +106,11 @@ def qwen3_moe(built: zoo.Zoo) -> transformers.Qwen3MoeForCausalLM:
     """
     module = built.module
     config = transformers.Qwen3MoeConfig(
-        vocab_size=zoo.VOCAB,
-        hidden_size=zoo.EMBED,
-        intermediate_size=zoo.HIDDEN,
+        **_sizes(built),
         moe_intermediate_size=zoo.EXPERT_HIDDEN,
-        num_hidden_layers=zoo.LAYERS,
-        num_attention_heads=zoo.HEADS,
-        num_key_value_heads=zoo.KV_HEADS,
-        head_dim=zoo.HEAD_DIM,
         num_experts=zoo.EXPERTS,
         num_experts_per_tok=zoo.TOP_K,
         norm_topk_prob=True,
-        rope_theta=TUNIX_ROPE_THETA,
-        rms_norm_eps=built.config.norm_eps,
-        tie_word_embeddings=False,
     )
     state = _common(module)
     for i, layer in enumerate(module.layers):
