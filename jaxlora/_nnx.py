@@ -157,7 +157,9 @@ def lorafy(
             rank_axis=rank_axis,
         )
         _set_child(module, path, wrapper)
-    for owner, cands in owners.items():
+    # deepest first: a wrapped module inside another wrapped one is replaced in its parent
+    # before that parent is wrapped in turn
+    for owner, cands in sorted(owners.items(), key=lambda item: -item[0].count("/")):
         path = _path_of(module, owner)
         base = _child(module, path)
         if not isinstance(base, nnx.Module) or not path:

@@ -177,12 +177,9 @@ def _safe_open(directory):
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_every_tunix_family_exports_and_imports_exactly(tmp_path, family):
     built = zoo.build(family)
-    # gemma4: lorafy refuses per_layer_model_projection when the embedder holding it is
-    # adapted too (nested LoraModules; reported to the owner of _nnx.py).
-    exclude = ["per_layer_model_projection"] if family == "gemma4" else []
-    config = jaxlora.LoraConfig(
-        rank=2, alpha=4, targets=["all-linear", "input_embedding"], exclude=exclude
-    )
+    # gemma4's embedder (adapted: input_embedding) holds per_layer_model_projection (adapted
+    # too): nested LoraModules
+    config = jaxlora.LoraConfig(rank=2, alpha=4, targets=["all-linear", "input_embedding"])
     module = _adapted(built, config)
     name = family.replace("_moe", "-moe") if family == "qwen3_moe" else family.split("_")[0]
     module_map = jaxlora.peft_module_maps[f"tunix-{name}"]
