@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora import _layout, _rewrite, _targeting
-from jaxlora._config import LoraConfig, format_paths, path_matches
+from jaxlora._config import LoraConfig, adapter_name, format_paths, path_matches
 from jaxlora._nnx_wrappers import (
     APPLIED_USES,
     LoraLayer,
@@ -303,7 +303,7 @@ def adapted_weights(module: nnx.Module) -> list[tuple[str, nnx.Variable, Any]]:
             out.append((name, layer_weight(wrapper.base), wrapper))
         else:
             for weight, adapter in wrapper.adapters.items():
-                out.append((f"{name}/{weight}", getattr(wrapper.base, weight), adapter))
+                out.append((adapter_name(name, weight), getattr(wrapper.base, weight), adapter))
     return out
 
 
