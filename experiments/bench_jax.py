@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from flax import nnx
 
-from experiments import gpt2
+from experiments import gpt2, gpt2_einsum
 from experiments.bench_common import (
     FLOOR_PARAM,
     LEARNING_RATE,
@@ -39,15 +40,27 @@ def model_config(w: Workload) -> gpt2.GPT2Config:
     return gpt2.GPT2Config(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq, w.attention)
 
 
+def linen_model(w: Workload) -> nn.Module:
+    """The linen model ``w.model`` names (see ``bench_common.MODELS``)."""
+    c = model_config(w)
+    if w.model == "gpt2":
+        return gpt2.GPT2(c)
+    if w.model == "gpt2-einsum":
+        return gpt2_einsum.GPT2(c)
+    if w.model == "gpt2-moe":
+        return gpt2_einsum.GPT2(c, gpt2_einsum.MoEConfig(w.experts, w.top_k))
+    raise ValueError(f"unknown model {w.model!r}; choose one of gpt2, gpt2-einsum, gpt2-moe")
+
+
 def device_batch(w: Workload) -> Batch:
     """:func:`token_batch` as JAX arrays."""
     tokens, targets = token_batch(w)
     return jnp.asarray(tokens), jnp.asarray(targets)
 
 
-def init_linen(w: Workload) -> tuple[gpt2.GPT2, Any]:
-    """The linen model and its randomly initialised ``params`` collection."""
-    model = gpt2.GPT2(model_config(w))
+def init_linen(w: Workload) -> tuple[nn.Module, Any]:
+    """The linen model (:func:`linen_model`) and its randomly initialised ``params``."""
+    model = linen_model(w)
     tokens, _ = device_batch(w)
     return model, jax.jit(model.init)(jax.random.key(0), tokens)["params"]
 

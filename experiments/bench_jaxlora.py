@@ -7,6 +7,7 @@ rows fail (the harness reports the import error as an error row).
 from typing import Any
 
 import jax
+from flax import linen as nn
 from flax import nnx
 
 import jaxlora
@@ -26,11 +27,22 @@ from experiments.bench_jax import (
 
 
 def lora_config(setting: str, w: Workload) -> jaxlora.LoraConfig:
-    """The jaxlora config of ``setting`` (``"qv"`` or ``"all"``)."""
+    """The jaxlora config of ``setting`` (``"qv"`` or ``"all"``).
+
+    On ``gpt2-moe``, ``"all"`` also adapts each ``router`` (at rank at most ``w.experts``, its
+    output width); ``up``/``down`` name the expert weights there.
+    """
+    if w.model == "gpt2-moe" and setting == "all":
+        return jaxlora.LoraConfig(
+            rank=w.rank,
+            alpha=w.alpha,
+            targets=[*TARGETS[setting], "router"],
+            rank_pattern={"router": min(w.rank, w.experts)},
+        )
     return jaxlora.LoraConfig(rank=w.rank, alpha=w.alpha, targets=list(TARGETS[setting]))
 
 
-def lorafy_linen(setting: str, w: Workload) -> tuple[gpt2.GPT2, Any, Any]:
+def lorafy_linen(setting: str, w: Workload) -> tuple[nn.Module, Any, Any]:
     """The base linen model, its LoRA-fied counterpart, and the LoRA params.
 
     Args:

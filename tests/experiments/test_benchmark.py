@@ -8,13 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from experiments import benchmark
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--vocab", "64", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "64"]
 TINY += ["--seq", "8", "--batch", "2", "--steps", "2", "--warmup", "1", "--reps", "1"]
+MODELS = ("gpt2", "gpt2-einsum", "gpt2-moe")
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
 ROW_KEYS = {
     "impl",
     "setting",
+    "model",
     "step_time_median_s",
     "step_time_min_s",
     "peak_rss_mb",
@@ -28,19 +32,24 @@ ROW_KEYS = {
 }
 
 
-def run_benchmark(*flags: str) -> dict[tuple[str, str], dict]:
-    """Runs the benchmark with ``--json`` and returns its rows keyed by (impl, setting)."""
+def benchmark_rows(*flags: str, timeout: float = 120) -> list[dict]:
+    """Runs the benchmark with ``--json`` and returns its rows."""
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--json", *TINY, *flags],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert all(row.keys() >= ROW_KEYS for row in rows)
-    return {(r["impl"], r["setting"]): r for r in rows}
+    return rows
+
+
+def run_benchmark(*flags: str) -> dict[tuple[str, str], dict]:
+    """:func:`benchmark_rows` of one model, keyed by (impl, setting)."""
+    return {(r["impl"], r["setting"]): r for r in benchmark_rows(*flags)}
 
 
 def check_timed(row: dict) -> None:
@@ -131,3 +140,62 @@ def test_failed_child_is_an_error_row():
     assert row["error"] == "timed out after 0.01 s"
     assert row["reps_ok"] == 0
     assert row["ratio_to_full"] is None
+
+
+def test_custom_einsum_and_moe_models():
+    """One interleaved run over the three models: a row per model, ratios within a model."""
+    flags = ["--impls", "jaxlora,nnx-lora", "--settings", "all", "--model", ",".join(MODELS)]
+    rows = {r["model"]: r for r in benchmark_rows(*flags, timeout=240) if r["impl"] == "jaxlora"}
+    assert set(rows) == set(MODELS)  # nnx-lora runs on gpt2 only
+    for row in rows.values():
+        check_timed(row)
+        check_adamw(row, counters=1)
+    dense, einsum, moe = (rows[m] for m in MODELS)
+    assert dense["ratio_to_fastest_peer"] is not None  # nnx-lora on gpt2
+    # the same model written with einsum modules: same adapters, same FLOPs
+    assert einsum["trainable_params"] == dense["trainable_params"]
+    assert einsum["total_params"] == dense["total_params"]
+    assert einsum["gflops"] == pytest.approx(dense["gflops"], rel=1e-3)
+    # MoE (4 experts of width 64 // 2): attention as above, experts A (4, in, 8) B (4, 8, out),
+    # router A (32, 4) B (4, 4) at rank min(8, experts)
+    experts = 2 * (4 * 32 * 8 + 4 * 8 * 32)
+    assert moe["trainable_params"] == 4 * (32 * 8 + 8 * 32) + experts + 32 * 4 + 4 * 4
+    assert moe["ratio_to_fastest_peer"] is None  # no other LoRA implementation on gpt2-moe
+
+
+def test_report_checks_the_model_targets():
+    def row(impl, setting, model, median, gflops=1.0):
+        return {
+            **dict.fromkeys(benchmark.MEASURED_ONCE),
+            "impl": impl,
+            "setting": setting,
+            "model": model,
+            "kind": benchmark.IMPLS[impl].kind,
+            "step_time_median_s": median,
+            "step_time_min_s": median,
+            "peak_rss_mb": 1.0,
+            "gflops": gflops,
+            "error": None,
+        }
+
+    rows = benchmark.add_ratios(
+        [
+            row("jaxlora", "all", "gpt2", 1.0, 101.0),
+            row("jaxlora", "all", "gpt2-einsum", 1.04, 101.0),
+            row("jaxlora", "qv", "gpt2", 1.0),
+            row("jaxlora", "qv", "gpt2-einsum", 0.9),
+            row("jax-full", "full", "gpt2-moe", 2.0),
+            row("jaxlora", "all", "gpt2-moe", 1.2),
+        ]
+    )
+    lines = benchmark.model_lines(rows)
+    assert (
+        "jaxlora all: gpt2-einsum / gpt2: 1.040, GFLOP 101 vs 101 (target: within 5%: ok)" in lines
+    )
+    assert (
+        "jaxlora qv: gpt2-einsum / gpt2: 0.900, GFLOP 1 vs 1 (target: within 5%: MISSED)" in lines
+    )
+    assert "gpt2-moe: jaxlora all / jax-full: 0.600 (target: at most 0.75: ok)" in lines
+    text = benchmark.report(rows, benchmark.Workload(model="gpt2,gpt2-einsum,gpt2-moe"), [])
+    assert "## Training step, gpt2-einsum" in text and "## Training step, gpt2-moe" in text
+    assert "model=gpt2,gpt2-einsum,gpt2-moe" in text
