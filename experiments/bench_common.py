@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 TARGETS = {"qv": ("query", "value"), "all": ("query", "key", "value", "out", "up", "down")}
@@ -83,6 +84,8 @@ class Measurement:
             included (``None`` for inference).
         opt_state_scalars: How many of those elements are 0-d step counters.
         gflops: XLA's FLOP count of the compiled step, in GFLOP (``None`` outside JAX).
+        base_param_bytes: Bytes of the model's own parameters as stored, adapters left out
+            (a quantized base counts its codes and scales; ``None`` where not measured).
     """
 
     times_s: list[float]
@@ -91,6 +94,7 @@ class Measurement:
     opt_state_floats: int | None = None
     opt_state_scalars: int | None = None
     gflops: float | None = None
+    base_param_bytes: int | None = None
 
 
 def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
@@ -168,6 +172,11 @@ def time_calls(call: Callable[[], Any], w: Workload) -> list[float]:
         call()
         times.append(time.perf_counter() - start)
     return times[w.warmup :]
+
+
+def stored_bytes(arrays: Iterable[Any]) -> int:
+    """Bytes of JAX or NumPy ``arrays`` as stored (4-bit types count half a byte)."""
+    return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in arrays)
 
 
 def array_counts(arrays: Iterable[Any]) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from experiments.bench_common import (
     Measurement,
     Workload,
     array_counts,
+    stored_bytes,
     time_calls,
     token_batch,
 )
@@ -97,6 +98,7 @@ class FunctionalRun(NamedTuple):
         opt_state: Initial optimizer state.
         trainable: Trainable parameter count.
         total: Total parameter count.
+        base_bytes: Bytes of the model's own parameters as stored (adapters left out).
     """
 
     step: Callable
@@ -104,6 +106,7 @@ class FunctionalRun(NamedTuple):
     opt_state: Any
     trainable: int
     total: int
+    base_bytes: int
 
 
 def measure_functional(run: FunctionalRun, w: Workload) -> Measurement:
@@ -127,7 +130,7 @@ def measure_functional(run: FunctionalRun, w: Workload) -> Measurement:
         loss.block_until_ready()
 
     times = time_calls(call, w)
-    return Measurement(times, run.total, run.trainable, floats, scalars, gflops)
+    return Measurement(times, run.total, run.trainable, floats, scalars, gflops, run.base_bytes)
 
 
 def measure_forward(model: Any, params: Any, w: Workload) -> Measurement:
@@ -155,8 +158,9 @@ def linen_full(setting: str, w: Workload) -> FunctionalRun:
     del setting  # always "full"
     model, params = init_linen(w)
     tx = adamw()
-    n = param_count(params)
-    return FunctionalRun(full_train_step(linen_loss(model), tx), params, tx.init(params), n, n)
+    n, base = param_count(params), stored_bytes(jax.tree.leaves(params))
+    step = full_train_step(linen_loss(model), tx)
+    return FunctionalRun(step, params, tx.init(params), n, n, base)
 
 
 def floor_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
@@ -189,6 +193,7 @@ def linen_floor(setting: str, w: Workload) -> FunctionalRun:
         tx.init(params[FLOOR_PARAM]),
         param_count(params[FLOOR_PARAM]),
         param_count(params),
+        stored_bytes(jax.tree.leaves(params)),
     )
 
 
@@ -220,8 +225,14 @@ def nnx_train_step(wrt: type[nnx.Variable]) -> Callable:
     return step
 
 
-def measure_nnx(model: nnx.Module, wrt: type[nnx.Variable], w: Workload) -> Measurement:
-    """Measures :func:`nnx_train_step` on ``model``, training the variables of type ``wrt``."""
+def measure_nnx(
+    model: nnx.Module,
+    wrt: type[nnx.Variable],
+    w: Workload,
+    adapters: type[nnx.Variable] = nnx.LoRAParam,
+) -> Measurement:
+    """Measures :func:`nnx_train_step` on ``model``, training the variables of type ``wrt``;
+    the parameters of type ``adapters`` are left out of the base's bytes."""
     optimizer = nnx.Optimizer(model, adamw(), wrt=wrt)
     step = nnx_train_step(wrt)
     batch = device_batch(w)
@@ -229,7 +240,9 @@ def measure_nnx(model: nnx.Module, wrt: type[nnx.Variable], w: Workload) -> Meas
     floats, scalars = array_counts(jax.tree.leaves(nnx.state(optimizer)))
     times = time_calls(lambda: step(model, optimizer, batch).block_until_ready(), w)
     total = param_count(nnx.state(model, nnx.Param))  # LoRA variables subclass nnx.Param
-    return Measurement(times, total, param_count(nnx.state(model, wrt)), floats, scalars, gflops)
+    base = stored_bytes(jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(adapters)))))
+    trainable = param_count(nnx.state(model, wrt))
+    return Measurement(times, total, trainable, floats, scalars, gflops, base)
 
 
 def run_nnx(setting: str, w: Workload) -> Measurement:

@@ -12,7 +12,7 @@ from flax import nnx
 
 import jaxlora
 from experiments import gpt2
-from experiments.bench_common import TARGETS, Measurement, Workload
+from experiments.bench_common import TARGETS, Measurement, Workload, stored_bytes
 from experiments.bench_jax import (
     FunctionalRun,
     adamw,
@@ -68,15 +68,26 @@ def linen_lora(setting: str, w: Workload) -> FunctionalRun:
     summary = jaxlora.summary(lora_params)
     opt_state = tx.init(lora_params)
     return FunctionalRun(
-        step, lora_params, opt_state, summary.trainable_params, summary.total_params
+        step,
+        lora_params,
+        opt_state,
+        summary.trainable_params,
+        summary.total_params,
+        base_bytes(lora_params),
     )
+
+
+def base_bytes(lora_params: Any) -> int:
+    """Bytes of an adapted tree's base parameters as stored: every leaf but the adapters."""
+    leaves = jax.tree.leaves(lora_params, is_leaf=lambda x: isinstance(x, jaxlora.LoraAdapter))
+    return stored_bytes(x for x in leaves if not isinstance(x, jaxlora.LoraAdapter))
 
 
 def run_train_nnx(setting: str, w: Workload) -> Measurement:
     """``jaxlora-nnx``: the NNX model with plain ``nnx.Linear`` layers, adapted by jaxlora."""
     model = gpt2.NNXGPT2(model_config(w), (), w.rank, nnx.Rngs(0))
     model = jaxlora.lorafy(model, lora_config(setting, w), rngs=nnx.Rngs(1))
-    return measure_nnx(model, jaxlora.TrainableParam, w)
+    return measure_nnx(model, jaxlora.TrainableParam, w, adapters=jaxlora.LoraParam)
 
 
 def run_forward_unmerged(setting: str, w: Workload) -> Measurement:

@@ -1,4 +1,4 @@
-"""Training and inference step times: jaxlora vs Flax NNX LoRA vs PyTorch + PEFT vs full FT.
+"""Training and inference step times: jaxlora vs Flax NNX LoRA vs Qwix vs PyTorch + PEFT vs full FT.
 
 Run from the repository root::
 
@@ -6,6 +6,7 @@ Run from the repository root::
     python -m experiments.benchmark --json --reps 5          # one JSON object per row
     python -m experiments.benchmark --impls jax-full,nnx-full --settings full --steps 3 --reps 1
     python -m experiments.benchmark --child nnx-lora qv      # one child: one JSON line
+    python -m experiments.benchmark --impls jaxlora,qwix-lora,qwix-qlora --settings qv,all
     python -m experiments.benchmark --model gpt2,gpt2-einsum,gpt2-moe \
         --impls jax-full,jax-floor,jaxlora --settings all,full,frozen   # custom layers, MoE
 
@@ -42,9 +43,12 @@ Row fields (``--json``):
         ``jaxlora-nnx``: optax's plus ``nnx.Optimizer.step``) and one per trainable tensor for
         ``torch.optim.AdamW``.
     gflops: XLA's FLOP count of the compiled step (JAX rows only).
+    base_param_bytes: Bytes of the model's own parameters as stored, adapters left out (a
+        quantized base counts its codes and scales; JAX training rows only).
     ratio_to_full: Median over the median of ``jax-full`` (train) or ``fwd-base`` (infer).
     ratio_to_fastest_peer: Median over the fastest median among the *other* implementations of
-        the same kind and setting (< 1 means this row is the fastest).
+        the same kind and setting that store the base alike (float32, or NF4 for
+        ``qwix-qlora``); < 1 means this row is the fastest.
     ratio_to_floor: Training rows: median over the median of the same framework's floor
         (``jax-floor`` or ``torch-floor``); what the implementation adds to the unavoidable.
         All three ratios compare rows of the same model.
@@ -92,6 +96,8 @@ class Impl:
         framework: ``"jax"`` or ``"torch"``: whose floor its ``ratio_to_floor`` divides by.
         requires: Optional packages; without them the implementation is skipped with a note.
         models: The models (``--model``) it runs on.
+        base: How it stores the frozen base (``"float32"``, ``"nf4"``); rows are peers
+            (``ratio_to_fastest_peer``) only of rows storing the base alike.
     """
 
     kind: str
@@ -100,6 +106,7 @@ class Impl:
     framework: str = "jax"
     requires: tuple[str, ...] = ()
     models: tuple[str, ...] = ("gpt2",)
+    base: str = "float32"
 
 
 _LORA, _FULL, _FLOOR = tuple(TARGETS), ("full",), (FROZEN,)
@@ -121,6 +128,8 @@ IMPLS = {
     "jaxlora-nnx": Impl("train", _LORA, _JAXLORA),
     "nnx-lora": Impl("train", _LORA, _JAX),
     "nnx-full": Impl("train", _FULL, _JAX),
+    "qwix-lora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",)),
+    "qwix-qlora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",), base="nf4"),
     "torch-peft": _torch("train", _LORA),
     "torch-full": _torch("train", _FULL),
     "torch-floor": _torch("train", _FLOOR),
@@ -136,6 +145,7 @@ MEASURED_ONCE = (
     "opt_state_floats",
     "opt_state_scalars",
     "gflops",
+    "base_param_bytes",
     "threads",
 )  # the same in every repetition: taken from the first successful one
 MERGED_TOLERANCE = 0.02  # fwd-merged should be within 2% of fwd-base
@@ -291,7 +301,9 @@ def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, f
     peers = [
         r["step_time_median_s"]
         for r in same_kind
-        if r["setting"] == row["setting"] and r["impl"] != row["impl"]
+        if r["setting"] == row["setting"]
+        and r["impl"] != row["impl"]
+        and IMPLS[r["impl"]].base == IMPLS[row["impl"]].base
     ]
     floor = FLOORS[IMPLS[row["impl"]].framework] if row["kind"] == "train" else None
     return {
@@ -317,6 +329,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) 
     ratios = ["ratio_to_full", "ratio_to_fastest_peer"] + (["ratio_to_floor"] if floors else [])
     ratio_titles = [f"x {baseline}", "x fastest peer"] + (["x floor"] if floors else [])
     titles = ["impl", "setting", "median ms", "min ms", *ratio_titles, "GFLOP", "peak RSS MB"]
+    titles += ["base MB"]
     titles += ["trainable", "total", "opt-state floats"]
     lines = ["| " + " | ".join(titles) + " |", "|---|---|" + "--:|" * (len(titles) - 2)]
     for r in rows:
@@ -331,6 +344,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) 
             *(fmt(r[key], ".2f") for key in ratios),
             fmt(r["gflops"], ".3g"),
             fmt(r["peak_rss_mb"], ".0f"),
+            fmt(None if r["base_param_bytes"] is None else r["base_param_bytes"] / 2**20, ".1f"),
             fmt(r["trainable_params"], ","),
             fmt(r["total_params"], ","),
             fmt(r["opt_state_floats"], ","),

@@ -1,7 +1,7 @@
 """Smoke tests: `experiments/benchmark.py` end to end on a tiny workload, in a subprocess."""
 
-import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--vocab", "64", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "64"]
 TINY += ["--seq", "8", "--batch", "2", "--steps", "2", "--warmup", "1", "--reps", "1"]
 MODELS = ("gpt2", "gpt2-einsum", "gpt2-moe")
-HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
 ROW_KEYS = {
     "impl",
     "setting",
@@ -29,6 +28,7 @@ ROW_KEYS = {
     "ratio_to_fastest_peer",
     "ratio_to_floor",
     "gflops",
+    "base_param_bytes",
 }
 
 
@@ -68,9 +68,13 @@ def check_adamw(row: dict, counters: int) -> None:
 def test_training_rows():
     impls = "jax-full,jax-floor,nnx-lora,torch-peft,torch-floor"
     rows = run_benchmark("--impls", impls, "--settings", "qv,full,frozen")
-    assert set(rows) == {("jax-full", "full"), ("jax-floor", "frozen"), ("nnx-lora", "qv")} | (
-        {("torch-peft", "qv"), ("torch-floor", "frozen")} if HAS_TORCH else set()
-    )
+    assert set(rows) == {
+        ("jax-full", "full"),
+        ("jax-floor", "frozen"),
+        ("nnx-lora", "qv"),
+        ("torch-peft", "qv"),
+        ("torch-floor", "frozen"),
+    }
     for row in rows.values():
         check_timed(row)
     full, floor, nnx_lora = (
@@ -93,20 +97,19 @@ def test_training_rows():
     assert nnx_lora["ratio_to_floor"] == pytest.approx(
         nnx_lora["step_time_median_s"] / floor["step_time_median_s"]
     )
-    if HAS_TORCH:
-        peft_row, torch_floor = rows["torch-peft", "qv"], rows["torch-floor", "frozen"]
-        check_adamw(peft_row, counters=4)  # one step per tensor: A and B of query and value
-        check_adamw(torch_floor, counters=1)
-        assert torch_floor["trainable_params"] == floor["trainable_params"]
-        assert peft_row["trainable_params"] == nnx_lora["trainable_params"]
-        assert peft_row["total_params"] == nnx_lora["total_params"]
-        assert peft_row["gflops"] is None
-        assert nnx_lora["ratio_to_fastest_peer"] == pytest.approx(
-            nnx_lora["step_time_median_s"] / peft_row["step_time_median_s"]
-        )
-        assert peft_row["ratio_to_floor"] == pytest.approx(
-            peft_row["step_time_median_s"] / torch_floor["step_time_median_s"]
-        )
+    peft_row, torch_floor = rows["torch-peft", "qv"], rows["torch-floor", "frozen"]
+    check_adamw(peft_row, counters=4)  # one step per tensor: A and B of query and value
+    check_adamw(torch_floor, counters=1)
+    assert torch_floor["trainable_params"] == floor["trainable_params"]
+    assert peft_row["trainable_params"] == nnx_lora["trainable_params"]
+    assert peft_row["total_params"] == nnx_lora["total_params"]
+    assert peft_row["gflops"] is None
+    assert nnx_lora["ratio_to_fastest_peer"] == pytest.approx(
+        nnx_lora["step_time_median_s"] / peft_row["step_time_median_s"]
+    )
+    assert peft_row["ratio_to_floor"] == pytest.approx(
+        peft_row["step_time_median_s"] / torch_floor["step_time_median_s"]
+    )
 
 
 def test_jaxlora_rows_without_attention():
@@ -125,13 +128,40 @@ def test_jaxlora_rows_without_attention():
         lora["total_params"],
     )
     assert lora_nnx["gflops"] == pytest.approx(lora["gflops"], rel=0.05)
-    if HAS_TORCH:  # query goes unused, so AdamW holds moments for value's A and B only
-        peft_row = rows["torch-peft", "qv"]
-        assert peft_row["trainable_params"] == lora["trainable_params"]
-        assert peft_row["opt_state_floats"] == lora["trainable_params"] + 2
+    # query goes unused, so AdamW holds moments for value's A and B only
+    peft_row = rows["torch-peft", "qv"]
+    assert peft_row["trainable_params"] == lora["trainable_params"]
+    assert peft_row["opt_state_floats"] == lora["trainable_params"] + 2
     merged, base = rows["fwd-merged", "qv"], rows["fwd-base", "full"]
     assert merged["total_params"] == base["total_params"]  # merge leaves plain params
     assert merged["gflops"] == pytest.approx(base["gflops"])
+
+
+def test_qwix_rows():
+    """Qwix's LoRA and NF4 QLoRA on the NNX GPT-2 (inputs of 64: one NF4 block)."""
+    flags = ["--d-model", "64", "--mlp", "128", "--settings", "qv,all"]
+    rows = run_benchmark("--impls", "jaxlora,qwix-lora,qwix-qlora", *flags)
+    assert len(rows) == 6
+    for row in rows.values():
+        check_timed(row)
+        assert row["error"] is None
+    for setting, layers in (("qv", ["q", "v"]), ("all", ["q", "k", "v", "o", "up", "down"])):
+        lora, qwix, qlora = (rows[i, setting] for i in ("jaxlora", "qwix-lora", "qwix-qlora"))
+        fan = {"up": (64, 128), "down": (128, 64)}
+        expected = sum(8 * sum(fan.get(name, (64, 64))) for name in layers)
+        assert lora["trainable_params"] == qwix["trainable_params"] == expected
+        check_adamw(qwix, counters=2)  # optax's count + nnx.Optimizer.step
+        check_adamw(qlora, counters=2)
+        # the same model stored in float32; NF4 stores the targeted kernels as 4-bit codes
+        # plus one float32 scale per 64 inputs: 4.5 bits per weight instead of 32
+        assert qwix["base_param_bytes"] == lora["base_param_bytes"]
+        kernels = sum(math.prod(fan.get(name, (64, 64))) for name in layers)
+        saved = kernels * 4 - kernels * 4.5 / 8
+        assert qlora["base_param_bytes"] == qwix["base_param_bytes"] - saved
+        assert lora["ratio_to_fastest_peer"] == pytest.approx(
+            lora["step_time_median_s"] / qwix["step_time_median_s"]
+        )
+        assert qlora["ratio_to_fastest_peer"] is None  # no other NF4 row
 
 
 def test_failed_child_is_an_error_row():
