@@ -4,10 +4,12 @@ Each test names the case of issue 14 it covers; the README's "Failure behaviour"
 lists the same cases.
 """
 
+import collections
 import dataclasses
 import gc
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -477,38 +480,124 @@ def test_next_save_removes_the_staging_folders_of_interrupted_saves_only(tmp_pat
     assert _staging(tmp_path) == []
 
 
-def test_sigkills_mid_save_leave_a_complete_version_and_no_staging_after_the_next(tmp_path):
-    params, cfg, adapted = save_loop.versions()
-    adapter, rng = tmp_path / "adapter", random.Random(14)
-    jaxlora.save_adapter(adapter, adapted[0], cfg)
-    for _ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.save_loop", str(adapter)],
+KILLS = 20  # per saver
+SAVE_SECONDS = 0.15  # a save of the loop's adapter or checkpoint takes ~0.1 s on a CPU
+
+
+class _SaveServer(NamedTuple):
+    process: subprocess.Popen
+    log: Path
+    params: Any
+    cfg: jaxlora.LoraConfig
+    lora_params: Any
+
+
+@pytest.fixture(scope="module")
+def save_server(tmp_path_factory):
+    """`tests.support.save_loop`'s server: forks saving children for `_kill_mid_save`."""
+    source = tmp_path_factory.mktemp("save_server")
+    params, cfg, lora_params = save_loop.setup()
+    save_loop.prepare(source, params, lora_params, cfg)
+    log = source / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.save_loop", str(source)],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=stderr,
             text=True,
         )
-        wanted = f"SAVING {rng.randrange(1, 3)}"
-        while proc.stdout.readline().strip() != wanted:
-            pass
-        time.sleep(rng.uniform(0.0, 0.08))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+    yield _SaveServer(process, log, params, cfg, lora_params)
+    process.stdin.close()
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    process.stdout.close()
+
+
+def _kill_mid_save(server, kind, directory, rng):
+    """Starts a child saving to ``directory`` in a loop and SIGKILLs it at a seeded random
+    point of its 2nd to 4th save; returns the versions whose save it started."""
+    server, log = server.process, server.log
+    server.stdin.write(f"{kind} {directory}\n")
+    server.stdin.flush()
+    pid = int(server.stdout.readline().removeprefix("CHILD "))
+    kill_in, started = rng.randrange(2, 5), []
+    while len(started) < kill_in:
+        line = server.stdout.readline()
+        assert line.startswith("SAVING "), (line, log.read_text()[-3000:])
+        started.append(int(line.split()[1]))
+    time.sleep(rng.uniform(0.0, SAVE_SECONDS))
+    os.kill(pid, signal.SIGKILL)
+    while (line := server.stdout.readline()).startswith("SAVING "):
+        started.append(int(line.split()[1]))
+    assert line.split() == ["DIED", str(pid), str(int(signal.SIGKILL))], line
+    return started
+
+
+def _version_of(loaded, lora_params):
+    """Which `save_loop.version` ``loaded`` is, checked leaf for leaf."""
+    a = jaxlora.split(loaded)[0]["dense_0"]["lora"].a
+    i = round(float(a[0, 0] - lora_params["dense_0"]["lora"].a[0, 0]))
+    chex.assert_trees_all_equal(loaded, save_loop.version(lora_params, i))
+    return i
+
+
+def test_sigkills_mid_save_adapter_leave_the_old_or_new_version(tmp_path, save_server):
+    params, cfg, lora_params = save_server[2:]
+    adapter, rng, outcomes = tmp_path / "adapter", random.Random(14), []
+    jaxlora.save_adapter(adapter, save_loop.version(lora_params, 0), cfg)
+    on_disk = 0
+    for _ in range(KILLS):
+        started = _kill_mid_save(save_server, "adapter", adapter, rng)
+        last = started[-1]  # killed during this save: the one before it is complete
+        expected = {last, last - 1}
         try:
-            _, loaded = jaxlora.load_adapter(adapter, params)
-        except FileNotFoundError as e:  # killed between the two renames: both copies named
-            assert "interrupted" in str(e), e
+            on_disk = _version_of(jaxlora.load_adapter(adapter, params)[1], lora_params)
+        except FileNotFoundError as e:  # killed between the two renames of the install
+            assert "A save to it was interrupted and left these complete copies" in str(e)
+            copies = sorted(tmp_path.glob(".adapter.staging-*/*"))
+            assert [c.name for c in copies] == ["adapter", "previous"], copies
+            found = {_version_of(jaxlora.load_adapter(c, params)[1], lora_params) for c in copies}
+            assert found == expected, (found, started)
+            outcomes.append("between renames")
             continue
-        trained = jaxlora.split(loaded)[0]
-        assert any(
-            jax.tree.all(jax.tree.map(jnp.array_equal, trained, jaxlora.split(v)[0]))
-            for v in adapted
-        )
-    jaxlora.save_adapter(adapter, adapted[1], cfg)
+        assert on_disk in expected, (on_disk, started)
+        outcomes.append("new" if on_disk == last else "old")
+    print(collections.Counter(outcomes))
+    assert "old" in outcomes  # some kills did land mid-save
+    jaxlora.save_adapter(adapter, save_loop.version(lora_params, 99), cfg)
     assert _staging(tmp_path) == []
-    chex.assert_trees_all_equal(jaxlora.load_adapter(adapter, params)[1], adapted[1])
+    assert _version_of(jaxlora.load_adapter(adapter, params)[1], lora_params) == 99
+
+
+def test_sigkills_mid_checkpoint_save_resume_from_a_complete_step(tmp_path, save_server):
+    lora_params = save_server.lora_params
+    tx = save_loop.optimizer(lora_params)
+    directory, rng, outcomes, latest = tmp_path / "ckpt", random.Random(15), [], 0
+    for _ in range(KILLS):
+        started = _kill_mid_save(save_server, "checkpoint", directory, rng)
+        assert started[0] == latest + 1  # each run continues from the newest complete step
+        partial = [p.name for p in directory.iterdir() if not p.name.isdigit()]
+        # the run's first save removed the partial steps of earlier runs: only its own remain
+        assert {int(name.split(".")[0]) for name in partial} <= set(started), (partial, started)
+        with jaxlora.TrainCheckpointer(directory) as ckpt:
+            resumed = ckpt.restore_latest(lora_params, tx.init(lora_params))
+        # asynchronous: save(i) returns before step i is on disk and waits for step i - 1
+        last = started[-1]
+        if resumed is None:  # killed before the first step was on disk
+            assert latest == 0 and last <= 2, started
+            continue
+        assert max(latest, last - 2) <= resumed.step <= last, (resumed.step, started)
+        assert resumed.data_state == {"version": resumed.step}
+        chex.assert_trees_all_equal(resumed.rng, jax.random.key(resumed.step))
+        chex.assert_trees_all_equal(resumed.params, save_loop.version(lora_params, resumed.step))
+        outcomes.append("partial step left" if partial else "none partial")
+        latest = resumed.step
+    print(collections.Counter(outcomes))
+    assert "partial step left" in outcomes  # some kills did land mid-save
+    with jaxlora.TrainCheckpointer(directory) as ckpt:
+        ckpt.save(latest + 1, save_loop.version(lora_params, latest + 1), tx.init(lora_params), KEY)
+    assert [p.name for p in directory.iterdir() if not p.name.isdigit()] == []
 
 
 # --- unwritable paths ---------------------------------------------------------------------
