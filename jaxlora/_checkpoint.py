@@ -19,14 +19,14 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora import _attach, _files, _fingerprint, _sharding
+from jaxlora import _attach, _files, _fingerprint, _io_errors, _sharding
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import same_on_every_process
 from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
@@ -158,7 +158,10 @@ def save_adapter(
             f"save_adapter: {target} exists and is not an adapter saved by jaxlora; "
             "refusing to replace it. Choose a new directory."
         )
-    with _files.replacing(target) as new, _adapter_checkpointer() as checkpointer:
+    with (
+        _files.replacing(target, who="save_adapter") as new,
+        _adapter_checkpointer() as checkpointer,
+    ):
         checkpointer.save(
             new,
             args=ocp.args.Composite(
@@ -200,7 +203,7 @@ def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Re
         args = ocp.args.Composite(**{_RECORD: ocp.args.JsonRestore()})
         record = checkpointer.restore(path, args=args)[_RECORD]
     except Exception as e:
-        raise _damaged(source, f"its record cannot be read ({type(e).__name__}: {e})") from e
+        raise _damaged(source, f"its record cannot be read ({_io_errors.brief(e)})") from e
     if not isinstance(record, dict):
         raise _damaged(source, "its record is not a JSON object")
     checksum = record.get("checksum")
@@ -288,7 +291,7 @@ def _restore_arrays(
     except Exception as e:
         raise ValueError(
             f"load_adapter: cannot read the arrays of {source}; a file is truncated or "
-            f"corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0]}). Re-save it."
+            f"corrupt ({_io_errors.brief(e)}). Re-save it."
         ) from e
     raise ValueError(
         f"load_adapter: {source} is corrupt: its arrays disagree with its record:"
@@ -488,11 +491,6 @@ class _DamagedStep(ValueError):
     """A training checkpoint step that cannot be read (truncated, corrupt or missing files)."""
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 class TrainCheckpointer:
     """Resumable training checkpoints: trainable params, optimizer state, step, RNG, data state.
 
@@ -537,15 +535,24 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = Path(directory).absolute()
+        self._in_flight: int | None = None  # the step of the asynchronous save under way
         _files.check_parent(self.directory, who="TrainCheckpointer")
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={
-                _STATE: ocp.StandardCheckpointHandler(),
-                _META: ocp.JsonCheckpointHandler(),
-            },
-            options=options,
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                item_handlers={
+                    _STATE: ocp.StandardCheckpointHandler(),
+                    _META: ocp.JsonCheckpointHandler(),
+                },
+                options=options,
+            )
+        except Exception as e:
+            clear = _io_errors.write_error(
+                "TrainCheckpointer", self.directory, e, "Nothing was written."
+            )
+            if clear is None:
+                raise
+            raise clear from e
 
     def save(
         self,
@@ -589,7 +596,24 @@ class TrainCheckpointer:
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
         )
-        return self._manager.save(step, args=args, force=force)
+        self.wait()  # orbax waits here too; a failure of the save in flight is raised here
+        try:
+            started = self._manager.save(step, args=args, force=force)
+        except Exception as e:
+            self._save_failed(step, e)
+        self._in_flight = step if started else None
+        return started
+
+    def _save_failed(self, step: int | None, e: Exception) -> NoReturn:
+        """Raises ``e``, as one clear `OSError` if the OS refused the write (disk full, ...)."""
+        steps = sorted(self._manager.all_steps())
+        kept = f"Step {step} is not saved; " + (
+            f"the complete steps {steps} are unchanged." if steps else "no step was saved before."
+        )
+        clear = _io_errors.write_error("TrainCheckpointer.save", self.directory, e, kept)
+        if clear is None:
+            raise e
+        raise clear from e
 
     @property
     def latest_step(self) -> int | None:
@@ -688,16 +712,28 @@ class TrainCheckpointer:
     def _damaged(self, step: int, cause: BaseException) -> _DamagedStep:
         return _DamagedStep(
             f"step {step} in {self.directory} is damaged (a file is missing, truncated or "
-            f"corrupt: {_first_line(cause)})"
+            f"corrupt: {_io_errors.brief(cause)})"
         )
 
     def wait(self) -> None:
-        """Blocks until the save in flight (if any) is complete on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight (if any) is complete on disk.
+
+        Raises:
+          OSError: the save in flight failed for want of space, permission, ...; the
+            message names the step and the steps left on disk.
+        """
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._save_failed(step, e)
 
     def close(self) -> None:
-        """Waits for the save in flight, then releases orbax's threads."""
-        self._manager.close()
+        """Waits for the save in flight (raising as `wait` does), then releases orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:
         return self

@@ -6,6 +6,7 @@ lists the same cases.
 
 import collections
 import dataclasses
+import errno
 import gc
 import json
 import math
@@ -484,6 +485,22 @@ KILLS = 20  # per saver
 SAVE_SECONDS = 0.15  # a save of the loop's adapter or checkpoint takes ~0.1 s on a CPU
 
 
+class _Source(NamedTuple):
+    path: Path
+    params: Any
+    cfg: jaxlora.LoraConfig
+    lora_params: Any
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """What the saving processes start from (`save_loop.prepare`), and its trees."""
+    path = tmp_path_factory.mktemp("source")
+    params, cfg, lora_params = save_loop.setup()
+    save_loop.prepare(path, params, lora_params, cfg)
+    return _Source(path, params, cfg, lora_params)
+
+
 class _SaveServer(NamedTuple):
     process: subprocess.Popen
     log: Path
@@ -493,22 +510,19 @@ class _SaveServer(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def save_server(tmp_path_factory):
+def save_server(source):
     """`tests.support.save_loop`'s server: forks saving children for `_kill_mid_save`."""
-    source = tmp_path_factory.mktemp("save_server")
-    params, cfg, lora_params = save_loop.setup()
-    save_loop.prepare(source, params, lora_params, cfg)
-    log = source / "stderr.txt"
+    log = source.path / "stderr.txt"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.save_loop", str(source)],
+            [sys.executable, "-m", "tests.support.save_loop", str(source.path)],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
         )
-    yield _SaveServer(process, log, params, cfg, lora_params)
+    yield _SaveServer(process, log, *source[1:])
     process.stdin.close()
     assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
     process.stdout.close()
@@ -598,6 +612,127 @@ def test_sigkills_mid_checkpoint_save_resume_from_a_complete_step(tmp_path, save
     with jaxlora.TrainCheckpointer(directory) as ckpt:
         ckpt.save(latest + 1, save_loop.version(lora_params, latest + 1), tx.init(lora_params), KEY)
     assert [p.name for p in directory.iterdir() if not p.name.isdigit()] == []
+
+
+# --- the OS refuses a write: one clear error, and what was saved before is intact ---------
+
+_SAVERS = ["save_adapter", "export_peft", "TrainCheckpointer"]
+
+
+def _save(saver, directory, params, cfg, step=1):
+    if saver == "save_adapter":
+        jaxlora.save_adapter(directory, params, cfg)
+    elif saver == "export_peft":
+        jaxlora.export_peft(directory, params, cfg, module_map=jaxlora.peft_module_map())
+    else:
+        tx = save_loop.optimizer(params)
+        with jaxlora.TrainCheckpointer(directory) as ckpt:
+            ckpt.save(step, params, tx.init(params), jax.random.key(step))
+
+
+def _assert_holds_version(saver, directory, source, i):
+    """``directory`` (written by ``saver``) loads exactly as `save_loop.version` ``i``."""
+    expected = jaxlora.split(save_loop.version(source.lora_params, i))[0]
+    if saver == "save_adapter":
+        loaded = jaxlora.load_adapter(directory, source.params)[1]
+    elif saver == "export_peft":
+        module_map = jaxlora.peft_module_map()
+        loaded = jaxlora.import_peft(directory, source.params, module_map=module_map)[1]
+    else:
+        tx = save_loop.optimizer(source.lora_params)
+        with jaxlora.TrainCheckpointer(directory) as ckpt:
+            resumed = ckpt.restore_latest(source.lora_params, tx.init(source.lora_params))
+        assert resumed.step == i
+        loaded = resumed.params
+    chex.assert_trees_all_equal(jaxlora.split(loaded)[0], expected)
+
+
+def _written(directory):
+    """The names in ``directory`` and in each directory in it (one level)."""
+    return sorted(
+        f"{p.name}/{q.name}" if p.is_dir() else p.name
+        for p in directory.iterdir()
+        for q in (p.iterdir() if p.is_dir() else [p])
+    )
+
+
+def test_a_file_too_large_is_one_clear_error_and_what_was_saved_stays(tmp_path, source):
+    """A real EFBIG from tensorstore, safetensors and orbax: files limited to 512 bytes."""
+    limited = subprocess.run(
+        [sys.executable, "-m", "tests.support.file_limit", str(source.path), str(tmp_path), "512"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    results = [json.loads(line) for line in limited.stdout.splitlines() if line.startswith("{")]
+    assert limited.returncode == 0 and len(results) == 3, limited.stderr[-3000:]
+    cause = "a file would exceed the largest file size allowed (File too large)."
+    fix = "Raise the process's file size limit (`ulimit -f`) or save to another filesystem."
+    kept = {
+        "save_adapter": "What was there is unchanged.",
+        "export_peft": "What was there is unchanged.",
+        "TrainCheckpointer": "Step 2 is not saved; the complete steps [1] are unchanged.",
+    }
+    where = {"save_adapter": "adapter", "export_peft": "peft", "TrainCheckpointer": "checkpoint"}
+    for result in results:
+        saver = result["saver"]
+        who = "TrainCheckpointer.save" if saver == "TrainCheckpointer" else saver
+        message = f"{who}: cannot write {tmp_path / where[saver]}: {cause} {kept[saver]} {fix}"
+        assert result == {"saver": saver, "type": "OSError", "errno": 27, "message": message}
+    for saver in _SAVERS:  # version 1, saved before the limit, is intact and is what loads
+        _assert_holds_version(saver, tmp_path / where[saver], source, 1)
+    # orbax's writers may still be filling the staging folder when the error reaches us, so
+    # it can outlive the failed save; the next save to the same place removes it
+    for saver in _SAVERS:
+        three = save_loop.version(source.lora_params, 3)
+        _save(saver, tmp_path / where[saver], three, source.cfg, step=3)
+        _assert_holds_version(saver, tmp_path / where[saver], source, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoint", "peft"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["1", "3"]
+
+
+@pytest.mark.parametrize(
+    ("code", "cause", "fix"),
+    [
+        (
+            errno.EACCES,
+            "permission denied (Permission denied)",
+            "Save to a directory you can write to, or change its permissions.",
+        ),
+        (errno.ENOSPC, "the disk is full (No space left on device)", "Free space there, or "),
+        (errno.EROFS, "the filesystem is read-only", "Save to a writable filesystem."),
+    ],
+    ids=["unwritable", "disk full", "read-only"],
+)
+@pytest.mark.parametrize("saver", _SAVERS)
+def test_a_directory_refusing_new_entries_is_one_clear_error(
+    tmp_path, monkeypatch, source, saver, code, cause, fix
+):
+    """Root ignores permission bits, so the refusal is simulated: every directory made in
+    ``tmp_path/locked`` fails as the OS would fail it (the first thing each saver does)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _save(saver, locked / "out", save_loop.version(source.lora_params, 1), source.cfg)
+    before = _written(locked)
+    real_mkdir = os.mkdir
+
+    def refusing_mkdir(path, *args, **kwargs):
+        if Path(path).absolute().parent == locked:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+    target = locked / ("out" if saver != "TrainCheckpointer" else "new")
+    with pytest.raises(OSError) as e:
+        _save(saver, target, save_loop.version(source.lora_params, 2), source.cfg, step=2)
+    monkeypatch.undo()
+    who = {"TrainCheckpointer": "TrainCheckpointer"}.get(saver, saver)
+    assert e.value.errno == code and type(e.value) is type(OSError(code, ""))
+    assert str(e.value).startswith(f"{who}: cannot write {target}: {cause}"), str(e.value)
+    assert fix in str(e.value) and isinstance(e.value.__cause__, OSError)
+    assert _written(locked) == before
+    _assert_holds_version(saver, locked / "out", source, 1)
 
 
 # --- unwritable paths ---------------------------------------------------------------------

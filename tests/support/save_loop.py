@@ -60,7 +60,8 @@ def prepare(source: Path, params, lora_params, cfg) -> None:
     jaxlora.save_adapter(source / "adapter", lora_params, cfg)
 
 
-def _start(source: Path):
+def start(source: Path):
+    """``(config, adapted tree)`` from what `prepare` wrote, without tracing the model."""
     jax.config.update("jax_compilation_cache_dir", str(source / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     with np.load(source / "base.npz") as base:
@@ -69,7 +70,7 @@ def _start(source: Path):
 
 
 def _save_forever(source: Path, kind: str, directory: str) -> None:
-    cfg, lora_params = _start(source)
+    cfg, lora_params = start(source)
     tx = optimizer(lora_params)
     checkpointer = kind == "checkpoint" and jaxlora.TrainCheckpointer(directory, max_to_keep=2)
     first = (checkpointer.latest_step or 0) + 1 if checkpointer else 1  # resumes, as a run would
