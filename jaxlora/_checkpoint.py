@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -153,6 +155,11 @@ def save_adapter(
         arrays["trainable"] = [value for _, value in leaves]
     target = Path(directory)
     _files.check_parent(target, who="save_adapter")
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(
+            f"save_adapter: {target} is a file, not a directory; refusing to replace it. "
+            "Choose a new directory."
+        )
     if target.exists() and any(target.iterdir()) and not _is_adapter(target):
         raise ValueError(
             f"save_adapter: {target} exists and is not an adapter saved by jaxlora; "
@@ -338,6 +345,12 @@ def load_adapter(
         other shapes, or other weights (without ``allow_other_base``), or unmatched layers
         (without ``allow_unmatched``); the message names the layer and what was expected.
     """
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(
+            f"load_adapter: sharding is a {type(sharding).__name__}, not a "
+            "jax.sharding.Sharding; pass e.g. NamedSharding(mesh, PartitionSpec()), or None "
+            "to follow the base kernels."
+        )
     path = Path(directory).absolute()
     source = f"adapter {str(path)!r}"
     if not path.is_dir():
@@ -487,6 +500,36 @@ def _global_rng(key_data: Any, params: PyTree) -> Any:
     return _sharding.place_on_mesh_of(params, key_data)
 
 
+def _check_save_args(
+    step: Any, rng: Any, data_state: Any, latest: int | None, directory: Path
+) -> None:
+    """Raises a clear error for arguments orbax would take and then lose or choke on."""
+    who = "TrainCheckpointer.save"
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+        raise (ValueError if isinstance(step, numbers.Integral) else TypeError)(
+            f"{who}: step={step!r} must be an int >= 0 (the number of steps done)."
+        )
+    if latest is not None and step < latest:
+        raise ValueError(
+            f"{who}: step {step} is before step {latest}, the newest in {directory}; it "
+            "would not be saved. Continue the step count of the run you resumed "
+            "(restore_latest(...).step), or save to a new directory."
+        )
+    if not (
+        isinstance(rng, jax.Array | np.ndarray)
+        and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.dtype == jnp.uint32)
+    ):
+        raise TypeError(
+            f"{who}: rng is a {type(rng).__name__}, not a PRNG key; pass the key the run "
+            "continues with, e.g. jax.random.key(0) (or its raw uint32 key data)."
+        )
+    if data_state is not None and not isinstance(data_state, Mapping):
+        raise TypeError(
+            f"{who}: data_state is a {type(data_state).__name__}, not a dict; pass e.g. "
+            '{"epoch": 1, "position": 4096}.'
+        )
+
+
 class _DamagedStep(ValueError):
     """A training checkpoint step that cannot be read (truncated, corrupt or missing files)."""
 
@@ -507,7 +550,13 @@ class TrainCheckpointer:
       save_interval_steps: `save` writes only steps that are a multiple of this (and
         the first one, when the directory holds no checkpoint yet).
       async_save: write in a background thread; `save` returns once the arrays are
-        copied off the device.
+        copied off the device. A write that fails in the background is raised by the
+        next `save`, `wait` or `close`.
+
+    Raises:
+      ValueError: ``max_to_keep`` below 1 (orbax would delete every step it saves) or
+        ``save_interval_steps`` below 1.
+      OSError: the directory cannot be created (no permission, read-only, disk full).
 
     Example:
       >>> with jaxlora.TrainCheckpointer("runs/ckpt", max_to_keep=2) as ckpt:
@@ -528,6 +577,16 @@ class TrainCheckpointer:
         save_interval_steps: int = 1,
         async_save: bool = True,
     ):
+        if max_to_keep is not None and not (isinstance(max_to_keep, int) and max_to_keep >= 1):
+            raise ValueError(
+                f"TrainCheckpointer: max_to_keep={max_to_keep!r} must be None (keep all) or "
+                "an int >= 1; orbax would delete every checkpoint right after saving it."
+            )
+        if not (isinstance(save_interval_steps, int) and save_interval_steps >= 1):
+            raise ValueError(
+                f"TrainCheckpointer: save_interval_steps={save_interval_steps!r} must be an "
+                "int >= 1 (1: every step)."
+            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -579,7 +638,15 @@ class TrainCheckpointer:
 
         Returns:
           Whether a save was started.
+
+        Raises:
+          ValueError: ``step`` is negative or before the newest step on disk (a save
+            there would be skipped), or ``data_state`` is not JSON-serialisable.
+          TypeError: ``step`` is not an int, ``rng`` not a key, ``data_state`` not a dict.
+          OSError: the OS refused a write (disk full, no permission, ...), of this save
+            or of the one in flight; the message names the step and the steps kept.
         """
+        _check_save_args(step, rng, data_state, self._manager.latest_step(), self.directory)
         data_state = dict(data_state or {})
         try:
             json.dumps(data_state)
@@ -669,6 +736,7 @@ class TrainCheckpointer:
           The `ResumeState`.
 
         Raises:
+          FileNotFoundError: no complete step ``step`` (the message lists those there are).
           ValueError: the step is damaged (unreadable files; the message names the step
             and the cause), or it does not fit the templates (another model, config or
             optimizer: other shapes, or for linen params another alpha or rank, i.e.
@@ -676,6 +744,12 @@ class TrainCheckpointer:
         """
         self.wait()
         trainable, rebuild = _trained_part(params)
+        steps = self._manager.all_steps()
+        if step not in steps:
+            raise FileNotFoundError(
+                f"TrainCheckpointer.restore: no step {step} in {self.directory}; the complete "
+                f"steps there are {sorted(steps)} (restore_latest picks the newest)."
+            )
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})

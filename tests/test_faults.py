@@ -758,17 +758,217 @@ def test_a_path_under_a_file_is_one_clear_error_naming_the_file(tmp_path, saver)
     )
 
 
-# --- the README's table ------------------------------------------------------------------
+# --- the README's tables -----------------------------------------------------------------
 
 
-def test_readme_failure_table_quotes_messages_the_code_raises():
+_TABLE_HEADER = "| bad input or fault | what jaxlora does |"
+
+
+def test_readme_failure_tables_quote_messages_the_code_raises_and_tests_check():
     readme = (ROOT / "README.md").read_text()
-    table = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 18  # header + the 17 cases above
+    section = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line
+        for line in section.splitlines()
+        if line.startswith("| ") and "---" not in line and line != _TABLE_HEADER
+    ]
+    assert section.count(_TABLE_HEADER) == 6  # one table per area
+    assert len(rows) >= 40
     source = "".join(p.read_text() for p in (ROOT / "jaxlora").glob("*.py"))
-    quoted = [q for row in rows[1:] for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("*.py")).replace("\\", "")
+    quoted = [q for row in rows for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
     messages = [q for q in quoted if " " in q and not q.startswith(("allow_", "step."))]
-    assert len(messages) >= 10
+    assert len(messages) >= 50
     missing = [m for m in messages if m not in source]
     assert not missing, f"README quotes messages the code no longer has: {missing}"
+    untested = [m for m in messages if m not in tests]
+    assert not untested, f"README quotes messages no test asserts: {untested}"
+
+
+# --- bad arguments found by trying the public API: each was a raw error or silently lost --
+
+
+def _checkpointer_save(tmp_path, steps=(1,), **kwargs):
+    """Saves ``steps`` (each ``(step, kwargs)`` or a step) with a fresh TrainCheckpointer."""
+    _, lora_params, _ = _adapted()
+    opt_state = jaxlora.optimizer(optax.adam(1e-3), lora_params).init(lora_params)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False, **kwargs) as ckpt:
+        for step in steps:
+            step, extra = step if isinstance(step, tuple) else (step, {})
+            ckpt.save(step, lora_params, opt_state, **{"rng": KEY, **extra})
+
+
+def _import_onto_other_base(tmp_path):
+    _, lora_params, cfg = _adapted()
+    module_map = jaxlora.peft_module_map()
+    jaxlora.export_peft(tmp_path / "peft", lora_params, cfg, module_map=module_map)
+    other = models.MLP(features=(64, 48, 32)).init(KEY, X)["params"]
+    jaxlora.import_peft(tmp_path / "peft", other, module_map=module_map)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda _: jaxlora.LoraConfig(targets=["dense_0", 1]),
+            TypeError,
+            "LoraConfig: targets holds [1], which are not strings; patterns are layer paths",
+        ),
+        (
+            lambda _: jaxlora.LoraConfig(dtype="float77"),
+            TypeError,
+            "LoraConfig: dtype='float77' is not a dtype; use e.g. 'float32' or 'bfloat16'.",
+        ),
+        (
+            lambda _: jaxlora.LoraConfig(dtype="int8"),
+            ValueError,
+            "LoraConfig: dtype='int8' cannot train (adapters need a floating dtype)",
+        ),
+        (
+            lambda _: jaxlora.LoraModel(MODEL, None),
+            TypeError,
+            "LoraModel: config is a NoneType, not a LoraConfig; pass the config the params",
+        ),
+        (
+            lambda _: jaxlora.combine(
+                jaxlora.split(_adapted()[1])[0], jaxlora.split(_adapted()[0])[1]
+            ),
+            ValueError,
+            "combine: trainable and frozen are not the two halves of one split:\n"
+            "  dense_0/lora/a: only in trainable",
+        ),
+        (
+            lambda _: jaxlora.unmerge(jaxlora.merge(_adapted()[1]), _adapted()[0]),
+            ValueError,
+            "unmerge: the second argument holds no LoRA adapters, so there is nothing to",
+        ),
+        (
+            lambda _: jaxlora.optimizer("adam", _adapted()[1]),
+            TypeError,
+            "jaxlora.optimizer: tx is a str, not an optax transformation; pass one such as",
+        ),
+        (
+            lambda _: jaxlora.make_train_step(None, optax.adam(1e-3)),
+            TypeError,
+            "make_train_step: loss_fn is a NoneType, not a function; pass loss_fn(params",
+        ),
+        (
+            lambda _: jaxlora.peft_module_maps["gpt9"],
+            KeyError,
+            "peft_module_maps has no map 'gpt9'; it has ['bert', ",
+        ),
+        (
+            lambda tmp: jaxlora.load_adapter(tmp, _adapted()[0], sharding="cpu"),
+            TypeError,
+            "load_adapter: sharding is a str, not a jax.sharding.Sharding; pass e.g.",
+        ),
+        (
+            lambda tmp: (
+                (tmp / "file").write_text("x")
+                and jaxlora.save_adapter(tmp / "file", _adapted()[1], CONFIG)
+            ),
+            NotADirectoryError,
+            "is a file, not a directory; refusing to replace it. Choose a new directory.",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, max_to_keep=0),
+            ValueError,
+            "TrainCheckpointer: max_to_keep=0 must be None (keep all) or an int >= 1; orbax "
+            "would delete every checkpoint right after saving it.",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, save_interval_steps=0),
+            ValueError,
+            "TrainCheckpointer: save_interval_steps=0 must be an int >= 1 (1: every step).",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[-3]),
+            ValueError,
+            "TrainCheckpointer.save: step=-3 must be an int >= 0 (the number of steps done).",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[1.5]),
+            TypeError,
+            "TrainCheckpointer.save: step=1.5 must be an int >= 0",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[(1, {"rng": 42})]),
+            TypeError,
+            "TrainCheckpointer.save: rng is a int, not a PRNG key; pass the key the run",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[(1, {"data_state": [1, 2]})]),
+            TypeError,
+            "TrainCheckpointer.save: data_state is a list, not a dict; pass e.g.",
+        ),
+        (
+            lambda _: jaxlora.lorafy(
+                MODEL, _adapted()[0], jaxlora.LoraConfig(rank=100, targets=["dense_0"]), X, key=KEY
+            ),
+            ValueError,
+            "lorafy: rank 100 for layer 'dense_0' exceeds min(fan_in=16, fan_out=64) of its "
+            "weight (16, 64); use a smaller rank, or rank_pattern={'dense_0': ...}.",
+        ),
+        (
+            lambda tmp: _import_onto_other_base(tmp),
+            ValueError,
+            "import_peft: layer 'dense_1' (dense.1): lora_B has shape (64, 4), expected (out, r) "
+            "= (48, 4); the adapter was trained for another base (other layer sizes).",
+        ),
+    ],
+    ids=[
+        "non-string target",
+        "not a dtype",
+        "integer dtype",
+        "LoraModel without config",
+        "combine other trees",
+        "unmerge without adapters",
+        "optimizer not optax",
+        "loss_fn not callable",
+        "unknown module map",
+        "sharding not a Sharding",
+        "save_adapter onto a file",
+        "max_to_keep=0",
+        "save_interval_steps=0",
+        "negative step",
+        "float step",
+        "rng not a key",
+        "data_state not a dict",
+        "rank above the fan",
+        "PEFT adapter of another base",
+    ],
+)
+def test_bad_arguments_are_one_clear_error(tmp_path, call, error, message):
+    with pytest.raises(error) as e:
+        call(tmp_path)
+    text = e.value.args[0]
+    assert message in text, text
+    assert type(e.value) is error
+
+
+def test_a_step_before_the_newest_is_refused_not_silently_skipped(tmp_path):
+    """orbax skips a step <= its newest: a run restarted at step 0 in an old directory
+    would save nothing at all."""
+    with pytest.raises(ValueError) as e:
+        _checkpointer_save(tmp_path, steps=[5, 5, 1])  # the same step again is a no-op
+    assert str(e.value) == (
+        f"TrainCheckpointer.save: step 1 is before step 5, the newest in {tmp_path / 'ckpt'}; "
+        "it would not be saved. Continue the step count of the run you resumed "
+        "(restore_latest(...).step), or save to a new directory."
+    )
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["5"]
+
+
+def test_restoring_a_step_that_is_not_there_names_the_steps_that_are(tmp_path):
+    _checkpointer_save(tmp_path, steps=[2, 4])
+    _, lora_params, _ = _adapted()
+    opt_state = jaxlora.optimizer(optax.adam(1e-3), lora_params).init(lora_params)
+    with (
+        jaxlora.TrainCheckpointer(tmp_path / "ckpt") as ckpt,
+        pytest.raises(FileNotFoundError) as e,
+    ):
+        ckpt.restore(3, lora_params, opt_state)
+    assert str(e.value) == (
+        f"TrainCheckpointer.restore: no step 3 in {tmp_path / 'ckpt'}; the complete "
+        "steps there are [2, 4] (restore_latest picks the newest)."
+    )
