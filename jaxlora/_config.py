@@ -96,6 +96,32 @@ def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _patterns(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
+    patterns = _as_tuple(value)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(
+            f"LoraConfig: {name} holds {bad!r}, which are not strings; patterns are layer "
+            "paths, globs or 're:' regexes, e.g. ['query', 'value']."
+        )
+    return patterns
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError as e:
+        raise TypeError(
+            f"LoraConfig: dtype={dtype!r} is not a dtype; use e.g. 'float32' or 'bfloat16'."
+        ) from e
+    if not jnp.issubdtype(name, jnp.floating):
+        raise ValueError(
+            f"LoraConfig: dtype={name!r} cannot train (adapters need a floating dtype); use "
+            "e.g. 'float32' or 'bfloat16'."
+        )
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """How to adapt a model with LoRA.
@@ -143,12 +169,14 @@ class LoraConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "targets", _as_tuple(self.targets))
-        set_(self, "exclude", _as_tuple(self.exclude))
-        set_(self, "modules_to_save", _as_tuple(self.modules_to_save))
+        set_(self, "targets", _patterns("targets", self.targets))
+        set_(self, "exclude", _patterns("exclude", self.exclude))
+        set_(self, "modules_to_save", _patterns("modules_to_save", self.modules_to_save))
         set_(self, "rank_pattern", dict(self.rank_pattern))
         set_(self, "alpha_pattern", dict(self.alpha_pattern))
-        set_(self, "dtype", jnp.dtype(self.dtype).name)
+        _patterns("rank_pattern", list(self.rank_pattern))
+        _patterns("alpha_pattern", list(self.alpha_pattern))
+        set_(self, "dtype", _dtype_name(self.dtype))
         set_(self, "rank", _check_rank("rank", self.rank))
         set_(self, "alpha", _check_alpha("alpha", self.alpha))
         set_(

@@ -182,6 +182,13 @@ class LoraModel:
     config: LoraConfig
     not_adapted: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
+    def __post_init__(self):
+        if not isinstance(self.config, LoraConfig):
+            raise TypeError(
+                f"LoraModel: config is a {type(self.config).__name__}, not a LoraConfig; pass "
+                "the config the params were adapted with (load_adapter returns it)."
+            )
+
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.apply`` with the adapters active. Same arguments, same return value."""
         inner, rebuild = params_of(variables)

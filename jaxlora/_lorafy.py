@@ -123,6 +123,10 @@ def unmerge(merged: Any, adapted: Any) -> Any:
 
     Returns:
       An adapted tree/module like ``adapted``, with its other weights taken from ``merged``.
+
+    Raises:
+      ValueError: (linen) ``merged`` still holds adapters or equals the base where an
+        adapter is not zero (never merged), or ``adapted`` holds no adapters.
     """
     if isinstance(adapted, nnx.Module):
         return _nnx.unmerge(merged, adapted)

@@ -237,11 +237,34 @@ def split(params: PyTree, mask: PyTree | None = None) -> tuple[PyTree, PyTree]:
     return trainable, frozen
 
 
+def _leaf_paths(tree: PyTree) -> set[str]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
+    return {path_str(k) for k, _ in leaves}
+
+
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
-    """Inverse of `split`."""
-    return jax.tree.map(
-        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
-    )
+    """Inverse of `split`.
+
+    Raises:
+      ValueError: the two trees are not the halves of one split (the message names the
+        leaves only one of them has).
+    """
+    try:
+        return jax.tree.map(
+            lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+        )
+    except ValueError as e:
+        t_paths, f_paths = _leaf_paths(trainable), _leaf_paths(frozen)
+        only = [f"{p}: only in trainable" for p in sorted(t_paths - f_paths)]
+        only += [f"{p}: only in frozen" for p in sorted(f_paths - t_paths)]
+        if not only:
+            raise
+        shown = "".join(f"\n  {line}" for line in only[:20])
+        more = f"\n  ... and {len(only) - 20} more" if len(only) > 20 else ""
+        raise ValueError(
+            f"combine: trainable and frozen are not the two halves of one split:{shown}{more}"
+            "\nPass the two trees jaxlora.split returned for the same params."
+        ) from e
 
 
 def rebox(old: Any, new: Any) -> Any:
@@ -314,6 +337,11 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
         raise ValueError(
             "unmerge: the first argument holds LoRA adapters, so it was never merged; pass "
             "the plain params that jaxlora.merge returned."
+        )
+    if not has_adapters(adapted_inner):
+        raise ValueError(
+            "unmerge: the second argument holds no LoRA adapters, so there is nothing to "
+            "subtract; pass the adapted tree that was given to jaxlora.merge."
         )
     _check_was_merged(merged_inner, adapted_inner)
 
