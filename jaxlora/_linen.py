@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _rewrite, _sharding, _targeting
+from jaxlora import _quantize, _quantized_base, _rewrite, _sharding, _targeting
 from jaxlora._config import LoraConfig, format_paths, path_matches
 from jaxlora._tree import (
     LoraAdapter,
@@ -74,6 +74,8 @@ def make_adapter(
     rank = layout.a_shape[-1]
     raw = weight.value if isinstance(weight, meta.Partitioned) else meta.unbox(weight)
     stack = tuple(raw.shape)[: raw.ndim - len(layout.kernel_shape)]
+    if _quantize.is_quantized(raw):  # its codes have its rank and its placement
+        raw = raw.codes
     a, b = _sharding.init_factors(
         jax.random.fold_in(key, zlib.crc32(c.name.encode())),
         layout,
@@ -159,6 +161,12 @@ def lorafy(
         adapter = make_adapter(c, subtree(adapted, c.module)[c.weight], config, key, rank_axis)
         adapted = replace_at(adapted, c.module, functools.partial(_with_adapter, c.weight, adapter))
     adapted = _mark_full_training(adapted, config, [c.module for c in selected])
+    adapted = _quantized_base.quantize_weights(
+        adapted,
+        _quantized_base.chosen(config, found),
+        config.quantize,
+        double_quant=config.double_quant,
+    )
     not_adapted = tuple(_targeting.not_adapted(found, selected).items())
     lora_model = LoraModel(model, config, not_adapted)
     return lora_model, rebuild(adapted)
