@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _quantize, _quantized_base, _rewrite, _sharding, _targeting
+from jaxlora import _quantized_base, _rewrite, _sharding, _targeting
 from jaxlora._config import LoraConfig, format_paths, path_matches
 from jaxlora._tree import (
     LoraAdapter,
@@ -74,8 +74,6 @@ def make_adapter(
     rank = layout.a_shape[-1]
     raw = weight.value if isinstance(weight, meta.Partitioned) else meta.unbox(weight)
     stack = tuple(raw.shape)[: raw.ndim - len(layout.kernel_shape)]
-    if _quantize.is_quantized(raw):  # its codes have its rank and its placement
-        raw = raw.codes
     a, b = _sharding.init_factors(
         jax.random.fold_in(key, zlib.crc32(c.name.encode())),
         layout,

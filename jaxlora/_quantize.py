@@ -25,6 +25,7 @@ quantization of them. Its NF4 table and nearest-value rounding are those used he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -96,6 +97,11 @@ class QuantizedArray:
         return len(self.shape)
 
     @property
+    def sharding(self) -> Any:
+        """Where it is placed: its codes' sharding (same rank and spec as the weight's)."""
+        return self.codes.sharding
+
+    @property
     def double_quant(self) -> bool:
         """Whether the block scales are themselves quantized."""
         return self.scale_min is not None
@@ -113,6 +119,21 @@ class QuantizedArray:
     def abstract(self) -> jax.ShapeDtypeStruct:
         """The dense weight as a shape and dtype (for tracing)."""
         return jax.ShapeDtypeStruct(self.shape, jnp.dtype(self.dtype))
+
+    def error_bound(self) -> jax.Array:
+        """The largest ``|w - dequantize(self)|`` possible, per element of the dense weight.
+
+        nf4: half the widest gap between NF4 values times the block's absmax, plus half a
+        step of a double-quantized absmax; int8: half a step, ``absmax / 254``.
+        """
+        scales = _dequantize_scales(self)
+        if self.format == INT8:
+            return jnp.broadcast_to(scales / 254, self.shape)
+        bound = scales * NF4_MAX_STEP
+        if self.double_quant:
+            group = self.scales.shape[-1] // self.scale_step.shape[-1]
+            bound = bound + jnp.repeat(self.scale_step, group, axis=-1) / 2
+        return jnp.repeat(bound, NF4_BLOCK, axis=self.axis)
 
     def describe(self) -> str:
         """``"nf4 (double-quantized scales)"``, ``"int8"``, ..."""
@@ -190,8 +211,9 @@ def quantize(
     *,
     double_quant: bool = True,
     name: str = "weight",
+    out_shardings: Any = None,
 ) -> QuantizedArray:
-    """A dense weight as a `QuantizedArray` (jit-able; keeps the weight's sharding spec).
+    """A dense weight as a `QuantizedArray`, computed where ``w`` lives (one jitted call).
 
     Args:
       w: the weight, any float dtype.
@@ -199,27 +221,42 @@ def quantize(
       contracted: the weight's axes that meet the input (nf4 blocks run along the last).
       double_quant: nf4: quantize the block scales too (8 bits, groups of up to 256).
       name: the weight's path, for error messages.
+      out_shardings: optional shardings of the result's arrays (a `QuantizedArray` of them).
 
     Returns:
       The quantized weight; ``dequantize(q)`` has ``w``'s shape and dtype.
 
     Raises:
       ValueError: an unknown format, or (nf4) a block axis not a multiple of 64.
+
+    Example:
+      >>> q = jaxlora.quantize(kernel, "nf4", contracted=(0,))  # a Dense kernel (in, out)
+      >>> w = jaxlora.dequantize(q)  # kernel's shape and dtype, within q.error_bound()
     """
     if format not in FORMATS:
         raise ValueError(f"quantize: unknown format {format!r}; use one of {FORMATS}.")
     contracted = tuple(sorted(d % w.ndim for d in contracted))
-    shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
-    if format == INT8:
-        return QuantizedArray(*_int8(w, contracted), INT8, shape, dtype, -1)
-    axis = contracted[-1]
-    if shape[axis] % NF4_BLOCK:
+    shape = tuple(w.shape)
+    if format == NF4 and shape[contracted[-1]] % NF4_BLOCK:
+        axis = contracted[-1]
         raise ValueError(
             f"quantize: weight {name!r} {shape} cannot be stored as nf4: its input axis "
             f"{axis} ({shape[axis]}) is not a multiple of the block size {NF4_BLOCK}. Keep it "
             'in float (add it to LoraConfig(quantize_exclude=[...])) or use quantize="int8".'
         )
-    return QuantizedArray(*_nf4(w, axis, double_quant), NF4, shape, dtype, axis)
+    return _quantized(format, contracted, double_quant, out_shardings)(w)
+
+
+@functools.lru_cache(maxsize=64)
+def _quantized(format: str, contracted: tuple, double_quant: bool, out_shardings: Any):
+    def fn(w):
+        shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
+        if format == INT8:
+            return QuantizedArray(*_int8(w, contracted), INT8, shape, dtype, -1)
+        axis = contracted[-1]
+        return QuantizedArray(*_nf4(w, axis, double_quant), NF4, shape, dtype, axis)
+
+    return jax.jit(fn, out_shardings=out_shardings)
 
 
 def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
@@ -242,19 +279,3 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     values = jnp.take(jnp.asarray(NF4_VALUES), codes.astype(jnp.int32))
     w = _blocked(values, axis, NF4_BLOCK) * jnp.expand_dims(scales, axis + 1)
     return _unblocked(w, axis).astype(dtype)
-
-
-def error_bound(q: QuantizedArray) -> jax.Array:
-    """The largest ``|w - dequantize(q)|`` possible for each element's block or channel.
-
-    nf4: half the widest gap between NF4 values times the block's absmax, plus the
-    rounding of a double-quantized absmax; int8: half a step, ``absmax / 254``.
-    """
-    scales = _dequantize_scales(q)
-    if q.format == INT8:
-        return jnp.broadcast_to(scales / 254, q.shape)
-    bound = scales * NF4_MAX_STEP
-    if q.double_quant:
-        step = jnp.repeat(q.scale_step, q.scales.shape[-1] // q.scale_step.shape[-1], axis=-1)
-        bound = bound + step / 2
-    return jnp.repeat(bound, NF4_BLOCK, axis=q.axis)

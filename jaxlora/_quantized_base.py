@@ -98,18 +98,18 @@ def quantize_array(
 ) -> QuantizedArray:
     """One weight quantized where it lives: a sharded weight's codes and scales keep its spec."""
 
-    def fn(x):
-        return _quantize.quantize(x, format, contracted, double_quant=double_quant, name=name)
+    def fn(x, out_shardings=None):
+        return _quantize.quantize(
+            x, format, contracted, double_quant=double_quant, name=name, out_shardings=out_shardings
+        )
 
     sharding = getattr(w, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.jit(fn)(w)
+        return fn(w)
     spec = (*sharding.spec, *(None,) * (w.ndim - len(sharding.spec)))
-    out = jax.eval_shape(fn, w)
+    mesh = sharding.mesh
     shardings = jax.tree.map(
-        lambda x: jax.sharding.NamedSharding(
-            sharding.mesh, _spec_for(x.shape, spec, sharding.mesh)
-        ),
-        out,
+        lambda x: jax.sharding.NamedSharding(mesh, _spec_for(x.shape, spec, mesh)),
+        jax.eval_shape(fn, w),
     )
-    return jax.jit(fn, out_shardings=shardings)(w)
+    return fn(w, shardings)

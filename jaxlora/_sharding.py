@@ -23,6 +23,7 @@ from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora import _layout
+from jaxlora._quantize import is_quantized
 
 AxisEntry = str | tuple[str, ...] | None
 
@@ -117,7 +118,10 @@ def _is_concrete(x: Any) -> bool:
 
 
 def concrete_sharding(x: Any) -> NamedSharding | None:
-    """The `NamedSharding` of a concrete array (not a tracer), else None."""
+    """The `NamedSharding` of a concrete array (not a tracer), else None. A weight stored
+    quantized is placed like its codes, which have its rank and spec."""
+    if is_quantized(x):
+        x = x.codes
     sharding = x.sharding if _is_concrete(x) else None
     return sharding if isinstance(sharding, NamedSharding) else None
 
