@@ -127,6 +127,14 @@ def from_scan(x: Any) -> Any:
     return Lazy(q, (), jax.core.ShapedArray(q.shape, jnp.dtype(q.dtype)))
 
 
+def returned(x: Any) -> Any:
+    """An output of the program: a weight returned untouched (an NNX module's state) is the
+    stored `QuantizedArray`; a `Lazy` value re-viewed on the way out is dense."""
+    if isinstance(x, Lazy):
+        return x.q if not x.ops else x.value()
+    return x
+
+
 def _contract(eqn: Any, invals: list, pos: int, bind: Callable) -> list:
     """The contraction with its weight dequantized inside, recomputed in the backward pass."""
     lazy = invals[pos]

@@ -17,15 +17,16 @@ import numpy as np
 from flax.core import meta
 
 from jaxlora import _quantize
-from jaxlora._config import LoraConfig, format_paths
+from jaxlora._config import LoraConfig, format_paths, path_matches
 from jaxlora._quantize import QuantizedArray, is_quantized
 from jaxlora._targeting import IN, Candidate
-from jaxlora._tree import Trainable, rebox, replace_at, subtree
+from jaxlora._tree import rebox, replace_at, subtree
 
 
 def chosen(config: LoraConfig, found: Sequence[Candidate]) -> list[tuple[str, str, tuple]]:
     """``(module, weight, contracted axes)`` of each weight ``config`` stores quantized: every
-    weight ``"all-linear"`` takes (adapted or not), less ``quantize_exclude``."""
+    weight ``"all-linear"`` takes (adapted or not), less ``quantize_exclude`` and the
+    ``modules_to_save`` (they train in full)."""
     if config.quantize is None:
         return []
     for pattern in config.quantize_exclude:
@@ -41,7 +42,14 @@ def chosen(config: LoraConfig, found: Sequence[Candidate]) -> list[tuple[str, st
         if c.roles is not None
         and not c.embedding
         and not any(c.matches(p) for p in config.quantize_exclude)
+        and not any(_within(c.module, p) for p in config.modules_to_save)
     ]
+
+
+def _within(module: str, pattern: str) -> bool:
+    """Whether ``pattern`` names ``module`` or a module holding it."""
+    parts = module.split("/")
+    return any(path_matches("/".join(parts[:n]), pattern) for n in range(1, len(parts) + 1))
 
 
 def quantize_weights(
@@ -65,7 +73,7 @@ def quantize_weights(
     for module, weight, contracted in chosen:
         stored = subtree(params, module)[weight]
         w = meta.unbox(stored)
-        if is_quantized(w) or isinstance(stored, Trainable):  # stored already, or trained
+        if is_quantized(w):
             continue
         name = f"{module}/{weight}" if module else weight
         q = quantize_array(w, format, contracted, double_quant=double_quant, name=name)

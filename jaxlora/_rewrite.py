@@ -413,7 +413,7 @@ def call(
     seen = {p: Seen(tuple(x.shape)) for p, x in zip(paths, leaves, strict=True) if p in adapters}
     walk = _Walk(seen, dropout=dropout, key=key)
     outs, _ = _eval(walk, closed.jaxpr, closed.consts, inputs, views)
-    outs = _dense(outs)
+    outs = [_lazy_weights.returned(x) for x in outs]
     for path, s in seen.items():
         if s.problems:
             why = s.problems[0]
