@@ -13,10 +13,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax.core import meta
 
-from jaxlora import _quantize
+from jaxlora import _quantize, _sharding
 from jaxlora._config import LoraConfig, format_paths, path_matches
 from jaxlora._quantize import QuantizedArray, is_quantized
 from jaxlora._targeting import IN, Candidate
@@ -85,22 +84,6 @@ def quantize_weights(
     return params
 
 
-def _spec_for(shape: tuple[int, ...], spec: Sequence[Any], mesh: Any) -> jax.sharding.PartitionSpec:
-    """The weight's spec for one stored array of its rank; an axis it does not divide is
-    replicated (a group of double-quantized scales narrower than the mesh)."""
-
-    def size(entry):
-        names = entry if isinstance(entry, tuple) else (entry,)
-        return int(np.prod([mesh.shape[n] for n in names if n is not None]))
-
-    return jax.sharding.PartitionSpec(
-        *(
-            e if e is not None and n % size(e) == 0 else None
-            for e, n in zip(spec, shape, strict=True)
-        )
-    )
-
-
 def quantize_array(
     w: jax.Array, format: str, contracted: tuple[int, ...], *, double_quant: bool, name: str
 ) -> QuantizedArray:
@@ -117,7 +100,7 @@ def quantize_array(
     spec = (*sharding.spec, *(None,) * (w.ndim - len(sharding.spec)))
     mesh = sharding.mesh
     shardings = jax.tree.map(
-        lambda x: jax.sharding.NamedSharding(mesh, _spec_for(x.shape, spec, mesh)),
+        lambda x: jax.sharding.NamedSharding(mesh, _sharding.divisible_spec(x.shape, spec, mesh)),
         jax.eval_shape(fn, w),
     )
     return fn(w, shardings)

@@ -113,6 +113,22 @@ def mesh_axes_size(mesh: Any, axes: Sequence[str], *, where: str, fix: str) -> i
     return math.prod(mesh.shape[ax] for ax in axes)
 
 
+def divisible_spec(shape: Sequence[int], spec: Sequence[Any], mesh: Any) -> PartitionSpec:
+    """``spec`` (one entry per axis) for an array of ``shape``, each axis that its mesh axes
+    do not divide replicated: a quantized weight's scales follow its spec where they can."""
+
+    def size(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(mesh.shape[n] for n in names if n is not None)
+
+    return PartitionSpec(
+        *(
+            e if e is not None and n % size(e) == 0 else None
+            for e, n in zip(spec, shape, strict=True)
+        )
+    )
+
+
 def _is_concrete(x: Any) -> bool:
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 

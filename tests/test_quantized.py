@@ -101,8 +101,8 @@ def test_stored_bytes_against_bfloat16():
 # --- the adapted model on a quantized base ----------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("jit", [False, True])
+# eager (no jit) nf4 dispatches every dequantizing op one by one: slow, and int8 covers it
+@pytest.mark.parametrize(("fmt", "jit"), [("nf4", True), ("int8", True), ("int8", False)])
 def test_identity_at_init_equals_the_quantized_base(fmt, jit):
     model, _, lora_model, lora_params = _lm(fmt)
     kernel = lora_params["block_0"]["attn"]["query"]["kernel"]
@@ -172,7 +172,7 @@ def test_scanned_and_rematerialised_blocks(fmt):
     step = jaxlora.make_train_step(_loss_fn(lora_model), tx, donate=False)
     opt_state = tx.init(lora_params)
     first = None
-    for _ in range(5):
+    for _ in range(3):
         lora_params, opt_state, loss = step(lora_params, opt_state, IDS)
         first = float(loss) if first is None else first
     assert float(loss) < first
