@@ -367,8 +367,8 @@ def _gguf_state(reader: gguf.GGUFReader, config: LlamaConfig) -> _Tensors:
 
         return read
 
-    names = {tensor: _gguf_hf_name(tensor.name) for tensor in reader.tensors}
-    return _Tensors({name: reader_of(tensor, name) for tensor, name in names.items()})
+    named = [(tensor, _gguf_hf_name(tensor.name)) for tensor in reader.tensors]
+    return _Tensors({name: reader_of(tensor, name) for tensor, name in named})
 
 
 _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
