@@ -1,7 +1,10 @@
 """QLoRA: a frozen base stored nf4 or int8, dequantized inside the step where it is used."""
 
+import re
+
 import chex
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -144,14 +147,22 @@ def test_training_lowers_the_loss_and_keeps_the_codes(fmt):
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, jaxlora.split(lora_params)[1]), frozen)
 
 
-def test_no_weight_gradient_and_no_dense_residual():
-    _, _, lora_model, lora_params = _lm("nf4", exclude=())
+def test_no_weight_gradient_and_no_dense_residual(capsys):
+    _, _, lora_model, lora_params = _lm("nf4")
     tx = jaxlora.optimizer(optax.sgd(1e-2), lora_params)
-    step = jaxlora.make_train_step(_loss_fn(lora_model), tx, donate=False)
+    loss_fn = _loss_fn(lora_model)
+    step = jaxlora.make_train_step(loss_fn, tx, donate=False)
     trainable, frozen, _ = step._split(lora_params)
     shapes = compiled_dot_shapes(step.jitted, trainable, frozen, tx.init(lora_params), IDS)
     kernels = {(64, 64), (64, 256), (256, 64)}
     assert not shapes & kernels, f"a kernel-shaped dot (a weight gradient): {shapes & kernels}"
+    # the backward pass dequantizes again: no dense kernel is kept from the forward pass
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda t: loss_fn(jaxlora.combine(t, frozen), IDS), trainable
+    )
+    saved = capsys.readouterr().out
+    assert "u8[" in saved  # the codes are what the backward pass reads
+    assert not re.search(r"f32\[(64,256|256,64)\]", saved), saved
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -320,6 +320,8 @@ def test_quantized_base_is_loaded_quantized_and_reported(tiny_llama_dir, tmp_pat
     # the embedding (tied head) and norms stay float32; every Dense kernel is int8
     assert int8["base_param_bytes"] < 0.6 * none["base_param_bytes"]
     assert int8["after"]["loss"] < int8["before"]["loss"]
+    # the adapters export as plain LoRA, as from a float base
+    assert set(peft_tensors(tmp_path / "int8")) == set(peft_tensors(tmp_path / "none"))
 
 
 def test_quantize_refusals(capsys, tiny_llama_dir, tmp_path):
