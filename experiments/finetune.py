@@ -204,9 +204,9 @@ def settings(
         recorded: A resumed run's ``settings.json`` (None for a fresh run).
 
     Returns:
-        JSON-serialisable settings: model, data, method, rank, alpha, targets, steps, lr,
-        batch_size, seq_len, seed, skip_nonfinite, eval_every and max_eval_examples (None:
-        the whole evaluation set).
+        JSON-serialisable settings: model, data, method, quantize, rank, alpha, targets,
+        steps, lr, batch_size, seq_len, seed, skip_nonfinite, eval_every and
+        max_eval_examples (None: the whole evaluation set).
     """
     recorded = recorded or {}
     method = given.get("method", recorded.get("method", "lora"))

@@ -111,6 +111,7 @@ def test_settings_record_evaluation_flags_and_defaults(minilm_run):
         "model": "minilm",
         "data": "rotten_tomatoes",
         "method": "lora",
+        "quantize": "none",
         "rank": 8,
         "alpha": 16.0,
         "targets": ["query", "value"],
