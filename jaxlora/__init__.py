@@ -12,6 +12,7 @@ from jaxlora._peft import export_peft
 from jaxlora._peft_import import import_peft
 from jaxlora._peft_names import peft_module_map, peft_module_maps
 from jaxlora._placement import adapter_partition_specs, shard_params
+from jaxlora._quantize import QuantizedArray, dequantize, quantize
 from jaxlora._summary import LayerSummary, Summary, summary
 from jaxlora._train import make_train_step, optimizer
 from jaxlora._tree import LoraAdapter, Trainable, combine, split, trainable_mask
@@ -24,6 +25,7 @@ __all__ = [
     "LoraModel",
     "LoraModule",
     "LoraParam",
+    "QuantizedArray",
     "ResumeState",
     "Summary",
     "TrainCheckpointer",
@@ -32,6 +34,7 @@ __all__ = [
     "WeightAdapter",
     "adapter_partition_specs",
     "combine",
+    "dequantize",
     "export_peft",
     "import_peft",
     "initialize_distributed",
@@ -43,6 +46,7 @@ __all__ = [
     "parse_mesh",
     "peft_module_map",
     "peft_module_maps",
+    "quantize",
     "save_adapter",
     "shard_batch",
     "shard_params",

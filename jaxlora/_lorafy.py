@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora import _linen, _nnx, _tree
@@ -93,14 +94,19 @@ def lorafy(
     return _linen.lorafy(model, params, config, *inputs, key=key, rank_axis=rank_axis, **kwargs)
 
 
-def merge(adapted: Any) -> Any:
+def merge(adapted: Any, dtype: Any = jnp.bfloat16) -> Any:
     """Folds every adapter into its kernel, ``W + scale · A ⊗ B``, for zero-overhead inference.
 
     Pure: the adapted tree or module is left as it was. Accumulates in float32 and keeps
-    each kernel's dtype; jit-able on linen trees.
+    each kernel's dtype; jit-able on linen trees. A base stored quantized
+    (``LoraConfig(quantize=...)``) comes out dense in ``dtype``: each weight is
+    ``dequantize(W) + scale · A ⊗ B`` in float32, rounded once to ``dtype`` (relative
+    error at most 2⁻⁹ in bfloat16, none in float32, against the adapted model's weights).
 
     Args:
       adapted: an adapted linen tree (params collection or variables dict) or NNX module.
+      dtype: the dtype of weights stored quantized once merged (bfloat16 by default;
+        float32 reproduces the adapted model's weights exactly).
 
     Returns:
       Plain params for the original linen model, or a plain copy of the NNX module.
@@ -110,8 +116,8 @@ def merge(adapted: Any) -> Any:
       >>> model.apply({"params": merged}, x)  # equals lora_model.apply(...)
     """
     if isinstance(adapted, nnx.Module):
-        return _nnx.merge(adapted)
-    return _tree.merge(adapted)
+        return _nnx.merge(adapted, dtype)
+    return _tree.merge(adapted, dtype)
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:

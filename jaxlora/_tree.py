@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _layout
+from jaxlora import _layout, _quantize
 from jaxlora._config import LAYER_WEIGHTS, adapter_name
 from jaxlora._views import Factors, factors_for
 
@@ -201,6 +201,16 @@ def trainable_mask(params: PyTree) -> PyTree:
     """
 
     def node_mask(node):
+        if isinstance(node, Trainable) and any(
+            _quantize.is_quantized(x)
+            for x in jax.tree.leaves(node.value, is_leaf=_quantize.is_quantized)
+        ):
+            raise ValueError(
+                "a leaf marked jaxlora.Trainable is stored quantized: a quantized weight is "
+                "frozen (its codes have no gradient). Keep the module in float with "
+                "LoraConfig(quantize_exclude=[...]) to train it in full, or leave it out of "
+                "modules_to_save."
+            )
         return jax.tree.map(lambda _: _is_marked(node), node)
 
     return jax.tree.map(node_mask, params, is_leaf=_is_param_leaf)
@@ -272,13 +282,25 @@ def rebox(old: Any, new: Any) -> Any:
     return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
-def _merged_weight(layer: Mapping[str, Any], weight: str, sign: float) -> Any:
+def _merged_weight(layer: Mapping[str, Any], weight: str, sign: float, dtype: Any) -> Any:
     adapter = adapter_at(layer, weight)
     w = meta.unbox(layer[weight])
     delta = _layout.delta_weight(
         meta.unbox(adapter.a), meta.unbox(adapter.b), adapter.delta_eq, sign * adapter.scale
     )
+    if _quantize.is_quantized(w):
+        merged = _quantize.dequantize(w, jnp.float32) + delta
+        return rebox(layer[weight], merged.astype(dtype))
     return rebox(layer[weight], (w.astype(jnp.float32) + delta).astype(w.dtype))
+
+
+def dequantized(tree: PyTree, dtype: Any) -> PyTree:
+    """``tree`` with every weight stored quantized replaced by its dense value in ``dtype``."""
+    return jax.tree.map(
+        lambda x: _quantize.dequantize(x, dtype) if _quantize.is_quantized(x) else x,
+        tree,
+        is_leaf=_quantize.is_quantized,
+    )
 
 
 def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTree:
@@ -289,8 +311,10 @@ def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTr
     return {k: _map_layers(v, fn) for k, v in tree.items()}
 
 
-def merge(params: PyTree) -> PyTree:
-    """Plain params with every adapter folded into its kernel (see `jaxlora.merge`)."""
+def merge(params: PyTree, dtype: Any = jnp.bfloat16) -> PyTree:
+    """Plain params with every adapter folded into its kernel (see `jaxlora.merge`).
+
+    Weights stored quantized come out dense in ``dtype``, adapted or not."""
     inner, rebuild = params_of(params)
     if not has_adapters(inner):
         raise ValueError(
@@ -302,11 +326,11 @@ def merge(params: PyTree) -> PyTree:
         out = dict(layer)
         for key in _adapter_keys(layer):
             weight = _adapted_weight(layer, key)
-            out[weight] = _merged_weight(layer, weight, +1.0)
+            out[weight] = _merged_weight(layer, weight, +1.0, dtype)
             del out[key]
         return out
 
-    return rebuild(unwrap_trainable(_map_layers(inner, fold)))
+    return rebuild(dequantized(unwrap_trainable(_map_layers(inner, fold)), dtype))
 
 
 def _check_was_merged(merged: PyTree, adapted: PyTree) -> None:
@@ -343,6 +367,20 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             "unmerge: the second argument holds no LoRA adapters, so there is nothing to "
             "subtract; pass the adapted tree that was given to jaxlora.merge."
         )
+    quantized = [
+        path_str(k)
+        for k, x in jax.tree_util.tree_leaves_with_path(
+            adapted_inner, is_leaf=_quantize.is_quantized
+        )
+        if _quantize.is_quantized(x)
+    ]
+    if quantized:
+        raise ValueError(
+            f"unmerge: the adapted tree's base is stored quantized ({quantized[0]!r} and "
+            f"{len(quantized) - 1} more), and merge returned it dequantized: subtracting the "
+            "adapters would not give the stored codes back. merge is pure: keep using the "
+            "adapted tree you merged."
+        )
     _check_was_merged(merged_inner, adapted_inner)
 
     def restore(m, a, path):
@@ -364,7 +402,7 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             out[key] = a[key]
         for key in keys:
             weight = _adapted_weight(a, key)
-            out[weight] = _merged_weight(out, weight, -1.0)
+            out[weight] = _merged_weight(out, weight, -1.0, None)
         return out
 
     return rebuild(restore(merged_inner, adapted_inner, ""))
