@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jaxlora import _init_from_weights
+
 ALL_LINEAR = "all-linear"
 # Adapters of weights named like Flax's own layers' are named after their layer.
 LAYER_WEIGHTS = ("kernel", "embedding")
@@ -120,7 +122,11 @@ class LoraConfig:
       dropout: LoRA dropout rate on the adapter input, in [0, 1). Active only when the
         ``dropout_rng`` stream is passed to ``apply`` (as for Flax's own Dropout).
       rslora: use ``alpha / sqrt(rank)`` as the scale.
-      init: ``"kaiming"`` (He-uniform A, as PEFT) or ``"gaussian"`` (A ~ N(0, 1/r)).
+      init: ``"kaiming"`` (He-uniform A, as PEFT) or ``"gaussian"`` (A ~ N(0, 1/r)), B
+        zero; or from the base weight, PEFT's ``init_lora_weights`` of the same names:
+        ``"pissa"`` (top-r singular vectors and values), ``"pissa_niter_<N>"`` (randomised
+        SVD, N subspace iterations) or ``"olora"`` (QR), the frozen weight becoming the
+        residual ``W - scale · A ⊗ B`` (linear weights only; see `jaxlora.lorafy`).
       dtype: dtype of the adapter parameters (float32 by default, whatever the base).
       modules_to_save: patterns of modules trained in full (e.g. a new head).
       bias: ``"none"``, ``"lora_only"`` (biases of adapted layers train) or ``"all"``.
@@ -135,7 +141,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     dropout: float = 0.0
     rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: str = "kaiming"
     dtype: str = "float32"
     modules_to_save: Sequence[str] = ()
     bias: Literal["none", "lora_only", "all"] = "none"
@@ -162,8 +168,12 @@ class LoraConfig:
             {p: _check_alpha(f"alpha_pattern[{p!r}]", a) for p, a in self.alpha_pattern.items()},
         )
         set_(self, "dropout", _check_dropout(self.dropout))
-        if self.init not in _INITS:
-            raise ValueError(f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}.")
+        if self.init not in _INITS and not _init_from_weights.check_init(self.init):
+            raise ValueError(
+                f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}, "
+                f"{_init_from_weights.PISSA!r}, 'pissa_niter_<N>' (N >= 1, e.g. "
+                f"'pissa_niter_4') or {_init_from_weights.OLORA!r}."
+            )
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig: unknown bias={self.bias!r}; use one of {_BIAS_MODES}.")
         if not self.targets:
