@@ -321,6 +321,7 @@ def export_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "bias": config.bias,
         "ensure_weight_tying": tied is not None,
+        "init_lora_weights": _peft_files.init_name(config.init),
         "lora_alpha": _number(config.alpha),
         "lora_dropout": config.dropout,
         "modules_to_save": [_torch_name(module_map, m, who=who) for m in saved] or None,
