@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from jaxlora import _attach, _init_from_weights, _layout, _sharding
+from jaxlora import _attach, _init_from_weights, _layout, _nnx, _sharding
 from jaxlora._config import LoraConfig
+from jaxlora._nnx_wrappers import LoraLayer, LoraParam
 from jaxlora._tree import LoraAdapter, PyTree, params_of, subtree
 
 # how far the base given may be from the one the adapters were initialised on (relative
@@ -45,7 +46,9 @@ def _rank_axis(delta_eq: str) -> tuple[int, int]:
     return a.index(rank) - len(a), b.index(rank) - len(b)
 
 
-def convert_to_lora(adapted: PyTree, base: PyTree, config: LoraConfig) -> tuple[LoraConfig, PyTree]:
+def convert_to_lora(
+    adapted: PyTree | nnx.Module, base: PyTree | nnx.Module, config: LoraConfig
+) -> tuple[LoraConfig, PyTree | nnx.Module]:
     """Turns a PiSSA/OLoRA-initialised adapter into plain LoRA on the untouched base.
 
     ``scale·(A⊗B - A0⊗B0)`` is exactly the adapter's update of the untouched base weight;
@@ -55,15 +58,18 @@ def convert_to_lora(adapted: PyTree, base: PyTree, config: LoraConfig) -> tuple[
     loaded, `export_peft` for PEFT with ``init_lora_weights=True``.
 
     Args:
-      adapted: the trained linen tree (from ``lorafy`` with ``config``: residual bases).
-      base: the untouched base params it was made from (params collection or variables).
+      adapted: the trained linen tree (from ``lorafy`` with ``config``: residual bases), or
+        the trained NNX module.
+      base: the untouched base params it was made from (params collection or variables),
+        or the untouched NNX module (e.g. an ``nnx.clone`` taken before `lorafy`).
       config: the `LoraConfig` it was adapted with (``init`` ``"pissa"``,
         ``"pissa_niter_<N>"`` or ``"olora"``).
 
     Returns:
-      ``(plain_config, plain_params)``: rank doubled, alpha scaled to keep each scale
-      (times 2, or sqrt(2) with rsLoRA), ``init="kaiming"``; ``base`` with the converted adapters
-      and the trained ``modules_to_save``/bias leaves of ``adapted``.
+      ``(plain_config, plain)``: rank doubled, alpha scaled to keep each scale (times 2,
+      or sqrt(2) with rsLoRA), ``init="kaiming"``; linen: ``base`` with the converted
+      adapters and the trained ``modules_to_save``/bias leaves of ``adapted``; NNX: a copy
+      of ``adapted`` holding the untouched weights and the converted factors.
 
     Raises:
       ValueError: ``config`` does not initialise from the weights, or ``base`` is not the
@@ -79,59 +85,83 @@ def convert_to_lora(adapted: PyTree, base: PyTree, config: LoraConfig) -> tuple[
             "from the base weights (init='pissa', 'pissa_niter_<N>', 'olora') need "
             "converting: save or export this one as it is."
         )
+    if isinstance(adapted, nnx.Module):
+        return plain_config(config), _convert_nnx(adapted, base, config.init)
     layers, leaves = _attach.collect(adapted, who="convert_to_lora")
     _attach.check_config([spec for spec, _, _ in layers], config, who="convert_to_lora")
     _attach.plan(
         base,
-        [s for s, _, _ in layers],
-        [s for s, _ in leaves],
+        [spec for spec, _, _ in layers],
+        [spec for spec, _ in leaves],
         source="the adapted tree",
         who="convert_to_lora",
         allow_unmatched=False,
     )
-    inner = params_of(base)[0]
+    inner, adapted_inner = params_of(base)[0], params_of(adapted)[0]
     adapters = {}
     for spec, a, b in layers:
         weight = _attach.unmark(subtree(inner, spec.module)[spec.weight_key])
-        shardings = _sharding.factor_shardings(
-            f"layer {spec.path!r}", weight, spec.delta_eq, spec.rank, None
-        )
-        a0, b0, residual = _init_from_weights.initial_factors(
-            spec.path,
-            weight,
-            spec.delta_eq,
-            spec.rank,
-            spec.scale,
-            config.init,
-            dtype=spec.dtype,
-            shardings=shardings,
-        )
-        _check_base(spec, residual, _attach.unmark(_adapted_weight(adapted, spec)))
-        a_axis, b_axis = _rank_axis(spec.delta_eq)
-        adapters[spec] = LoraAdapter(
-            a=jnp.concatenate([a, a0.astype(a.dtype)], axis=a_axis),
-            b=jnp.concatenate([b, -b0.astype(b.dtype)], axis=b_axis),
-            scale=spec.scale,
-            delta_eq=spec.delta_eq,
-        )
+        frozen = _attach.unmark(subtree(adapted_inner, spec.module)[spec.weight_key])
+        a2, b2 = _doubled(spec.path, weight, frozen, a, b, spec.delta_eq, spec.scale, config.init)
+        adapters[spec] = LoraAdapter(a=a2, b=b2, scale=spec.scale, delta_eq=spec.delta_eq)
     trainable = {spec.path: value for spec, value in leaves}
     return plain_config(config), _attach.attach(base, adapters, trainable)
 
 
-def _adapted_weight(adapted: PyTree, spec: _attach.LayerSpec) -> Any:
-    return subtree(params_of(adapted)[0], spec.module)[spec.weight_key]
+def _convert_nnx(adapted: nnx.Module, base: nnx.Module, init: str) -> nnx.Module:
+    """A copy of ``adapted`` with ``base``'s weights and each adapter doubled (see above)."""
+    out = nnx.clone(adapted)
+    base_weights = {
+        "/".join(str(p) for p in path): var
+        for path, var in nnx.iter_graph(base)
+        if isinstance(var, nnx.Param)
+    }
+    for name, weight, adapter in _nnx.adapted_weights(out):
+        key = f"{name}/{_nnx_weight_key(adapter)}" if isinstance(adapter, LoraLayer) else name
+        if key not in base_weights:
+            raise ValueError(
+                f"convert_to_lora: the base module has no weight {key!r} for adapter {name!r}; "
+                "pass the untouched module the adapted one was made from (nnx.clone it "
+                "before lorafy)."
+            )
+        untouched = base_weights[key][...]
+        a, b = adapter.lora_a[...], adapter.lora_b[...]
+        a2, b2 = _doubled(name, untouched, weight[...], a, b, adapter.delta_eq, adapter.scale, init)
+        weight[...] = untouched
+        adapter.lora_a = LoraParam(a2, **adapter.lora_a.get_metadata())
+        adapter.lora_b = LoraParam(b2, **adapter.lora_b.get_metadata())
+    return out
 
 
-def _check_base(spec: _attach.LayerSpec, residual: jax.Array, adapted_weight: jax.Array) -> None:
-    """Raises unless the residual of ``base`` is the adapted tree's frozen weight."""
-    error = float(
-        jnp.max(jnp.abs(residual.astype(jnp.float32) - adapted_weight.astype(jnp.float32)))
+def _nnx_weight_key(layer: LoraLayer) -> str:
+    return "embedding" if isinstance(layer.base, nnx.Embed) else "kernel"
+
+
+def _doubled(
+    name: str,
+    weight: jax.Array,
+    frozen: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    delta_eq: str,
+    scale: float,
+    init: str,
+) -> tuple[jax.Array, jax.Array]:
+    """``[A, A0]`` and ``[B; -B0]`` along the rank, A0 and B0 recomputed from the untouched
+    ``weight``; raises unless its residual is the adapted ``frozen`` weight."""
+    a_axis, b_axis = _rank_axis(delta_eq)
+    rank = a.shape[a_axis]
+    shardings = _sharding.factor_shardings(f"layer {name!r}", weight, delta_eq, rank, None)
+    a0, b0, residual = _init_from_weights.initial_factors(
+        name, weight, delta_eq, rank, scale, init, dtype=a.dtype, shardings=shardings
     )
-    size = float(jnp.max(jnp.abs(adapted_weight.astype(jnp.float32)))) or 1.0
+    error = float(jnp.max(jnp.abs(residual.astype(jnp.float32) - frozen.astype(jnp.float32))))
+    size = float(jnp.max(jnp.abs(frozen.astype(jnp.float32)))) or 1.0
     if error > _BASE_TOLERANCE * size:
         raise ValueError(
-            f"convert_to_lora: layer {spec.path!r}: the residual of the base given differs "
-            f"from the adapted tree's frozen {spec.weight_key} by {error:.3g}; pass the "
-            "untouched base params the adapter was made from with lorafy (not the adapted "
-            "tree, nor a merged one), and the config it was made with."
+            f"convert_to_lora: layer {name!r}: the residual of the base given differs from "
+            f"the adapted frozen weight by {error:.3g}; pass the untouched base the adapter "
+            "was made from with lorafy (not the adapted tree, nor a merged one), and the "
+            "config it was made with."
         )
+    return jnp.concatenate([a, a0], axis=a_axis), jnp.concatenate([b, -b0], axis=b_axis)

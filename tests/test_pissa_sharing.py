@@ -9,9 +9,10 @@ import numpy as np
 import peft
 import pytest
 import torch
+from flax import nnx
 
 import jaxlora
-from tests.support import peft_models
+from tests.support import models, peft_models
 
 KEY = jax.random.key(0)
 IDS = peft_models.ids()
@@ -150,3 +151,22 @@ def test_peft_inits_that_change_the_base_otherwise_are_refused_by_name(tmp_path,
     config_file.write_text(config_file.read_text().replace('"pissa"', f'"{init}"'))
     with pytest.raises(ValueError, match=rf"init_lora_weights='{init}', an init that changes"):
         jaxlora.import_peft(tmp_path / "out", base_params, module_map=MODULE_MAP)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_nnx_convert_to_lora_keeps_the_model_on_the_untouched_base(init):
+    base = models.NnxModel(nnx.Rngs(0))
+    ids = jax.numpy.asarray(IDS % 32)
+    cfg = jaxlora.LoraConfig(rank=2, alpha=4, targets=["layers/*", "merge_heads"], init=init)
+    model = jaxlora.lorafy(nnx.clone(base), cfg, rngs=nnx.Rngs(1))
+    for _, param in nnx.iter_graph(model):
+        if isinstance(param, jaxlora.LoraParam):
+            param[...] = param[...] + 0.1
+    plain_cfg, plain = jaxlora.convert_to_lora(model, base, cfg)
+    assert (plain_cfg.rank, plain_cfg.init) == (4, "kaiming")
+    assert plain.layers[0].lora_a[...].shape == (16, 4)
+    chex.assert_trees_all_close(plain.layers[0].base.kernel[...], base.layers[0].kernel[...])
+    chex.assert_trees_all_close(plain(ids), model(ids), atol=1e-5)
+    chex.assert_trees_all_close(
+        nnx.state(jaxlora.merge(plain)), nnx.state(jaxlora.merge(model)), atol=1e-5
+    )
