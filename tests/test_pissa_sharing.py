@@ -170,3 +170,18 @@ def test_nnx_convert_to_lora_keeps_the_model_on_the_untouched_base(init):
     chex.assert_trees_all_close(
         nnx.state(jaxlora.merge(plain)), nnx.state(jaxlora.merge(model)), atol=1e-5
     )
+
+
+def test_export_refuses_weights_peft_would_rebuild_another_residual_for(tmp_path, base_params):
+    cfg, trained = _trained(base_params, "pissa")
+
+    def fused(name):  # layers_0's q_proj and v_proj as blocks of one torch Linear
+        blocks = {"layers_0/q_proj": "layers.0.qv[0]", "layers_0/v_proj": "layers.0.qv[1]"}
+        return blocks.get(name) or MODULE_MAP(name)
+
+    with pytest.raises(
+        ValueError, match=r"'layers_0/q_proj' maps to torch .*jaxlora.convert_to_lora"
+    ):
+        jaxlora.export_peft(tmp_path / "out", trained, cfg, module_map=fused)
+    plain_cfg, plain = jaxlora.convert_to_lora(trained, base_params, cfg)
+    jaxlora.export_peft(tmp_path / "out", plain, plain_cfg, module_map=fused)
