@@ -17,6 +17,7 @@ import jax
 import optax
 from flax import nnx
 
+from jaxlora._nnx_wrappers import LoraLayer
 from jaxlora._tree import PyTree, iter_adapters, params_of, path_str
 
 LORA_A, LORA_B, EMBEDDING, FROZEN = "lora_a", "lora_b", "embedding", "frozen"
@@ -70,8 +71,6 @@ def linen_labels(params: PyTree, mask: PyTree) -> PyTree:
 def nnx_labels(module: nnx.Module) -> Callable[[PyTree], PyTree]:
     """A function giving the LoRA+ group of every leaf of ``nnx.state(module, TrainableParam)``
     (with or without its Variables), for ``optax.partition``."""
-    from jaxlora._nnx_wrappers import LoraLayer  # the NNX front-end sits above this module
-
     embeddings = {
         "/".join(str(p) for p in path)
         for path, m in nnx.iter_modules(module)
