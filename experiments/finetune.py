@@ -83,6 +83,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("none", "int8", "nf4"),
         help="store the frozen base quantized, each Dense kernel as it is read (QLoRA; none)",
     )
+    add(
+        "--variant",
+        choices=VARIANTS,
+        help="lora (default); pissa / olora: adapters initialised from the base weights "
+        "(PEFT's init_lora_weights), the frozen weights becoming the residual; loraplus: B "
+        "at --loraplus-ratio times the learning rate (PEFT's create_loraplus_optimizer)",
+    )
+    add("--loraplus-ratio", type=float, help="LoRA+: B's learning rate over A's (16)")
     add("--rank", type=int, help="LoRA rank (8)")
     add("--alpha", type=float, help="LoRA alpha; scale = alpha/rank (16)")
     add(
@@ -133,6 +141,8 @@ def one_line(error: BaseException) -> str:
 
 
 DEFAULT_MODEL = "minilm"
+VARIANTS = ("lora", "pissa", "olora", "loraplus")
+VARIANT_NAMES = {"lora": "LoRA", "pissa": "PiSSA", "olora": "OLoRA", "loraplus": "LoRA+"}
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,6 +176,12 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
             f"--quantize {args.quantize} stores a frozen base, and --full-finetune trains every "
             "weight: drop one of them."
         )
+    if args.loraplus_ratio is not None and not args.loraplus_ratio > 0:
+        raise ValueError(f"--loraplus-ratio must be positive, got {args.loraplus_ratio}.")
+    if args.full_finetune and (args.variant or args.loraplus_ratio) is not None:
+        raise ValueError(
+            "--variant and --loraplus-ratio are LoRA's; leave them out with --full-finetune."
+        )
     targets = None
     if args.targets is not None:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -174,6 +190,8 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": args.data,
         "method": "full" if args.full_finetune else None,
         "quantize": args.quantize,
+        "variant": args.variant,
+        "loraplus_lr_ratio": args.loraplus_ratio,
         "rank": args.rank,
         "alpha": args.alpha,
         "targets": targets,
@@ -204,8 +222,9 @@ def settings(
         recorded: A resumed run's ``settings.json`` (None for a fresh run).
 
     Returns:
-        JSON-serialisable settings: model, data, method, quantize, rank, alpha, targets,
-        steps, lr, batch_size, seq_len, seed, skip_nonfinite, eval_every and
+        JSON-serialisable settings: model, data, method, variant (lora, pissa, olora,
+        loraplus; "full" for full fine-tuning), loraplus_lr_ratio, quantize, rank, alpha,
+        targets, steps, lr, batch_size, seq_len, seed, skip_nonfinite, eval_every and
         max_eval_examples (None: the whole evaluation set).
     """
     recorded = recorded or {}
@@ -216,6 +235,8 @@ def settings(
         "data": data_name,
         "method": method,
         "quantize": "none",
+        "variant": "full" if method == "full" else "lora",
+        "loraplus_lr_ratio": 16.0,
         "rank": 8,
         "alpha": 16.0,
         "targets": list(tasks.DEFAULT_TARGETS[family]),
@@ -397,7 +418,10 @@ def results_of(
     what = (
         "full fine-tuning"
         if method.lora_config is None
-        else (f"LoRA r={run['rank']} alpha={run['alpha']:g} on {','.join(run['targets'])}")
+        else (
+            f"{VARIANT_NAMES[run['variant']]} r={run['rank']} alpha={run['alpha']:g} on "
+            f"{','.join(run['targets'])}"
+        )
     )
     return {
         "title": f"{run['model']} on {run['data']}, {what}, {run['steps']} steps",
@@ -475,12 +499,16 @@ def make_method(task: tasks.Task, run: dict[str, Any], key: jax.Array) -> traini
     tx = training.make_optimizer(run["lr"], run["steps"])
     if run["method"] == "full":
         return training.full_method(task, tx, run["skip_nonfinite"])
+    variant = run["variant"]
+    if variant == "loraplus":
+        tx = training.make_loraplus_optimizer(run["lr"], run["steps"], run["loraplus_lr_ratio"])
     config = jaxlora.LoraConfig(
         rank=run["rank"],
         alpha=run["alpha"],
         targets=run["targets"],
         modules_to_save=task.modules_to_save,
         quantize=_quantize_format(run["quantize"]),
+        init=variant if variant in ("pissa", "olora") else "kaiming",
     )
     return training.lora_method(task, config, tx, run["seq_len"], key, run["skip_nonfinite"])
 
@@ -509,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
     quantize = _quantize_format(known.get("quantize", "none"))
     pretrained = tasks.load_pretrained(known.get("model", DEFAULT_MODEL), quantize)
     data_name = known.get("data", tasks.DEFAULT_DATA[pretrained.family])
-    method_name = known.get("method", "lora")
+    method_name = known.get("method") or known.get("variant", "lora")
     output_dir = args.output_dir or Path("runs") / f"{pretrained.name}-{data_name}-{method_name}"
     if args.resume and recorded is None:
         recorded = read_settings(output_dir)

@@ -99,6 +99,11 @@ def fit_task(task: Task, batch_size: int, max_eval_examples: int | None, mesh: M
     return dataclasses.replace(task, eval=evaluation, params=params)
 
 
+def _schedule(lr: float, steps: int) -> optax.Schedule:
+    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
+
+
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
     """AdamW with global-norm clipping, linear warmup and cosine decay to zero.
 
@@ -109,17 +114,41 @@ def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
     Returns:
         The optimizer.
     """
-    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
     return optax.chain(
-        optax.clip_by_global_norm(MAX_GRAD_NORM), optax.adamw(schedule, weight_decay=WEIGHT_DECAY)
+        optax.clip_by_global_norm(MAX_GRAD_NORM),
+        optax.adamw(_schedule(lr, steps), weight_decay=WEIGHT_DECAY),
     )
+
+
+def make_loraplus_optimizer(
+    lr: float, steps: int, ratio: float
+) -> Callable[[Any], optax.GradientTransformation]:
+    """`make_optimizer` with LoRA+ learning-rate groups, for the adapted params it is given.
+
+    Args:
+        lr: Peak learning rate of the A factors (B's is ``ratio`` times it).
+        steps: Total steps of the run.
+        ratio: LoRA+'s B-to-A learning-rate ratio.
+
+    Returns:
+        ``params -> optimizer``: gradients clipped over all trainable leaves together, then
+        AdamW per group (`jaxlora.optimizer` with ``loraplus_lr_ratio``).
+    """
+
+    def build(params: Any) -> optax.GradientTransformation:
+        adamw = functools.partial(optax.adamw, weight_decay=WEIGHT_DECAY)
+        groups = jaxlora.optimizer(
+            adamw, params, learning_rate=_schedule(lr, steps), loraplus_lr_ratio=ratio
+        )
+        return optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), groups)
+
+    return build
 
 
 def lora_method(
     task: Task,
     config: jaxlora.LoraConfig,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | Callable[[Any], optax.GradientTransformation],
     seq_len: int,
     key,
     skip_nonfinite: bool,
@@ -129,7 +158,8 @@ def lora_method(
     Args:
         task: The task.
         config: Which layers to adapt, rank and alpha.
-        tx: The optimizer (masked here to the trainable leaves).
+        tx: The optimizer (masked here to the trainable leaves), or a function building
+            it from the adapted params (`make_loraplus_optimizer`).
         seq_len: Tokens per example, for the abstract trace that finds the layers.
         key: PRNG key for the A factors.
         skip_nonfinite: Skip steps with non-finite gradients (`jaxlora.make_train_step`'s
@@ -143,7 +173,11 @@ def lora_method(
     """
     example = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     lora_model, params = jaxlora.lorafy(task.model, task.params, config, example, key=key)
-    tx = jaxlora.optimizer(tx, params)
+    tx = (
+        jaxlora.optimizer(tx, params)
+        if isinstance(tx, optax.GradientTransformation)
+        else tx(params)
+    )
     step = jaxlora.make_train_step(
         functools.partial(task.loss, lora_model.apply),
         tx,

@@ -4,6 +4,7 @@ __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
 from jaxlora._config import LoraConfig
+from jaxlora._convert import convert_to_lora
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
 from jaxlora._linen import LoraModel
 from jaxlora._lorafy import lorafy, merge, unmerge
@@ -34,6 +35,7 @@ __all__ = [
     "WeightAdapter",
     "adapter_partition_specs",
     "combine",
+    "convert_to_lora",
     "dequantize",
     "export_peft",
     "import_peft",

@@ -20,7 +20,7 @@ import jax
 from flax.core import meta
 from jax.sharding import Sharding
 
-from jaxlora import _fingerprint, _sharding
+from jaxlora import _fingerprint, _init_from_weights, _sharding
 from jaxlora._config import LAYER_WEIGHTS, LoraConfig, format_paths, target_paths
 from jaxlora._tree import (
     LoraAdapter,
@@ -227,8 +227,52 @@ def fingerprinted(params: PyTree, layers: Sequence[LayerSpec]) -> list[LayerSpec
     ]
 
 
+def to_residual(params: PyTree, layers: Sequence[LayerSpec], init: str) -> PyTree:
+    """``params`` whose base weights under ``layers`` are their residuals for ``init``.
+
+    For an init from the weight (PiSSA, OLoRA: see `jaxlora._init_from_weights`) the
+    adapter was trained on ``W - scale · A0 ⊗ B0``, not on ``W``; as PEFT does when it loads
+    such an adapter, the residual is recomputed from the untouched base, layer by layer and
+    where each weight lives. Layers that already hold an adapter keep their weight (an
+    adapted tree's base is already the residual); other inits change nothing.
+    """
+    if not _init_from_weights.is_from_weights(init):
+        return params
+    inner, rebuild = params_of(params)
+
+    def residual(spec: LayerSpec, layer: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(layer.get(adapter_key(spec.weight_key)), LoraAdapter):
+            return dict(layer)
+        weight = layer[spec.weight_key]
+        raw = unmark(weight)
+        shardings = _sharding.factor_shardings(
+            f"layer {spec.path!r}", raw, spec.delta_eq, spec.rank, None
+        )
+        _, _, value = _init_from_weights.initial_factors(
+            spec.path,
+            raw,
+            spec.delta_eq,
+            spec.rank,
+            spec.scale,
+            init,
+            dtype=spec.dtype,
+            shardings=shardings,
+        )
+        return {**layer, spec.weight_key: rebox(weight, value)}
+
+    for spec in layers:
+        inner = replace_at(inner, spec.module, functools.partial(residual, spec))
+    return rebuild(inner)
+
+
 def check_base(
-    params: PyTree, layers: Sequence[LayerSpec], *, source: str, who: str, allow_other_base: bool
+    params: PyTree,
+    layers: Sequence[LayerSpec],
+    *,
+    source: str,
+    who: str,
+    allow_other_base: bool,
+    hint: str = "",
 ) -> None:
     """Raises (or warns, with ``allow_other_base``) if a layer's base weight is not the one
     its adapter was trained on, by content fingerprint. Layers without one are skipped, and
@@ -241,6 +285,7 @@ def check_base(
       source: what is being loaded, for messages.
       who: the calling function, for messages.
       allow_other_base: warn instead of raising.
+      hint: a sentence added to the message (what else may be wrong).
     """
     recorded = [spec for spec in layers if spec.base_fingerprint is not None]
     now = {
@@ -257,7 +302,7 @@ def check_base(
         return
     message = (
         f"{who}: {source} was trained on another base model (same shapes, other weights; "
-        f"compared by content fingerprint):{listing(other)}\n"
+        f"compared by content fingerprint):{listing(other)}\n{hint}"
     )
     if not allow_other_base:
         raise ValueError(

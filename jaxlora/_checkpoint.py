@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora import _attach, _files, _fingerprint, _io_errors, _sharding
+from jaxlora import _attach, _files, _fingerprint, _init_from_weights, _io_errors, _sharding
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import same_on_every_process
 from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
@@ -371,12 +371,15 @@ def load_adapter(
             who="load_adapter",
             allow_unmatched=allow_unmatched,
         )
+        # PiSSA/OLoRA adapters were trained on the residual: recompute it from the base
+        params = _attach.to_residual(params, load_layers, config.init)
         _attach.check_base(
             params,
             load_layers,
             source=source,
             who="load_adapter",
             allow_other_base=allow_other_base,
+            hint=_residual_hint(config),
         )
         abstract = _abstract_adapter(params, layers, leaves, sharding)
         arrays = _restore_arrays(checkpointer, path, abstract, source)
@@ -394,6 +397,17 @@ def load_adapter(
         if leaf.path in wanted
     }
     return config, _attach.attach(params, adapters, trainable)
+
+
+def _residual_hint(config: LoraConfig) -> str:
+    if not _init_from_weights.is_from_weights(config.init):
+        return ""
+    return (
+        f"It was made with init={config.init!r}: load_adapter recomputes the residual base "
+        "from the untouched base weights (as PEFT does), so pass the base as loaded, not "
+        "the residual of an adapted tree nor a merged one. To load it on other bases, "
+        "convert it to plain LoRA with jaxlora.convert_to_lora.\n"
+    )
 
 
 class ResumeState(NamedTuple):

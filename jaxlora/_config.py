@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from jaxlora import _init_from_weights
+
 ALL_LINEAR = "all-linear"
 # Adapters of weights named like Flax's own layers' are named after their layer.
 LAYER_WEIGHTS = ("kernel", "embedding")
@@ -147,7 +149,11 @@ class LoraConfig:
       dropout: LoRA dropout rate on the adapter input, in [0, 1). Active only when the
         ``dropout_rng`` stream is passed to ``apply`` (as for Flax's own Dropout).
       rslora: use ``alpha / sqrt(rank)`` as the scale.
-      init: ``"kaiming"`` (He-uniform A, as PEFT) or ``"gaussian"`` (A ~ N(0, 1/r)).
+      init: ``"kaiming"`` (He-uniform A, as PEFT) or ``"gaussian"`` (A ~ N(0, 1/r)), B
+        zero; or from the base weight, PEFT's ``init_lora_weights`` of the same names:
+        ``"pissa"`` (top-r singular vectors and values), ``"pissa_niter_<N>"`` (randomised
+        SVD, N subspace iterations) or ``"olora"`` (QR), the frozen weight becoming the
+        residual ``W - scale · A ⊗ B`` (linear weights only; see `jaxlora.lorafy`).
       dtype: dtype of the adapter parameters (float32 by default, whatever the base).
       modules_to_save: patterns of modules trained in full (e.g. a new head).
       bias: ``"none"``, ``"lora_only"`` (biases of adapted layers train) or ``"all"``.
@@ -169,7 +175,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     dropout: float = 0.0
     rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: str = "kaiming"
     dtype: str = "float32"
     modules_to_save: Sequence[str] = ()
     bias: Literal["none", "lora_only", "all"] = "none"
@@ -202,13 +208,26 @@ class LoraConfig:
             {p: _check_alpha(f"alpha_pattern[{p!r}]", a) for p, a in self.alpha_pattern.items()},
         )
         set_(self, "dropout", _check_dropout(self.dropout))
-        if self.init not in _INITS:
-            raise ValueError(f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}.")
+        if self.init not in _INITS and not _init_from_weights.check_init(self.init):
+            raise ValueError(
+                f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}, "
+                f"{_init_from_weights.PISSA!r}, 'pissa_niter_<N>' (N >= 1, e.g. "
+                f"'pissa_niter_4') or {_init_from_weights.OLORA!r}."
+            )
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig: unknown bias={self.bias!r}; use one of {_BIAS_MODES}.")
         if self.quantize not in _QUANTIZE:
             raise ValueError(
                 f"LoraConfig: unknown quantize={self.quantize!r}; use one of {_QUANTIZE}."
+            )
+        if self.quantize is not None and self.init not in _INITS:
+            # The residual W - s·A·B would have to be quantized after the decomposition
+            # and the adapter re-fitted to the quantized residual (PEFT's LoftQ): not built.
+            raise ValueError(
+                f"LoraConfig: init={self.init!r} with quantize={self.quantize!r} is not "
+                "supported: initialising from the base weights changes them, and jaxlora "
+                'does not quantize the residual. Use init="kaiming" with quantize, or '
+                "quantize=None with this init."
             )
         if not self.targets:
             raise ValueError('LoraConfig: targets is empty; name layers or use "all-linear".')

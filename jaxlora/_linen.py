@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _quantized_base, _rewrite, _sharding, _targeting
+from jaxlora import _init_from_weights, _quantized_base, _rewrite, _sharding, _targeting
 from jaxlora._config import LoraConfig, format_paths, path_matches
 from jaxlora._tree import (
     LoraAdapter,
@@ -31,6 +31,7 @@ from jaxlora._tree import (
     has_adapters,
     module_paths,
     params_of,
+    rebox,
     replace_at,
     subtree,
     unwrap_trainable,
@@ -60,8 +61,10 @@ def make_adapter(
     config: LoraConfig,
     key: jax.Array,
     rank_axis: str | None,
-) -> LoraAdapter:
-    """The adapter of one weight, placed and boxed like it (see `_sharding`).
+) -> tuple[LoraAdapter, Any]:
+    """The adapter of one weight, placed and boxed like it (see `_sharding`), and the
+    weight to keep frozen: the residual for an init from the weight (PiSSA, OLoRA), else
+    ``weight`` itself.
 
     Args:
       c: the weight, as discovered.
@@ -72,28 +75,46 @@ def make_adapter(
     """
     layout = c.layout(config)
     rank = layout.a_shape[-1]
+    scale = config.scale_for(c.paths())
     raw = weight.value if isinstance(weight, meta.Partitioned) else meta.unbox(weight)
     stack = tuple(raw.shape)[: raw.ndim - len(layout.kernel_shape)]
-    a, b = _sharding.init_factors(
-        jax.random.fold_in(key, zlib.crc32(c.name.encode())),
-        layout,
-        stack,
-        init=config.init,
-        dtype=jnp.dtype(config.dtype),
-        shardings=_sharding.factor_shardings(
-            f"layer {c.name!r}", raw, layout.delta_eq, rank, rank_axis
-        ),
+    shardings = _sharding.factor_shardings(
+        f"layer {c.name!r}", raw, layout.delta_eq, rank, rank_axis
     )
+    if _init_from_weights.is_from_weights(config.init):
+        a, b, residual = _init_from_weights.initial_factors(
+            c.name,
+            raw,
+            layout.delta_eq,
+            rank,
+            scale,
+            config.init,
+            dtype=config.dtype,
+            shardings=shardings,
+        )
+        weight = rebox(weight, residual)
+    else:
+        a, b = _sharding.init_factors(
+            jax.random.fold_in(key, zlib.crc32(c.name.encode())),
+            layout,
+            stack,
+            init=config.init,
+            dtype=jnp.dtype(config.dtype),
+            shardings=shardings,
+        )
     a, b = _sharding.box_factors(weight, a, b, layout.delta_eq, rank_axis)
-    return LoraAdapter(a=a, b=b, scale=config.scale_for(c.paths()), delta_eq=layout.delta_eq)
+    adapter = LoraAdapter(a=a, b=b, scale=scale, delta_eq=layout.delta_eq)
+    return adapter, weight
 
 
 def _mark_trainable(tree: Any) -> Any:
     return jax.tree.map(Trainable, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
 
 
-def _with_adapter(weight: str, adapter: LoraAdapter, layer: Mapping[str, Any]) -> dict[str, Any]:
-    return {**layer, adapter_key(weight): adapter}
+def _with_adapter(
+    weight: str, adapter: LoraAdapter, value: Any, layer: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {**layer, weight: value, adapter_key(weight): adapter}
 
 
 def _with_trainable_bias(layer: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,10 +175,17 @@ def lorafy(
     variables = params if inner is not params else {"params": inner}
     found = discover(model, variables, inputs, kwargs)
     selected = _targeting.select(config, found)
+    _init_from_weights.check_layers(
+        config.init, [(c.name, c.embedding, c.conv) for c in selected], who="lorafy"
+    )
     adapted = dict(inner)
     for c in selected:
-        adapter = make_adapter(c, subtree(adapted, c.module)[c.weight], config, key, rank_axis)
-        adapted = replace_at(adapted, c.module, functools.partial(_with_adapter, c.weight, adapter))
+        adapter, value = make_adapter(
+            c, subtree(adapted, c.module)[c.weight], config, key, rank_axis
+        )
+        adapted = replace_at(
+            adapted, c.module, functools.partial(_with_adapter, c.weight, adapter, value)
+        )
     adapted = _mark_full_training(adapted, config, [c.module for c in selected])
     adapted = _quantized_base.quantize_weights(
         adapted,

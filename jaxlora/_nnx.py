@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import _layout, _quantize, _quantized_base, _rewrite, _targeting
+from jaxlora import _init_from_weights, _layout, _quantize, _quantized_base, _rewrite, _targeting
 from jaxlora._config import LoraConfig, adapter_name, format_paths, path_matches
 from jaxlora._nnx_wrappers import (
     APPLIED_USES,
@@ -139,6 +139,9 @@ def lorafy(
     else:
         _warn_untraced(module, builtin)
     selected = _targeting.select(config, found)
+    _init_from_weights.check_layers(
+        config.init, [(c.name, c.embedding, c.conv) for c in selected], who="lorafy"
+    )
     quantized = _quantize_weights(module, config, found)
     key = rngs.params()
     owners: dict[str, list[_targeting.Candidate]] = {}
@@ -156,6 +159,7 @@ def lorafy(
             config=config,
             rngs=rngs,
             rank_axis=rank_axis,
+            name=c.name,
         )
         _set_child(module, path, wrapper)
     # deepest first: a wrapped module inside another wrapped one is replaced in its parent
@@ -177,6 +181,7 @@ def lorafy(
                 key=jax.random.fold_in(key, zlib.crc32(c.name.encode())),
                 config=config,
                 rank_axis=rank_axis,
+                name=c.name,
             )
             for c in cands
         }

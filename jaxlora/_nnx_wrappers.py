@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora import _layout, _rewrite, _sharding
+from jaxlora import _init_from_weights, _layout, _rewrite, _sharding
 from jaxlora._config import LoraConfig, adapter_name
 from jaxlora._quantize import is_quantized
 from jaxlora._views import factors_for
@@ -39,6 +39,37 @@ def layer_weight(layer: nnx.Module) -> nnx.Variable:
     return layer.embedding if isinstance(layer, nnx.Embed) else layer.kernel
 
 
+def _initial_factors(
+    weight: nnx.Variable,
+    layout: _layout.Layout,
+    stack: tuple[int, ...],
+    scale: float,
+    key: jax.Array,
+    config: LoraConfig,
+    shardings: Any,
+    name: str,
+) -> tuple[jax.Array, jax.Array]:
+    """Fresh A and B for ``weight``; an init from the weight (PiSSA, OLoRA) also sets the
+    weight to its residual, in place."""
+    if not _init_from_weights.is_from_weights(config.init):
+        return _sharding.init_factors(
+            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
+        )
+    rank = layout.a_shape[-1]
+    a, b, residual = _init_from_weights.initial_factors(
+        name,
+        weight.get_value(),
+        layout.delta_eq,
+        rank,
+        scale,
+        config.init,
+        dtype=config.dtype,
+        shardings=shardings,
+    )
+    weight.set_value(residual)
+    return a, b
+
+
 class LoraLayer(nnx.Module):
     """An NNX layer plus a LoRA adapter: ``base(x) + scale · dropout(x) @ A @ B``.
 
@@ -48,6 +79,10 @@ class LoraLayer(nnx.Module):
       lora_b: `LoraParam` ``(*stack, *b_shape)``, zero at creation.
       scale: alpha / rank (or alpha / sqrt(rank)).
       delta_eq: einsum building the kernel-shaped ΔW from A and B.
+
+    With an init from the weight (``LoraConfig(init="pissa")``), A and B come from the
+    kernel (``name``, the adapter's name, seeds a randomised SVD) and the kernel becomes
+    the residual.
 
     A and B are placed like the base kernel (see `jaxlora.lorafy`): a kernel value with a
     `NamedSharding` gives them derived shardings, its ``out_sharding`` metadata derived
@@ -64,6 +99,7 @@ class LoraLayer(nnx.Module):
         config: LoraConfig,
         rngs: nnx.Rngs,
         rank_axis: str | None = None,
+        name: str = "",
     ):
         weight = layer_weight(base)
         stored = tuple(weight.shape)
@@ -76,9 +112,7 @@ class LoraLayer(nnx.Module):
             rank,
             rank_axis,
         )
-        a, b = _sharding.init_factors(
-            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
-        )
+        a, b = _initial_factors(weight, layout, stack, scale, key, config, shardings, name)
         a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
         self.base = base
         self.lora_a = LoraParam(a, **a_meta)
@@ -148,6 +182,7 @@ class WeightAdapter(nnx.Module):
         key: jax.Array,
         config: LoraConfig,
         rank_axis: str | None = None,
+        name: str = "",
     ):
         stored = tuple(weight.shape)
         stack = stored[: len(stored) - len(layout.kernel_shape)]
@@ -155,9 +190,7 @@ class WeightAdapter(nnx.Module):
         shardings = _sharding.factor_shardings(
             f"the weight {stored}", weight.get_value(), layout.delta_eq, rank, rank_axis
         )
-        a, b = _sharding.init_factors(
-            key, layout, stack, init=config.init, dtype=jnp.dtype(config.dtype), shardings=shardings
-        )
+        a, b = _initial_factors(weight, layout, stack, scale, key, config, shardings, name)
         a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
         self.lora_a = LoraParam(a, **a_meta)
         self.lora_b = LoraParam(b, **b_meta)

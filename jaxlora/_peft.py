@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxlora import _attach, _layout, _peft_files
+from jaxlora import _attach, _init_from_weights, _layout, _peft_files
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LoraConfig, path_matches
 from jaxlora._peft_files import PREFIX, TORCH_LEAF
@@ -203,6 +203,26 @@ def _flat(target: _Target) -> layouts.Flat:
     return layouts.concat_outputs(flats)
 
 
+def _check_init_expressible(config: LoraConfig, targets: Sequence[_Target], *, who: str) -> None:
+    """Refuses a PiSSA/OLoRA adapter that PEFT would not rebuild the same residual for.
+
+    PEFT recomputes the residual of each torch Linear when it loads such an adapter; that
+    equals jaxlora's only when the torch weight is the adapted flax weight itself, not an
+    expert parameter (PEFT does not define these inits there) nor a block of a fused weight.
+    """
+    if not _init_from_weights.is_from_weights(config.init):
+        return
+    for t in targets:
+        if t.kind != layouts.LINEAR or len(t.layers) != 1 or t.parts != 1:
+            what = "fused or split weight" if t.kind == layouts.LINEAR else t.kind
+            raise ValueError(
+                f"{who}: init={config.init!r} adapter of {t.layers[0].spec.path!r} maps to "
+                f"torch {t.name!r}, a {what}: "
+                "PEFT would recompute another residual for it on loading. Convert it to plain "
+                "LoRA first: plain_cfg, plain = jaxlora.convert_to_lora(params, base, cfg)."
+            )
+
+
 def _depths(targets: Sequence[_Target], *, who: str) -> dict[str, int]:
     """How deep PEFT nests each parameter target's factors under its module's ParamWrappers."""
     by_module: dict[str, list[str]] = {}
@@ -294,6 +314,7 @@ def export_peft(
             f"config has dropout={config.dropout}; export with "
             "dataclasses.replace(config, dropout=0.0) (dropout only acts in training)."
         )
+    _check_init_expressible(config, targets, who=who)
     depths = _depths(targets, who=who)
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas = {}, {}
@@ -321,6 +342,7 @@ def export_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "bias": config.bias,
         "ensure_weight_tying": tied is not None,
+        "init_lora_weights": _peft_files.init_name(config.init),
         "lora_alpha": _number(config.alpha),
         "lora_dropout": config.dropout,
         "modules_to_save": [_torch_name(module_map, m, who=who) for m in saved] or None,

@@ -21,7 +21,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxlora import _files
+from jaxlora import _files, _init_from_weights
 from jaxlora._distributed import is_primary
 
 PREFIX = "base_model.model."
@@ -92,6 +92,9 @@ _UNSUPPORTED = (
     "use_qalora",
     "velora_config",
 )
+# PEFT inits that change the base weight in ways jaxlora does not compute (PiSSA and OLoRA
+# it does): their adapters only mean something on that changed base.
+_BASE_CHANGING_INITS = ("corda", "loftq", "astra", "lora_ga")
 _FACTOR_SUFFIXES = {
     ".lora_A.weight": (False, "a"),
     ".lora_B.weight": (False, "b"),
@@ -253,10 +256,32 @@ def read_config(path: Path) -> dict[str, Any]:
             f"{ {k: peft_config[k] for k in on} }. Only plain LoRA (optionally rsLoRA, "
             "rank/alpha patterns, target_parameters, modules_to_save, bias) can be imported."
         )
+    init = peft_config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"import_peft: {file} has init_lora_weights={init!r}, an init that changes the "
+            "base weights, which jaxlora does not implement (it does 'pissa', "
+            "'pissa_niter_<N>' and 'olora'). Convert it to plain LoRA in PEFT: "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...)."
+        )
     for key in ("r", "lora_alpha"):
         if not isinstance(peft_config.get(key), int | float):
             raise ValueError(f"import_peft: {file} has no numeric {key!r}.")
     return peft_config
+
+
+def init_of(peft_config: Mapping[str, Any]) -> str:
+    """jaxlora's ``LoraConfig.init`` for a PEFT ``init_lora_weights``: its PiSSA/OLoRA name
+    (the base becomes the residual), else ``"kaiming"`` (the others leave the base as it is)."""
+    init = peft_config.get("init_lora_weights")
+    if isinstance(init, str) and _init_from_weights.check_init(init.lower()):
+        return init.lower()
+    return "kaiming"
+
+
+def init_name(init: str) -> str | bool:
+    """PEFT's ``init_lora_weights`` for jaxlora's ``init``: its PiSSA/OLoRA name, else True."""
+    return init if _init_from_weights.is_from_weights(init) else True
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:

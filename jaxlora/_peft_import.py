@@ -231,6 +231,7 @@ def _lora_config(
         dtype=dtype,
         modules_to_save=[_exact(p) for p in sorted(saved)],
         bias=peft_config.get("bias", "none"),
+        init=_peft_files.init_of(peft_config),
     )
 
 
@@ -324,7 +325,7 @@ def import_peft(
     if isinstance(model, nnx.Module):
         _attach.report_unmatched(unmatched, source=source, who=who, allow_unmatched=allow_unmatched)
         return config, _into_nnx(model, config, match, inputs, rngs, sharding)
-    return config, _into_linen(model, inner, match, source, sharding, allow_unmatched)
+    return config, _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,8 +369,11 @@ def _into_linen(
     source: str,
     sharding: jax.sharding.Sharding | None,
     allow_unmatched: bool,
+    init: str,
 ) -> PyTree:
-    """``params`` with the file's adapters and leaves attached (placed like their weights)."""
+    """``params`` with the file's adapters and leaves attached (placed like their weights);
+    for a PiSSA/OLoRA adapter, the base weights it adapts become their residuals (as PEFT
+    recomputes them when it loads one)."""
     weights = {p.path: _linen_weight(p, inner) for p in match.plans}
     adapters = {}
     for p in match.plans:
@@ -396,6 +400,7 @@ def _into_linen(
         allow_unmatched=allow_unmatched,
         unmatched=match.unmatched,
     )
+    params = _attach.to_residual(params, list(adapters), init)
     placed = {}
     for spec, (a, b) in adapters.items():
         a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)

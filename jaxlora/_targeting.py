@@ -43,6 +43,7 @@ class Candidate:
       roles: per weight axis, ``"in"``, ``"out"`` or ``"stack"``; None if it cannot be adapted.
       reason: why it cannot be adapted ("" if it can).
       uses: how many operations of the traced model consume it (0: not traced).
+      conv: whether a convolution consumes it.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Candidate:
     roles: tuple[str, ...] | None
     reason: str = ""
     uses: int = 0
+    conv: bool = False
 
     def paths(self) -> tuple[str, ...]:
         """The paths a pattern is matched against (see `target_paths`)."""
@@ -123,9 +125,10 @@ def candidates(seen: Mapping[str, Seen], *, root: str = "") -> list[Candidate]:
         except ValueError as e:
             roles, reason = None, str(e)
         embedding = any(u.op == "gather" for u in s.uses)
+        conv = any(u.op == "conv_general_dilated" for u in s.uses)
         name = adapter_name(module, weight)
         found.append(
-            Candidate(name, module, weight, s.shape, embedding, roles, reason, len(s.uses))
+            Candidate(name, module, weight, s.shape, embedding, roles, reason, len(s.uses), conv)
         )
     return found
 

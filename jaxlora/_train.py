@@ -9,12 +9,14 @@ from typing import Any
 
 import jax
 import optax
+from flax import nnx
 
+from jaxlora import _loraplus
 from jaxlora._config import format_paths
 from jaxlora._sharding import place_on_mesh_of
 from jaxlora._tree import PyTree, combine, path_str, split, trainable_mask
 
-TRAINABLE, FROZEN = "trainable", "frozen"
+TRAINABLE, FROZEN = "trainable", _loraplus.FROZEN
 
 # The full mask of each `optimizer`, by its update function, for `make_train_step` to check.
 _OPTIMIZER_MASKS: weakref.WeakKeyDictionary[Callable[..., Any], PyTree] = (
@@ -103,7 +105,13 @@ def _check_tx(tx: Any, who: str) -> None:
 
 
 def optimizer(
-    tx: optax.GradientTransformation, params: PyTree, mask: PyTree | None = None
+    tx: optax.GradientTransformation | Callable[[Any], optax.GradientTransformation],
+    params: PyTree,
+    mask: PyTree | None = None,
+    *,
+    learning_rate: float | Callable[[Any], Any] | None = None,
+    loraplus_lr_ratio: float | None = None,
+    loraplus_lr_embedding: float | Callable[[Any], Any] = 1e-6,
 ) -> optax.GradientTransformation:
     """Wraps ``tx`` so it updates only the trainable leaves of an adapted tree.
 
@@ -111,29 +119,57 @@ def optimizer(
     ``optax.set_to_zero()``, which holds no state. For Adam that is exactly two floats
     per trainable parameter (plus the step count).
 
+    **LoRA+** (`loraplus_lr_ratio`, PEFT's ``create_loraplus_optimizer``): ``tx`` is then a
+    function of the learning rate (``optax.adamw``) and the trainable leaves fall in PEFT's
+    groups, each with its own optimizer: B factors and other trainable 1-D leaves (biases)
+    at ``learning_rate · loraplus_lr_ratio``, the factors of embedding adapters at
+    ``loraplus_lr_embedding``, the rest (A factors, ``modules_to_save`` matrices) at
+    ``learning_rate``.
+
     Args:
-      tx: any optax transformation, e.g. ``optax.adamw(1e-4)``.
-      params: the adapted tree from `lorafy` (only its structure is read).
+      tx: any optax transformation, e.g. ``optax.adamw(1e-4)``; with LoRA+, a function
+        building one from a learning rate (``optax.adamw``, ``functools.partial(optax.adamw,
+        weight_decay=0.01)``).
+      params: the adapted tree from `lorafy` (only its structure is read); with LoRA+, an
+        adapted NNX module too (the result then goes to ``nnx.Optimizer(module, tx,
+        wrt=jaxlora.TrainableParam)``).
       mask: optional static bool tree (default `trainable_mask(params)`): one bool per
         leaf, or a prefix of ``params`` whose bools hold for whole subtrees.
+      learning_rate: LoRA+: the rate of the A factors (a float or an optax schedule).
+      loraplus_lr_ratio: LoRA+: B's learning rate over A's (the paper uses 2 to 32).
+      loraplus_lr_embedding: LoRA+: the rate of embedding adapters (PEFT's default 1e-6).
 
     Raises:
       TypeError: ``tx`` is not an optax transformation.
       ValueError: nothing in ``params`` trains (e.g. merged params), or a mask that does
         not fit ``params``.
+      TypeError: LoRA+ with a built optimizer or without ``learning_rate``.
 
     Returns:
       A transformation to ``init`` with the adapted params and to pass to
       `make_train_step`. It also works on full-tree gradients, zeroing frozen updates.
       On sharded params, ``init`` gives each moment its param's sharding and replicates
       the step counts over the params' mesh.
+
+    Example:
+      >>> tx = jaxlora.optimizer(optax.adamw, params, learning_rate=2e-4, loraplus_lr_ratio=16)
     """
-    _check_tx(tx, "jaxlora.optimizer")
+    if loraplus_lr_ratio is not None:
+        _loraplus.check_arguments(tx, learning_rate, loraplus_lr_ratio)
+        groups = _loraplus.transforms(tx, learning_rate, loraplus_lr_ratio, loraplus_lr_embedding)
+        if isinstance(params, nnx.Module):
+            return optax.partition(groups, _loraplus.nnx_labels(params))
+    else:
+        _check_tx(tx, "jaxlora.optimizer")
     mask = trainable_mask(params) if mask is None else _full_mask(mask, params)
     split(params, mask)  # validates the mask
     _check_something_trains(mask, "jaxlora.optimizer")
-    labels = jax.tree.map(lambda m: TRAINABLE if m else FROZEN, mask)
-    inner = optax.partition({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+    if loraplus_lr_ratio is None:
+        labels = jax.tree.map(lambda m: TRAINABLE if m else FROZEN, mask)
+        groups = {TRAINABLE: tx, FROZEN: optax.set_to_zero()}
+    else:
+        labels = _loraplus.linen_labels(params, mask)
+    inner = optax.partition(groups, labels)
 
     def init(params):
         _check_same_tree(labels, params)

@@ -67,6 +67,7 @@ def test_to_dict_round_trip():
         ({"targets": []}, r"targets is empty"),
         ({"targets": ["re:(("]}, r"bad regex"),
         ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\]=0"),
+        ({"init": "pissa", "quantize": "nf4"}, r"init='pissa' with quantize='nf4' is not"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, message):

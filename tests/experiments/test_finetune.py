@@ -112,6 +112,8 @@ def test_settings_record_evaluation_flags_and_defaults(minilm_run):
         "data": "rotten_tomatoes",
         "method": "lora",
         "quantize": "none",
+        "variant": "lora",
+        "loraplus_lr_ratio": 16.0,
         "rank": 8,
         "alpha": 16.0,
         "targets": ["query", "value"],
@@ -181,6 +183,22 @@ def test_local_llama_directory_trains_on_hamlet(tiny_llama_dir, tmp_path):
     assert peft_config["task_type"] == "CAUSAL_LM"
 
 
+@pytest.mark.parametrize("variant", ["pissa", "olora", "loraplus"])
+def test_variants_train_and_are_recorded(tiny_llama_dir, tmp_path, variant):
+    budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--max-eval-examples", "4"]
+    flags = ["--variant", variant, *(["--loraplus-ratio", "4"] if variant == "loraplus" else [])]
+    proc = run_script(
+        "--model", str(tiny_llama_dir), *budget, *flags, "--output-dir", str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["variant"] == variant
+    assert results["title"].split(", ")[1].startswith(finetune.VARIANT_NAMES[variant])
+    assert np.isfinite(results["after"]["loss"]) and results["after"] != results["before"]
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["init_lora_weights"] == (True if variant == "loraplus" else variant)
+
+
 def one_error_line(capsys, *argv: str) -> str:
     """Runs ``main`` in-process; asserts exit status 2 and a single ``error:`` line."""
     assert finetune.main(list(argv)) == 2
@@ -212,8 +230,10 @@ def test_unknown_model_name(capsys, tmp_path):
         (["--resume"], "no run to continue in"),
         (["--data", "rotten_tomatoes"], "use --data hamlet"),
         (["--steps", "0"], "--steps must be a positive integer"),
+        (["--loraplus-ratio", "0"], "--loraplus-ratio must be positive"),
+        (["--full-finetune", "--variant", "pissa"], "leave them out with --full-finetune"),
     ],
-    ids=["target", "batch", "resume", "data", "steps"],
+    ids=["target", "batch", "resume", "data", "steps", "loraplus_ratio", "variant_full"],
 )
 def test_bad_flags(capsys, tiny_llama_dir, tmp_path, flags, message):
     output = ["--output-dir", str(tmp_path / "run"), "--seq-len", "16"]
