@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
-from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
+from jaxlora._adapter_files import load_adapter, save_adapter
 from jaxlora._config import LoraConfig
 from jaxlora._convert import convert_to_lora
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
@@ -16,6 +16,7 @@ from jaxlora._placement import adapter_partition_specs, shard_params
 from jaxlora._quantize import QuantizedArray, dequantize, quantize
 from jaxlora._summary import LayerSummary, Summary, summary
 from jaxlora._train import make_train_step, optimizer
+from jaxlora._train_checkpoint import ResumeState, TrainCheckpointer
 from jaxlora._tree import LoraAdapter, Trainable, combine, split, trainable_mask
 
 __all__ = [
