@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
+from jaxlora._bank import AdapterBank, BankModel
 from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
@@ -17,6 +18,8 @@ from jaxlora._train import make_train_step, optimizer
 from jaxlora._tree import LoraAdapter, Trainable, combine, split, trainable_mask
 
 __all__ = [
+    "AdapterBank",
+    "BankModel",
     "LayerSummary",
     "LoraAdapter",
     "LoraConfig",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
-from jaxlora import _linen, _nnx, _tree
+from jaxlora import _bank, _linen, _nnx, _tree
 from jaxlora._config import LoraConfig
 
 
@@ -17,6 +18,7 @@ def lorafy(
     key: jax.Array | None = None,
     rngs: nnx.Rngs | None = None,
     rank_axis: str | None = None,
+    name: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Adds LoRA adapters to the targeted layers of a Flax model, without editing its code.
@@ -60,6 +62,8 @@ def lorafy(
         ``module.__call__``.
       key: linen: PRNG key for A (folded with each layer's path).
       rngs: NNX: ``nnx.Rngs`` (``params`` stream for A, ``dropout`` for LoRA dropout).
+      name: linen: add the adapter under this name to an `AdapterBank` (``params`` is a
+        bank, or base params to start one); returns ``(BankModel, bank)``.
       rank_axis: a mesh axis to shard the rank axis of A and B over (default None:
         replicated); skipped in a factor whose other axes already use it. The rank must
         be divisible by its size.
@@ -90,17 +94,25 @@ def lorafy(
             "models take their params, a LoraConfig, example inputs of model.apply and a key."
         )
     params, config, *inputs = args
+    if name is not None or isinstance(_bank.bank_of(params)[0], _bank.AdapterBank):
+        if name is None:
+            raise TypeError("lorafy on an AdapterBank needs name= for the new adapter.")
+        return _bank.lorafy(
+            model, params, config, *inputs, key=key, name=name, rank_axis=rank_axis, **kwargs
+        )
     return _linen.lorafy(model, params, config, *inputs, key=key, rank_axis=rank_axis, **kwargs)
 
 
-def merge(adapted: Any) -> Any:
+def merge(adapted: Any, adapters: str | Sequence[str] | None = None) -> Any:
     """Folds every adapter into its kernel, ``W + scale · A ⊗ B``, for zero-overhead inference.
 
     Pure: the adapted tree or module is left as it was. Accumulates in float32 and keeps
     each kernel's dtype; jit-able on linen trees.
 
     Args:
-      adapted: an adapted linen tree (params collection or variables dict) or NNX module.
+      adapted: an adapted linen tree (params collection or variables dict) or NNX module,
+        or an `AdapterBank`.
+      adapters: for a bank, the name(s) of the adapters to fold (their ΔW add up).
 
     Returns:
       Plain params for the original linen model, or a plain copy of the NNX module.
@@ -111,6 +123,10 @@ def merge(adapted: Any) -> Any:
     """
     if isinstance(adapted, nnx.Module):
         return _nnx.merge(adapted)
+    if isinstance(adapted, _bank.AdapterBank):
+        if adapters is None:
+            raise TypeError(f"merge(bank, adapters=...): name the adapters, among {adapted.names}.")
+        return _bank.merge(adapted, adapters)
     return _tree.merge(adapted)
 
 
