@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
-from jax.experimental import checkify
 
-from jaxlora import _linen, _mixed, _rewrite, _tree
+from jaxlora import _bank_run, _linen, _tree
+from jaxlora._bank_run import BASE
 from jaxlora._config import LoraConfig, format_paths
 from jaxlora._tree import (
     Frozen,
@@ -42,9 +42,6 @@ from jaxlora._tree import (
     unwrap_trainable,
     without_adapters,
 )
-from jaxlora._views import ADAPTERS, Factors
-
-BASE = "__base__"  # the name of id 0, the base model without adapter (PEFT's name for it)
 
 
 def _own(node: Any) -> Any:
@@ -266,72 +263,6 @@ def bank_of(variables: Any) -> tuple[Any, Any]:
     return params_of(variables)
 
 
-def _stack(path: str, per: list[tuple[str, Factors]], count: int) -> Factors:
-    """One weight's factors of every adapter, stacked with id 0 (the base) and the
-    adapters that do not target it at zero, ranks zero-padded, each scale folded into A."""
-    (first_name, ref), *_ = per
-    for name, f in per:
-        if (f.a_axes, f.b_axes) != (ref.a_axes, ref.b_axes):
-            raise ValueError(
-                f"AdapterBank: adapters {first_name!r} and {name!r} lay out weight {path!r} "
-                "differently; make both with jaxlora.lorafy on the same model."
-            )
-    rank = max(f.a.shape[f.a_axes.index(None)] for _, f in per)
-    dtype = jnp.result_type(*(f.a for _, f in per), *(f.b for _, f in per))
-
-    def padded(x, axes):
-        pad = [(0, 0)] * x.ndim
-        pad[axes.index(None)] = (0, rank - x.shape[axes.index(None)])
-        return jnp.pad(x.astype(dtype), pad)
-
-    by_id = dict(per)
-    a_shape = padded(ref.a, ref.a_axes).shape
-    b_shape = padded(ref.b, ref.b_axes).shape
-    a_list, b_list = [], []
-    for i in range(count + 1):
-        f = by_id.get(i)
-        if f is None:
-            a_list.append(jnp.zeros(a_shape, dtype))
-            b_list.append(jnp.zeros(b_shape, dtype))
-        else:
-            a_list.append(padded(f.a * jnp.asarray(f.scale, f.a.dtype), f.a_axes))
-            b_list.append(padded(f.b, f.b_axes))
-    return Factors(
-        jnp.stack(a_list),
-        jnp.stack(b_list),
-        (ADAPTERS, *ref.a_axes),
-        (ADAPTERS, *ref.b_axes),
-        1.0,
-    )
-
-
-def stacked_factors(bank: AdapterBank) -> dict[str, Factors]:
-    """``{weight path: Factors}`` with every adapter's factors stacked along `ADAPTERS`."""
-    per_path: dict[str, list[tuple[Any, Factors]]] = {}
-    for i, own in enumerate(bank.adapters.values(), start=1):
-        tree = unwrap_trainable(_overlay(bank.base, own))
-        for path, f in adapters_of(tree).items():
-            per_path.setdefault(path, []).append((i, f))
-    count = len(bank.adapters)
-    return {p: _stack(p, per, count) for p, per in per_path.items()}
-
-
-def _pick(x: jax.Array, axes: Sequence[Any], adapter: jax.Array) -> jax.Array:
-    fill = jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact) else 0
-    return jnp.take(x, adapter, axis=list(axes).index(ADAPTERS), mode="fill", fill_value=fill)
-
-
-def _one(f: Factors, adapter: jax.Array) -> Factors:
-    """The factors of the one adapter ``adapter`` selects."""
-    return Factors(
-        _pick(f.a, f.a_axes, adapter),
-        _pick(f.b, f.b_axes, adapter),
-        tuple(x for x in f.a_axes if x != ADAPTERS),
-        tuple(x for x in f.b_axes if x != ADAPTERS),
-        1.0,
-    )
-
-
 def _with_replaced(bank: AdapterBank, adapter: jax.Array | None) -> PyTree:
     """The base with each leaf some adapter replaces (``modules_to_save``) chosen by id."""
     variants: dict[tuple[str, ...], dict[int, Any]] = {}
@@ -354,43 +285,13 @@ def _with_replaced(bank: AdapterBank, adapter: jax.Array | None) -> PyTree:
         w = meta.unbox(stored)
         options = [meta.unbox(by_id.get(i, w)) for i in range(1, len(bank.names) + 1)]
         stack = jnp.stack([w, *options])
-        chosen = jnp.take(stack, adapter, axis=0, mode="fill", fill_value=jnp.nan)
+        chosen = _bank_run.pick(stack, adapter)
         base = replace_at(
             base,
             "/".join(path[:-1]),
             lambda d, s=stored, c=chosen, k=path[-1]: {**d, k: rebox(s, c)},
         )
     return base
-
-
-def _checked_ids(bank: AdapterBank, adapter: Any, check: bool) -> jax.Array:
-    """The adapter id(s) as an int32 array, checked on the host when concrete."""
-    if isinstance(adapter, str):
-        return jnp.int32(bank.index(adapter))
-    ids = adapter if isinstance(adapter, jax.Array) else np.asarray(adapter)
-    if ids.ndim > 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise TypeError(
-            f"BankModel.apply: adapter= must be a name, one int id or a (batch,) int array "
-            f"of ids; got {ids.dtype} of shape {tuple(ids.shape)}. Build ids with "
-            "bank.ids(names)."
-        )
-    count = len(bank.names)
-    if not isinstance(ids, jax.core.Tracer):
-        bad = np.flatnonzero((np.asarray(ids) < 0) | (np.asarray(ids) > count)).tolist()
-        if bad:
-            raise ValueError(
-                f"BankModel.apply: adapter ids out of range at rows {bad[:10]} (values "
-                f"{np.asarray(ids).reshape(-1)[bad[:10]].tolist()}); ids go from 0 (the base) "
-                f"to {count}: {dict(enumerate((BASE, *bank.names)))}."
-            )
-    elif check:
-        checkify.check(
-            jnp.all((ids >= 0) & (ids <= count)),
-            f"adapter ids must lie in [0, {count}] (0 = the base model)",
-        )
-    ids = jnp.asarray(ids, jnp.int32)
-    # jnp.take wraps negative ids around; make them out of range (NaN rows) instead
-    return jnp.where(ids < 0, count + 1, ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,41 +327,20 @@ class BankModel:
                 "BankModel.apply takes {'params': AdapterBank}; for one adapted tree use "
                 "jaxlora.LoraModel, or bank.select(name)."
             )
-        ids = _checked_ids(bank, adapter, check_ids)
+        ids = _bank_run.checked_ids(adapter, bank.names, check_ids)
         configs = [bank.config(n) for n in bank.names]
-        rates = (0.0, *(c.dropout for c in configs))
-        streams = {c.dropout_rng for c in configs if c.dropout}
-        key = None
         rngs = kwargs.get("rngs")
-        if streams and isinstance(rngs, Mapping):
-            if len(streams) > 1:
-                raise ValueError(
-                    f"BankModel.apply: the adapters draw LoRA dropout from rng streams "
-                    f"{sorted(streams)}; give them one dropout_rng."
-                )
-            (stream,) = streams
-            if stream in rngs:
-                key = _rewrite.stream_key(rngs[stream], "jaxlora.dropout")
-        stacked = stacked_factors(bank)
-        root = "params/" if bank is not variables else ""
-        if ids.ndim == 0:
-            factors = {root + p: _one(f, ids) for p, f in stacked.items()}
-            if key is not None and len(set(rates[1:])) > 1:
-                raise ValueError(
-                    "BankModel.apply: with one adapter id and LoRA dropout, the adapters must "
-                    f"share one dropout rate (they have {sorted(set(rates[1:]))}); pass the id "
-                    "per row (a (batch,) array) to give each adapter its own."
-                )
-            base = rebuild(_with_replaced(bank, ids))
-            return _rewrite.call(
-                self.model.apply, base, factors, args, kwargs, dropout=rates[-1], key=key
-            )
-        mixed = _mixed.MixedRows(ids, rates)
-        factors = {root + p: dataclasses.replace(f, mixed=mixed) for p, f in stacked.items()}
-        base = rebuild(_with_replaced(bank, None))
-        return _rewrite.call(
-            self.model.apply, base, factors, args, kwargs, key=key, batch_rows=ids.shape[0]
+        key = _bank_run.dropout_key(
+            configs, lambda stream: rngs.get(stream) if isinstance(rngs, Mapping) else None
         )
+        root = "params/" if bank is not variables else ""
+        per_adapter = [
+            adapters_of(unwrap_trainable(_overlay(bank.base, own)))
+            for own in bank.adapters.values()
+        ]
+        stacked = {root + p: f for p, f in _bank_run.stack(per_adapter, bank.names).items()}
+        base = rebuild(_with_replaced(bank, ids if ids.ndim == 0 else None))
+        return _bank_run.run(self.model.apply, base, stacked, ids, args, kwargs, configs, key)
 
 
 def merge(bank: AdapterBank, names: str | Sequence[str]) -> PyTree:
