@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 from jaxlora._bank import AdapterBank, BankModel
+from jaxlora._bank_nnx import LoraBank
 from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
@@ -22,6 +23,7 @@ __all__ = [
     "BankModel",
     "LayerSummary",
     "LoraAdapter",
+    "LoraBank",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
