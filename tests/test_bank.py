@@ -1,5 +1,8 @@
 """Many adapters on one base (linen): names, switching without recompiling, mixed batches."""
 
+import re
+from pathlib import Path
+
 import chex
 import flax.linen as nn
 import jax
@@ -285,3 +288,17 @@ def test_mixed_batch_sharded_over_data_matches_one_device(tiny):
     got = run(bank, x, ids_sharded)
     assert got.sharding.spec[0] == "data"
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_readme_bank_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Many adapters on one base", 1)[1]
+    code = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    scope = {"__name__": "readme"}
+    exec(compile(code, "README.md bank example", "exec"), scope)
+    printed = capsys.readouterr().out.strip()
+    assert printed == code.split("print(bank.names, bank.nbytes())  # ", 1)[1].splitlines()[0]
+    chex.assert_trees_all_close(
+        scope["y_mix"][1], scope["y_b"][1], atol=1e-6
+    )  # row 1 uses adapter b
+    chex.assert_trees_all_equal(scope["y_mix"][2], scope["y_base"][2])
