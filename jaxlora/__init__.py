@@ -5,6 +5,7 @@ __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 from jaxlora._bank import AdapterBank, BankModel
 from jaxlora._bank_nnx import LoraBank
 from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
+from jaxlora._combine import add_weighted_adapter
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
 from jaxlora._linen import LoraModel
@@ -36,6 +37,7 @@ __all__ = [
     "TrainableParam",
     "WeightAdapter",
     "adapter_partition_specs",
+    "add_weighted_adapter",
     "combine",
     "export_peft",
     "import_peft",
