@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 from jaxlora._bank import AdapterBank, BankModel
+from jaxlora._bank_files import load_bank, save_bank
 from jaxlora._bank_nnx import LoraBank
 from jaxlora._checkpoint import ResumeState, TrainCheckpointer, load_adapter, save_adapter
 from jaxlora._combine import add_weighted_adapter
@@ -43,6 +44,7 @@ __all__ = [
     "import_peft",
     "initialize_distributed",
     "load_adapter",
+    "load_bank",
     "lorafy",
     "make_train_step",
     "merge",
@@ -51,6 +53,7 @@ __all__ = [
     "peft_module_map",
     "peft_module_maps",
     "save_adapter",
+    "save_bank",
     "shard_batch",
     "shard_params",
     "split",

@@ -1,4 +1,4 @@
-"""`add_weighted_adapter`: combining a bank's adapters, against PEFT's own on the same factors."""
+"""Banks and PEFT: combining adapters as add_weighted_adapter does, and bank files."""
 
 import chex
 import flax.linen as nn
@@ -131,3 +131,36 @@ def test_errors_name_the_adapters_and_the_fix():
         jaxlora.add_weighted_adapter(bank, ["t1", "z"], [1, 1], "az", "cat")
     with pytest.raises(ValueError, match="an adapter named 't1' is already in this bank"):
         jaxlora.add_weighted_adapter(bank, ["t2", "t3"], [1, 1], "t1", "cat")
+
+
+def test_a_bank_saves_one_adapter_per_name_and_loads_back(tmp_path):
+    _, bank = _bank_like(_peft_model())
+    jaxlora.save_bank(tmp_path / "bank", bank)
+    loaded = jaxlora.load_bank(tmp_path / "bank", bank.base)
+    assert loaded.names == bank.names
+    chex.assert_trees_all_equal(loaded.adapters, bank.adapters)
+    assert loaded.config("t2") == bank.config("t2")
+    cfg, alone = jaxlora.load_adapter(tmp_path / "bank" / "t2", bank.base)  # each loads alone
+    chex.assert_trees_all_equal(alone, bank.select("t2"))
+    jaxlora.export_peft(  # and exports to PEFT alone
+        tmp_path / "peft_t2", alone, cfg, module_map=jaxlora.peft_module_map()
+    )
+    other = jax.tree.map(lambda w: w * 1.5, bank.base)
+    with pytest.raises(ValueError, match=r"adapter 't1': .*was trained on another base model"):
+        jaxlora.load_bank(tmp_path / "bank", other)
+
+
+def test_several_peft_adapters_load_into_one_bank(tmp_path):
+    pm = _peft_model()
+    pm.save_pretrained(tmp_path / "peft", selected_adapters=["t1", "t2"])
+    model, want = _bank_like(pm)
+    bank = jaxlora.load_bank(tmp_path / "peft", want.base, module_map=jaxlora.peft_module_map())
+    assert bank.names == ("t1", "t2")
+    x = torch.ones(2, 16)
+    bank_model = jaxlora.BankModel(model)
+    got = bank_model.apply({"params": bank}, X, adapter=bank.ids(["t2", "t1"]))
+    for row, name in enumerate(["t2", "t1"]):
+        pm.set_adapter(name)
+        np.testing.assert_allclose(got[row], pm(x)[row].detach().numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="pass module_map="):
+        jaxlora.load_bank(tmp_path / "peft", want.base)
