@@ -302,3 +302,19 @@ def test_readme_bank_example_runs(capsys):
         scope["y_mix"][1], scope["y_b"][1], atol=1e-6
     )  # row 1 uses adapter b
     chex.assert_trees_all_equal(scope["y_mix"][2], scope["y_base"][2])
+
+
+def test_summary_lists_the_adapters_of_each_layer(tiny):
+    _, _, _, bank = tiny
+    report = jaxlora.summary(bank.train_only("b"))
+    rows = [(layer.path, layer.adapter, layer.rank) for layer in report.layers]
+    first = rows.index(("block_0/attn/query", "a", 4))
+    assert rows[first + 1] == ("block_0/attn/query", "b", 2)  # grouped by layer
+    assert ("embed", "b", 2) in rows
+    assert ("block_1/down", "c", 1) in rows
+    assert report.trainable_params == sum(x.size for x in jax.tree.leaves(bank.adapters["b"]))
+    assert report.total_params == sum(x.size for x in jax.tree.leaves(bank))
+    lines = str(report).splitlines()
+    assert lines[0].split()[:2] == ["adapter", "layer"]
+    assert lines[1].split()[:3] == ["a", "block_*/attn/query", "2"]
+    assert lines[2].split()[:3] == ["b", "block_*/attn/query", "2"]
