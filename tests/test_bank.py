@@ -318,3 +318,20 @@ def test_summary_lists_the_adapters_of_each_layer(tiny):
     assert lines[0].split()[:2] == ["adapter", "layer"]
     assert lines[1].split()[:3] == ["a", "block_*/attn/query", "2"]
     assert lines[2].split()[:3] == ["b", "block_*/attn/query", "2"]
+
+
+def test_adapters_with_their_own_head_switch_by_id_and_refuse_mixing():
+    model = models.MLP()
+    x = jax.random.normal(KEY, (4, 16))
+    params = model.init(KEY, x)["params"]
+    configs = {
+        "head": jaxlora.LoraConfig(rank=4, targets=["dense_0"], modules_to_save=["dense_2"]),
+        "plain": jaxlora.LoraConfig(rank=2, targets=["dense_1"], bias="lora_only"),
+    }
+    bank_model, bank = _bank(model, params, x, configs)
+    run = jax.jit(lambda b, x, i: bank_model.apply({"params": b}, x, adapter=i))
+    for name in (None, "head", "plain"):
+        want = _alone(model, bank, name, x)
+        chex.assert_trees_all_close(run(bank, x, bank.index(name or "__base__")), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"cannot use adapters that train whole leaves"):
+        bank_model.apply({"params": bank}, x, adapter=bank.ids(["head", "plain"] * 2))
