@@ -105,8 +105,10 @@ def adapted_output(
     if bad is not False:
         raise ValueError(
             f"A batch mixing adapters cannot apply per-row adapters to weight "
-            f"{view.weight!r}: {_rows.why_lost(bad)}. Run such batches with one adapter at "
-            "a time (adapter=<one id>), or leave this weight out of the adapters' targets."
+            f"{view.weight!r}: the batch rows cannot be followed to its use "
+            f"({_rows.why_lost(bad)}). Run such batches with one adapter id at a time "
+            "(adapter=<one id>), or leave this weight and those after the operation named "
+            "out of the adapters' targets."
         )
     ids = f.mixed.ids
     batch = ids.shape[0]

@@ -172,16 +172,17 @@ def _simple(eqn: Any, infos: Sequence[RowInfo], shapes, batch: int) -> list[RowI
             out = _Lost(f"{name} reduces over the batch rows")
         else:
             out = Rows(rows.axis - sum(d < rows.axis for d in axes), rows.inner)
-    elif name in _CUMULATIVE or name in ("sort", "split", "rev", "top_k", "argsort"):
+    elif name in _CUMULATIVE or name in ("sort", "split", "rev", "top_k", "approx_top_k"):
         along = {
             "sort": [p.get("dimension")],
             "split": [p.get("axis")],
             "rev": list(p.get("dimensions", ())),
             "top_k": [len(shape) - 1],
+            "approx_top_k": [p.get("reduction_dimension", -1)],
         }.get(name, [p.get("axis")])
         if rows.axis in [a % len(shape) for a in along if a is not None]:
             return [_Lost(f"{name} runs along the batch rows")] * n_out
-        return [_merge(infos, name) if name != "top_k" else rows] * n_out
+        return [_merge(infos, name) if "top_k" not in name else rows] * n_out
     elif name in ("slice", "dynamic_slice", "pad", "dynamic_update_slice", "concatenate"):
         merged = _merge(infos, name)
         if not isinstance(merged, Rows) or any(
@@ -189,6 +190,13 @@ def _simple(eqn: Any, infos: Sequence[RowInfo], shapes, batch: int) -> list[RowI
         ):
             return [_Lost(f"{name} cuts along the batch rows")] * n_out
         out = merged
+    elif name == "tile":  # a repeat keeps each position's row: (i // inner) % batch
+        out = rows
+    elif name == "stack":
+        merged = _merge(infos, name)
+        if not isinstance(merged, Rows):
+            return [merged] * n_out
+        out = Rows(merged.axis + (p["axis"] <= merged.axis), merged.inner)
     elif name == "dot_general":
         out = _dot(eqn, infos, shapes)
     elif name == "gather":
@@ -237,6 +245,9 @@ class _Analysis:
             if name in ("ragged_dot_general", "conv_general_dilated"):
                 outs = [self._other(eqn, ins)]
             self._note(eqn, UseRows(tuple(ins), outs[0]))
+        scope = str(eqn.source_info.name_stack)
+        if scope and not any(isinstance(i, _Lost) for i in ins):  # say where rows got lost
+            outs = [_Lost(f"{o.why} (in {scope})") if isinstance(o, _Lost) else o for o in outs]
         return outs
 
     def _other(self, eqn: Any, ins: list[RowInfo]) -> RowInfo:

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxlora
-from tests.support import models
+from tests.support import models, tunix_zoo
 
 IDS = jnp.arange(32).reshape(4, 8) % 32
 CONFIGS = {
@@ -102,3 +102,27 @@ def test_one_mixed_step_equals_the_per_adapter_steps():
         chex.assert_trees_all_close(
             nnx.state(alone.adapters[name]), nnx.state(mixed.adapters[name]), atol=1e-6
         )
+
+
+@pytest.mark.filterwarnings(tunix_zoo.PYTEST_WARNINGS)
+@pytest.mark.parametrize("family", ["llama3", "qwen3_moe", "gemma4_moe"])
+def test_mixed_batches_on_tunix_models(family):
+    built = tunix_zoo.build(family)
+    bank = jaxlora.LoraBank(built.module)
+    configs = {
+        "a": jaxlora.LoraConfig(rank=2, targets=["all-linear"]),
+        "b": jaxlora.LoraConfig(rank=4, targets=["re:.*(q_proj|v_proj|q_einsum).*"]),
+    }
+    for i, (name, cfg) in enumerate(configs.items()):
+        bank.add(name, cfg, *built.inputs, rngs=nnx.Rngs(i), **built.kwargs)
+        for adapter in bank.adapters[name]:
+            adapter.lora_b[...] = adapter.lora_b[...] + 0.02
+    names = ["b", "a"]
+    if family == "gemma4_moe":  # its experts take tokens sorted over the whole batch
+        with pytest.raises(ValueError, match=r"moe/.*sort runs along the batch rows"):
+            bank(*built.inputs, adapter=bank.ids(names), **built.kwargs)
+        return
+    got = bank(*built.inputs, adapter=bank.ids(names), **built.kwargs)[0]
+    for row, name in enumerate(names):
+        want = bank.merge(name)(*built.inputs, **built.kwargs)[0]
+        chex.assert_trees_all_close(got[row], want[row], atol=1e-5, rtol=1e-5)
