@@ -8,7 +8,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxlora import _bank, _linen, _nnx, _tree
+from jaxlora import _bank, _bank_nnx, _linen, _nnx, _tree
 from jaxlora._config import LoraConfig
 
 
@@ -62,8 +62,10 @@ def lorafy(
         ``module.__call__``.
       key: linen: PRNG key for A (folded with each layer's path).
       rngs: NNX: ``nnx.Rngs`` (``params`` stream for A, ``dropout`` for LoRA dropout).
-      name: linen: add the adapter under this name to an `AdapterBank` (``params`` is a
-        bank, or base params to start one); returns ``(BankModel, bank)``.
+      name: add the adapter under this name to a bank of adapters on one base. linen:
+        ``params`` is an `AdapterBank`, or base params to start one; returns
+        ``(BankModel, bank)``. NNX: ``model`` is a `LoraBank`, or the base module to wrap
+        in one; returns the bank.
       rank_axis: a mesh axis to shard the rank axis of A and B over (default None:
         replicated); skipped in a factor whose other axes already use it. The rank must
         be divisible by its size.
@@ -87,6 +89,12 @@ def lorafy(
                 "inputs of their __call__."
             )
         config, *inputs = args
+        if name is not None or isinstance(model, _bank_nnx.LoraBank):
+            if name is None:
+                raise TypeError("lorafy on a LoraBank needs name= for the new adapter.")
+            bank = model if isinstance(model, _bank_nnx.LoraBank) else _bank_nnx.LoraBank(model)
+            bank.add(name, config, *inputs, rngs=rngs, rank_axis=rank_axis, **kwargs)
+            return bank
         return _nnx.lorafy(model, config, *inputs, rngs=rngs, rank_axis=rank_axis, **kwargs)
     if len(args) < 2 or not isinstance(args[1], LoraConfig) or key is None:
         raise TypeError(

@@ -19,9 +19,9 @@ CONFIGS = {
 
 
 def _bank():
-    bank = jaxlora.LoraBank(models.NnxModel(nnx.Rngs(0)))
+    bank = models.NnxModel(nnx.Rngs(0))
     for i, (name, cfg) in enumerate(CONFIGS.items()):
-        bank.add(name, cfg, IDS, rngs=nnx.Rngs(i + 1))
+        bank = jaxlora.lorafy(bank, cfg, IDS, rngs=nnx.Rngs(i + 1), name=name)
         for adapter in bank.adapters[name]:  # make each adapter do something
             adapter.lora_b[...] = adapter.lora_b[...] + 0.05 * (i + 1)
     return bank
