@@ -8,9 +8,10 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 TARGETS = {"qv": ("query", "value"), "all": ("query", "key", "value", "out", "up", "down")}
@@ -20,6 +21,10 @@ FROZEN = "frozen"
 """The floor setting: no adapters, and only ``FLOOR_PARAM`` (the position table) trains."""
 
 FLOOR_PARAM = "wpe"
+
+MODELS = ("gpt2", "gpt2-einsum", "gpt2-moe")
+"""The linen models: ``gpt2.GPT2`` (``nn.Dense`` layers), ``gpt2_einsum.GPT2`` (the same model
+written with its own einsum modules) and its mixture-of-experts variant."""
 
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01
@@ -41,6 +46,11 @@ class Workload:
         alpha: LoRA alpha (the update is scaled by ``alpha / rank``).
         attention: ``"causal"``, or ``"none"`` to leave the softmax attention out of every
             model (a diagnostic: what remains is the linear layers LoRA touches).
+        model: One of ``MODELS`` (the JAX linen rows; the NNX and torch rows mirror ``gpt2``).
+            The benchmark harness takes a comma-separated list and runs every job on each.
+        experts: Experts per MLP of ``gpt2-moe``.
+        top_k: Experts per token of ``gpt2-moe``; each expert's hidden width is
+            ``mlp // top_k``, so a token's active expert FLOPs equal the dense MLP's.
         steps: Timed steps per child process.
         warmup: Untimed steps before them (the first one compiles).
     """
@@ -55,6 +65,9 @@ class Workload:
     rank: int = 8
     alpha: float = 16.0
     attention: str = dataclasses.field(default="causal", metadata={"choices": ("causal", "none")})
+    model: str = dataclasses.field(default="gpt2", metadata={"choices": MODELS})
+    experts: int = 4
+    top_k: int = 2
     steps: int = 20
     warmup: int = 3
 
@@ -71,6 +84,8 @@ class Measurement:
             included (``None`` for inference).
         opt_state_scalars: How many of those elements are 0-d step counters.
         gflops: XLA's FLOP count of the compiled step, in GFLOP (``None`` outside JAX).
+        base_param_bytes: Bytes of the model's own parameters as stored, adapters left out
+            (a quantized base counts its codes and scales; ``None`` where not measured).
     """
 
     times_s: list[float]
@@ -79,17 +94,41 @@ class Measurement:
     opt_state_floats: int | None = None
     opt_state_scalars: int | None = None
     gflops: float | None = None
+    base_param_bytes: int | None = None
 
 
-def add_workload_flags(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    """Adds a ``--flag`` for every :class:`Workload` field; ``defaults`` override its defaults."""
+def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type`` for a comma-separated subset of ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(t for t in text.split(",") if t)
+        unknown = [t for t in items if t not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def add_workload_flags(
+    parser: argparse.ArgumentParser, *, several: Collection[str] = (), **defaults: Any
+) -> None:
+    """Adds a ``--flag`` for every :class:`Workload` field; ``defaults`` override its defaults.
+
+    The flags of the fields named in ``several`` take a comma-separated list of their choices
+    (the value stays one string, e.g. ``"gpt2,gpt2-einsum"``).
+    """
     for f in dataclasses.fields(Workload):
+        choices = f.metadata.get("choices")
+        kind = f.type
+        if f.name in several:
+            kind, choices = (lambda text, c=choices: ",".join(csv_of(c)(text))), None
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
-            type=f.type,
-            choices=f.metadata.get("choices"),
+            type=kind,
+            choices=choices,
             default=defaults.get(f.name, f.default),
-            help="default: %(default)s",
+            help="default: %(default)s" + (" (comma-separated)" if f.name in several else ""),
         )
 
 
@@ -133,6 +172,11 @@ def time_calls(call: Callable[[], Any], w: Workload) -> list[float]:
         call()
         times.append(time.perf_counter() - start)
     return times[w.warmup :]
+
+
+def stored_bytes(arrays: Iterable[Any]) -> int:
+    """Bytes of JAX or NumPy ``arrays`` as stored (4-bit types count half a byte)."""
+    return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in arrays)
 
 
 def array_counts(arrays: Iterable[Any]) -> tuple[int, int]:

@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from flax import nnx
 
-from experiments import gpt2
+from experiments import gpt2, gpt2_einsum
 from experiments.bench_common import (
     FLOOR_PARAM,
     LEARNING_RATE,
@@ -21,6 +22,7 @@ from experiments.bench_common import (
     Measurement,
     Workload,
     array_counts,
+    stored_bytes,
     time_calls,
     token_batch,
 )
@@ -39,15 +41,27 @@ def model_config(w: Workload) -> gpt2.GPT2Config:
     return gpt2.GPT2Config(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq, w.attention)
 
 
+def linen_model(w: Workload) -> nn.Module:
+    """The linen model ``w.model`` names (see ``bench_common.MODELS``)."""
+    c = model_config(w)
+    if w.model == "gpt2":
+        return gpt2.GPT2(c)
+    if w.model == "gpt2-einsum":
+        return gpt2_einsum.GPT2(c)
+    if w.model == "gpt2-moe":
+        return gpt2_einsum.GPT2(c, gpt2_einsum.MoEConfig(w.experts, w.top_k))
+    raise ValueError(f"unknown model {w.model!r}; choose one of gpt2, gpt2-einsum, gpt2-moe")
+
+
 def device_batch(w: Workload) -> Batch:
     """:func:`token_batch` as JAX arrays."""
     tokens, targets = token_batch(w)
     return jnp.asarray(tokens), jnp.asarray(targets)
 
 
-def init_linen(w: Workload) -> tuple[gpt2.GPT2, Any]:
-    """The linen model and its randomly initialised ``params`` collection."""
-    model = gpt2.GPT2(model_config(w))
+def init_linen(w: Workload) -> tuple[nn.Module, Any]:
+    """The linen model (:func:`linen_model`) and its randomly initialised ``params``."""
+    model = linen_model(w)
     tokens, _ = device_batch(w)
     return model, jax.jit(model.init)(jax.random.key(0), tokens)["params"]
 
@@ -84,6 +98,7 @@ class FunctionalRun(NamedTuple):
         opt_state: Initial optimizer state.
         trainable: Trainable parameter count.
         total: Total parameter count.
+        base_bytes: Bytes of the model's own parameters as stored (adapters left out).
     """
 
     step: Callable
@@ -91,6 +106,7 @@ class FunctionalRun(NamedTuple):
     opt_state: Any
     trainable: int
     total: int
+    base_bytes: int
 
 
 def measure_functional(run: FunctionalRun, w: Workload) -> Measurement:
@@ -114,7 +130,7 @@ def measure_functional(run: FunctionalRun, w: Workload) -> Measurement:
         loss.block_until_ready()
 
     times = time_calls(call, w)
-    return Measurement(times, run.total, run.trainable, floats, scalars, gflops)
+    return Measurement(times, run.total, run.trainable, floats, scalars, gflops, run.base_bytes)
 
 
 def measure_forward(model: Any, params: Any, w: Workload) -> Measurement:
@@ -142,8 +158,9 @@ def linen_full(setting: str, w: Workload) -> FunctionalRun:
     del setting  # always "full"
     model, params = init_linen(w)
     tx = adamw()
-    n = param_count(params)
-    return FunctionalRun(full_train_step(linen_loss(model), tx), params, tx.init(params), n, n)
+    n, base = param_count(params), stored_bytes(jax.tree.leaves(params))
+    step = full_train_step(linen_loss(model), tx)
+    return FunctionalRun(step, params, tx.init(params), n, n, base)
 
 
 def floor_train_step(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
@@ -176,6 +193,7 @@ def linen_floor(setting: str, w: Workload) -> FunctionalRun:
         tx.init(params[FLOOR_PARAM]),
         param_count(params[FLOOR_PARAM]),
         param_count(params),
+        stored_bytes(jax.tree.leaves(params)),
     )
 
 
@@ -207,8 +225,14 @@ def nnx_train_step(wrt: type[nnx.Variable]) -> Callable:
     return step
 
 
-def measure_nnx(model: nnx.Module, wrt: type[nnx.Variable], w: Workload) -> Measurement:
-    """Measures :func:`nnx_train_step` on ``model``, training the variables of type ``wrt``."""
+def measure_nnx(
+    model: nnx.Module,
+    wrt: type[nnx.Variable],
+    w: Workload,
+    adapters: type[nnx.Variable] = nnx.LoRAParam,
+) -> Measurement:
+    """Measures :func:`nnx_train_step` on ``model``, training the variables of type ``wrt``;
+    the parameters of type ``adapters`` are left out of the base's bytes."""
     optimizer = nnx.Optimizer(model, adamw(), wrt=wrt)
     step = nnx_train_step(wrt)
     batch = device_batch(w)
@@ -216,7 +240,9 @@ def measure_nnx(model: nnx.Module, wrt: type[nnx.Variable], w: Workload) -> Meas
     floats, scalars = array_counts(jax.tree.leaves(nnx.state(optimizer)))
     times = time_calls(lambda: step(model, optimizer, batch).block_until_ready(), w)
     total = param_count(nnx.state(model, nnx.Param))  # LoRA variables subclass nnx.Param
-    return Measurement(times, total, param_count(nnx.state(model, wrt)), floats, scalars, gflops)
+    base = stored_bytes(jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(adapters)))))
+    trainable = param_count(nnx.state(model, wrt))
+    return Measurement(times, total, trainable, floats, scalars, gflops, base)
 
 
 def run_nnx(setting: str, w: Workload) -> Measurement:

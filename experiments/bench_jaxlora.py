@@ -7,11 +7,12 @@ rows fail (the harness reports the import error as an error row).
 from typing import Any
 
 import jax
+from flax import linen as nn
 from flax import nnx
 
 import jaxlora
 from experiments import gpt2
-from experiments.bench_common import TARGETS, Measurement, Workload
+from experiments.bench_common import TARGETS, Measurement, Workload, stored_bytes
 from experiments.bench_jax import (
     FunctionalRun,
     adamw,
@@ -26,11 +27,22 @@ from experiments.bench_jax import (
 
 
 def lora_config(setting: str, w: Workload) -> jaxlora.LoraConfig:
-    """The jaxlora config of ``setting`` (``"qv"`` or ``"all"``)."""
+    """The jaxlora config of ``setting`` (``"qv"`` or ``"all"``).
+
+    On ``gpt2-moe``, ``"all"`` also adapts each ``router`` (at rank at most ``w.experts``, its
+    output width); ``up``/``down`` name the expert weights there.
+    """
+    if w.model == "gpt2-moe" and setting == "all":
+        return jaxlora.LoraConfig(
+            rank=w.rank,
+            alpha=w.alpha,
+            targets=[*TARGETS[setting], "router"],
+            rank_pattern={"router": min(w.rank, w.experts)},
+        )
     return jaxlora.LoraConfig(rank=w.rank, alpha=w.alpha, targets=list(TARGETS[setting]))
 
 
-def lorafy_linen(setting: str, w: Workload) -> tuple[gpt2.GPT2, Any, Any]:
+def lorafy_linen(setting: str, w: Workload) -> tuple[nn.Module, Any, Any]:
     """The base linen model, its LoRA-fied counterpart, and the LoRA params.
 
     Args:
@@ -56,15 +68,26 @@ def linen_lora(setting: str, w: Workload) -> FunctionalRun:
     summary = jaxlora.summary(lora_params)
     opt_state = tx.init(lora_params)
     return FunctionalRun(
-        step, lora_params, opt_state, summary.trainable_params, summary.total_params
+        step,
+        lora_params,
+        opt_state,
+        summary.trainable_params,
+        summary.total_params,
+        base_bytes(lora_params),
     )
+
+
+def base_bytes(lora_params: Any) -> int:
+    """Bytes of an adapted tree's base parameters as stored: every leaf but the adapters."""
+    leaves = jax.tree.leaves(lora_params, is_leaf=lambda x: isinstance(x, jaxlora.LoraAdapter))
+    return stored_bytes(x for x in leaves if not isinstance(x, jaxlora.LoraAdapter))
 
 
 def run_train_nnx(setting: str, w: Workload) -> Measurement:
     """``jaxlora-nnx``: the NNX model with plain ``nnx.Linear`` layers, adapted by jaxlora."""
     model = gpt2.NNXGPT2(model_config(w), (), w.rank, nnx.Rngs(0))
     model = jaxlora.lorafy(model, lora_config(setting, w), rngs=nnx.Rngs(1))
-    return measure_nnx(model, jaxlora.TrainableParam, w)
+    return measure_nnx(model, jaxlora.TrainableParam, w, adapters=jaxlora.LoraParam)
 
 
 def run_forward_unmerged(setting: str, w: Workload) -> Measurement:

@@ -1,4 +1,4 @@
-"""Training and inference step times: jaxlora vs Flax NNX LoRA vs PyTorch + PEFT vs full FT.
+"""Training and inference step times: jaxlora vs Flax NNX LoRA vs Qwix vs PyTorch + PEFT vs full FT.
 
 Run from the repository root::
 
@@ -6,18 +6,32 @@ Run from the repository root::
     python -m experiments.benchmark --json --reps 5          # one JSON object per row
     python -m experiments.benchmark --impls jax-full,nnx-full --settings full --steps 3 --reps 1
     python -m experiments.benchmark --child nnx-lora qv      # one child: one JSON line
+    python -m experiments.benchmark --impls jaxlora,qwix-lora,qwix-qlora --settings qv,all
+    python -m experiments.benchmark --model gpt2,gpt2-einsum,gpt2-moe \
+        --impls jax-full,jax-floor,jaxlora --settings all,full,frozen   # custom layers, MoE
 
-Every (implementation, setting) pair runs in its own subprocess, and repetitions are interleaved
-(A, B, C, A, B, C, ...) so that drifts in machine load hit every implementation alike. A child
-builds the model, compiles, runs ``--warmup`` untimed then ``--steps`` timed steps (each blocked
-until ready) and prints one JSON line. Settings: ``qv`` (LoRA on query/value), ``all`` (LoRA on
+Every (implementation, setting) pair runs in its own subprocess, and repetitions are interleaved,
+every other one in reverse order (A, B, C, C, B, A, A, B, C, ...), so that drifts in machine
+load, also within a repetition, hit every implementation alike. A child builds the model,
+compiles, runs ``--warmup`` untimed then ``--steps`` timed steps (each blocked until ready)
+and prints one JSON line. Settings: ``qv`` (LoRA on query/value), ``all`` (LoRA on
 query/key/value/out/up/down), ``full`` (every weight trains; for ``fwd-base``: no adapters) and
 ``frozen`` (the floor: no adapters and only the position table trains, so the backward pass runs
 through every layer but forms no weight gradient of a linear layer; the least work any LoRA
 step on this model can do, measured per framework by ``jax-floor`` and ``torch-floor``).
 
+``--model`` picks the linen model of the JAX rows (``jax-full``, ``jax-floor``, ``jaxlora``,
+``fwd-*``): ``gpt2`` (``nn.Dense`` layers, the default), ``gpt2-einsum`` (the same model written
+with its own einsum modules, as Tunix and MaxText write theirs) or ``gpt2-moe`` (its
+mixture-of-experts variant, experts applied with ``jax.lax.ragged_dot``; there LoRA's ``all``
+also adapts the router). A comma-separated list runs every job on each model, interleaved;
+each model gets its own tables and ratios, and the report checks two targets: the
+``jaxlora`` step of ``gpt2-einsum`` within 5% of ``gpt2``'s, and on ``gpt2-moe`` at most 0.75x
+of ``jax-full``. The NNX and torch rows mirror ``gpt2`` only.
+
 Row fields (``--json``):
     impl, setting, kind: What ran (``kind`` is ``train`` or ``infer``).
+    model: The model it ran on (see ``--model``).
     step_time_median_s, step_time_min_s: Over the timed steps of all repetitions pooled.
     rep_medians_s: Median of each repetition, to judge run-to-run noise.
     peak_rss_mb: Peak resident set size of the child (max over repetitions).
@@ -29,11 +43,15 @@ Row fields (``--json``):
         ``jaxlora-nnx``: optax's plus ``nnx.Optimizer.step``) and one per trainable tensor for
         ``torch.optim.AdamW``.
     gflops: XLA's FLOP count of the compiled step (JAX rows only).
+    base_param_bytes: Bytes of the model's own parameters as stored, adapters left out (a
+        quantized base counts its codes and scales; JAX training rows only).
     ratio_to_full: Median over the median of ``jax-full`` (train) or ``fwd-base`` (infer).
     ratio_to_fastest_peer: Median over the fastest median among the *other* implementations of
-        the same kind and setting (< 1 means this row is the fastest).
+        the same kind and setting that store the base alike (float32, or NF4 for
+        ``qwix-qlora``); < 1 means this row is the fastest.
     ratio_to_floor: Training rows: median over the median of the same framework's floor
         (``jax-floor`` or ``torch-floor``); what the implementation adds to the unavoidable.
+        All three ratios compare rows of the same model.
     threads: CPUs available to XLA, and the value given to ``torch.set_num_threads``.
     reps_ok, error: Successful repetitions; the first failure's message, if any.
 """
@@ -48,16 +66,18 @@ import statistics
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from experiments.bench_common import (
     FROZEN,
+    MODELS,
     TARGETS,
     Workload,
     add_workload_flags,
     cpu_count,
+    csv_of,
     workload_of,
 )
 
@@ -75,6 +95,9 @@ class Impl:
         module: Module whose ``RUNNERS[impl](setting, workload)`` measures it.
         framework: ``"jax"`` or ``"torch"``: whose floor its ``ratio_to_floor`` divides by.
         requires: Optional packages; without them the implementation is skipped with a note.
+        models: The models (``--model``) it runs on.
+        base: How it stores the frozen base (``"float32"``, ``"nf4"``); rows are peers
+            (``ratio_to_fastest_peer``) only of rows storing the base alike.
     """
 
     kind: str
@@ -82,6 +105,8 @@ class Impl:
     module: str
     framework: str = "jax"
     requires: tuple[str, ...] = ()
+    models: tuple[str, ...] = ("gpt2",)
+    base: str = "float32"
 
 
 _LORA, _FULL, _FLOOR = tuple(TARGETS), ("full",), (FROZEN,)
@@ -92,19 +117,25 @@ def _torch(kind: str, settings: tuple[str, ...]) -> Impl:
     return Impl(kind, settings, "experiments.bench_torch", "torch", ("torch", "peft"))
 
 
+def _linen(kind: str, settings: tuple[str, ...], module: str) -> Impl:
+    return Impl(kind, settings, module, models=MODELS)
+
+
 IMPLS = {
-    "jax-full": Impl("train", _FULL, _JAX),
-    "jax-floor": Impl("train", _FLOOR, _JAX),
-    "jaxlora": Impl("train", _LORA, _JAXLORA),
+    "jax-full": _linen("train", _FULL, _JAX),
+    "jax-floor": _linen("train", _FLOOR, _JAX),
+    "jaxlora": _linen("train", _LORA, _JAXLORA),
     "jaxlora-nnx": Impl("train", _LORA, _JAXLORA),
     "nnx-lora": Impl("train", _LORA, _JAX),
     "nnx-full": Impl("train", _FULL, _JAX),
+    "qwix-lora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",)),
+    "qwix-qlora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",), base="nf4"),
     "torch-peft": _torch("train", _LORA),
     "torch-full": _torch("train", _FULL),
     "torch-floor": _torch("train", _FLOOR),
-    "fwd-base": Impl("infer", _FULL, _JAX),
-    "fwd-lora": Impl("infer", _LORA, _JAXLORA),
-    "fwd-merged": Impl("infer", _LORA, _JAXLORA),
+    "fwd-base": _linen("infer", _FULL, _JAX),
+    "fwd-lora": _linen("infer", _LORA, _JAXLORA),
+    "fwd-merged": _linen("infer", _LORA, _JAXLORA),
 }
 BASELINES = {"train": "jax-full", "infer": "fwd-base"}
 FLOORS = {"jax": "jax-floor", "torch": "torch-floor"}
@@ -114,29 +145,19 @@ MEASURED_ONCE = (
     "opt_state_floats",
     "opt_state_scalars",
     "gflops",
+    "base_param_bytes",
     "threads",
 )  # the same in every repetition: taken from the first successful one
 MERGED_TOLERANCE = 0.02  # fwd-merged should be within 2% of fwd-base
+EINSUM_TOLERANCE = 0.05  # jaxlora on gpt2-einsum should be within 5% of jaxlora on gpt2
+MOE_TARGET = 0.75  # jaxlora on gpt2-moe should take at most 0.75x of jax-full on gpt2-moe
 ERROR_CHARS = 300  # error messages in rows are cut to this length
-
-
-def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    """An argparse ``type`` for a comma-separated subset of ``choices``."""
-
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(t for t in text.split(",") if t)
-        unknown = [t for t in items if t not in choices]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(choices)}")
-        return items
-
-    return parse
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parses the command line; every :class:`Workload` field is a ``--flag``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_workload_flags(p)
+    add_workload_flags(p, several=("model",))
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
     p.add_argument(
         "--impls", type=csv_of(list(IMPLS)), default=tuple(IMPLS), help=f"{','.join(IMPLS)}"
@@ -156,9 +177,17 @@ def workload_flags(w: Workload) -> list[str]:
     return [token for pair in pairs for token in pair]
 
 
-def plan_jobs(impls: Sequence[str], settings: Sequence[str]) -> list[tuple[str, str]]:
-    """The (impl, setting) pairs to run: each impl in those of ``settings`` it supports."""
-    return [(i, s) for i in impls for s in settings if s in IMPLS[i].settings]
+def plan_jobs(
+    impls: Sequence[str], settings: Sequence[str], models: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """The (impl, setting, model) jobs: each impl in the settings and models it supports."""
+    return [
+        (i, s, m)
+        for i in impls
+        for s in settings
+        for m in models
+        if s in IMPLS[i].settings and m in IMPLS[i].models
+    ]
 
 
 def missing_packages(impl: str) -> list[str]:
@@ -168,6 +197,8 @@ def missing_packages(impl: str) -> list[str]:
 
 def run_child(impl: str, setting: str, w: Workload) -> dict[str, Any]:
     """Measures one (impl, setting) in this process; the child side of :func:`spawn_child`."""
+    if w.model not in IMPLS[impl].models:
+        raise ValueError(f"{impl} runs on --model {','.join(IMPLS[impl].models)}, not {w.model}")
     runner = importlib.import_module(IMPLS[impl].module).RUNNERS[impl]
     result = dataclasses.asdict(runner(setting, w))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -211,20 +242,24 @@ def spawn_child(impl: str, setting: str, w: Workload, timeout: float) -> dict[st
 
 
 def run_interleaved(
-    jobs: Sequence[tuple[str, str]], w: Workload, reps: int, timeout: float
-) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Runs every job once per repetition, in order, repetition after repetition."""
-    results: dict[tuple[str, str], list[dict[str, Any]]] = {job: [] for job in jobs}
+    jobs: Sequence[tuple[str, str, str]], w: Workload, reps: int, timeout: float
+) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Runs every job once per repetition, repetition after repetition; every other
+    repetition runs the jobs in reverse order (a load rising through a repetition would
+    otherwise always hit the last jobs)."""
+    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {job: [] for job in jobs}
     for rep in range(reps):
-        for impl, setting in jobs:
-            result = spawn_child(impl, setting, w, timeout)
-            results[impl, setting].append(result)
+        for impl, setting, model in jobs if rep % 2 == 0 else jobs[::-1]:
+            result = spawn_child(impl, setting, dataclasses.replace(w, model=model), timeout)
+            results[impl, setting, model].append(result)
             status = result.get("error") or f"median {statistics.median(result['times_s']):.4f} s"
-            print(f"[rep {rep + 1}/{reps}] {impl} {setting}: {status}", file=sys.stderr)
+            print(f"[rep {rep + 1}/{reps}] {impl} {setting} {model}: {status}", file=sys.stderr)
     return results
 
 
-def aggregate(impl: str, setting: str, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(
+    impl: str, setting: str, model: str, results: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """One row from the repetitions of one job; measured fields are ``None`` if all failed.
 
     Ratios are added by :func:`add_ratios`.
@@ -237,6 +272,7 @@ def aggregate(impl: str, setting: str, results: Sequence[dict[str, Any]]) -> dic
         "impl": impl,
         "setting": setting,
         "kind": IMPLS[impl].kind,
+        "model": model,
         "step_time_median_s": statistics.median(times) if times else None,
         "step_time_min_s": min(times, default=None),
         "rep_medians_s": [statistics.median(r["times_s"]) for r in ok],
@@ -257,7 +293,7 @@ def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, f
     median = row["step_time_median_s"]
     if median is None:
         return {"ratio_to_full": None, "ratio_to_fastest_peer": None, "ratio_to_floor": None}
-    same_kind = [r for r in ok if r["kind"] == row["kind"]]
+    same_kind = [r for r in ok if r["kind"] == row["kind"] and r["model"] == row["model"]]
 
     def medians_of(impl: str | None) -> list[float]:
         return [r["step_time_median_s"] for r in same_kind if r["impl"] == impl]
@@ -265,7 +301,9 @@ def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, f
     peers = [
         r["step_time_median_s"]
         for r in same_kind
-        if r["setting"] == row["setting"] and r["impl"] != row["impl"]
+        if r["setting"] == row["setting"]
+        and r["impl"] != row["impl"]
+        and IMPLS[r["impl"]].base == IMPLS[row["impl"]].base
     ]
     floor = FLOORS[IMPLS[row["impl"]].framework] if row["kind"] == "train" else None
     return {
@@ -291,6 +329,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) 
     ratios = ["ratio_to_full", "ratio_to_fastest_peer"] + (["ratio_to_floor"] if floors else [])
     ratio_titles = [f"x {baseline}", "x fastest peer"] + (["x floor"] if floors else [])
     titles = ["impl", "setting", "median ms", "min ms", *ratio_titles, "GFLOP", "peak RSS MB"]
+    titles += ["base MB"]
     titles += ["trainable", "total", "opt-state floats"]
     lines = ["| " + " | ".join(titles) + " |", "|---|---|" + "--:|" * (len(titles) - 2)]
     for r in rows:
@@ -305,6 +344,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) 
             *(fmt(r[key], ".2f") for key in ratios),
             fmt(r["gflops"], ".3g"),
             fmt(r["peak_rss_mb"], ".0f"),
+            fmt(None if r["base_param_bytes"] is None else r["base_param_bytes"] / 2**20, ".1f"),
             fmt(r["trainable_params"], ","),
             fmt(r["total_params"], ","),
             fmt(r["opt_state_floats"], ","),
@@ -319,23 +359,62 @@ def merged_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["impl"] == "fwd-merged" and r["ratio_to_full"] is not None:
             verdict = "ok" if abs(r["ratio_to_full"] - 1) <= MERGED_TOLERANCE else "MISSED"
+            model = "" if r["model"] == "gpt2" else f", {r['model']}"
             lines.append(
-                f"fwd-merged / fwd-base ({r['setting']}): {r['ratio_to_full']:.3f} "
+                f"fwd-merged / fwd-base ({r['setting']}{model}): {r['ratio_to_full']:.3f} "
                 f"(target: within {MERGED_TOLERANCE:.0%}: {verdict})"
             )
     return lines
 
 
+def find_row(
+    rows: Sequence[dict[str, Any]], impl: str, setting: str, model: str
+) -> dict[str, Any] | None:
+    """The measured row of (impl, setting, model), or ``None``."""
+    for r in rows:
+        if (r["impl"], r["setting"], r["model"]) == (impl, setting, model):
+            return r if r["step_time_median_s"] is not None else None
+    return None
+
+
+def model_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per LoRA setting: jaxlora on ``gpt2-einsum`` over ``gpt2``, and on ``gpt2-moe`` over
+    ``jax-full``, against their targets (when the run has the rows)."""
+    lines = []
+    for setting in TARGETS:
+        dense = find_row(rows, "jaxlora", setting, "gpt2")
+        einsum = find_row(rows, "jaxlora", setting, "gpt2-einsum")
+        if dense and einsum:
+            r = einsum["step_time_median_s"] / dense["step_time_median_s"]
+            verdict = "ok" if abs(r - 1) <= EINSUM_TOLERANCE else "MISSED"
+            gflops = f"{fmt(einsum['gflops'], '.4g')} vs {fmt(dense['gflops'], '.4g')}"
+            lines.append(
+                f"jaxlora {setting}: gpt2-einsum / gpt2: {r:.3f}, GFLOP {gflops} "
+                f"(target: within {EINSUM_TOLERANCE:.0%}: {verdict})"
+            )
+        moe = find_row(rows, "jaxlora", setting, "gpt2-moe")
+        if moe and moe["ratio_to_full"] is not None:
+            verdict = "ok" if moe["ratio_to_full"] <= MOE_TARGET else "MISSED"
+            lines.append(
+                f"gpt2-moe: jaxlora {setting} / jax-full: {moe['ratio_to_full']:.3f} "
+                f"(target: at most {MOE_TARGET:.2f}: {verdict})"
+            )
+    return lines
+
+
 def report(rows: Sequence[dict[str, Any]], w: Workload, notes: Sequence[str]) -> str:
-    """The markdown report: workload, notes, training table, inference table."""
+    """The markdown report: workload, notes, training and inference tables (per model)."""
     dims = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(w).items())
     lines = [f"Workload: {dims}", *notes, ""]
-    for kind, title in (("train", "Training step"), ("infer", "Inference (jitted forward)")):
-        table = [r for r in rows if r["kind"] == kind]
-        if table:
-            table_lines = markdown_table(table, BASELINES[kind], floors=kind == "train")
-            lines += [f"## {title}", "", *table_lines, ""]
-    return "\n".join(lines + merged_lines(rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        for kind, title in (("train", "Training step"), ("infer", "Inference (jitted forward)")):
+            table = [r for r in rows if r["kind"] == kind and r["model"] == model]
+            if table:
+                table_lines = markdown_table(table, BASELINES[kind], floors=kind == "train")
+                title += f", {model}" if len(models) > 1 else ""
+                lines += [f"## {title}", "", *table_lines, ""]
+    return "\n".join(lines + merged_lines(rows) + model_lines(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -360,9 +439,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Threads: XLA uses the {cpu_count()} CPUs of this process; "
         f"torch.set_num_threads({cpu_count()})."
     )
-    jobs = plan_jobs(runnable, args.settings)
+    models = w.model.split(",")
+    notes += [
+        f"Skipped {i} on {', '.join(m for m in models if m not in IMPLS[i].models)}: "
+        f"it runs on {', '.join(IMPLS[i].models)} only."
+        for i in runnable
+        if not set(models) <= set(IMPLS[i].models)
+    ]
+    jobs = plan_jobs(runnable, args.settings, models)
     results = run_interleaved(jobs, w, args.reps, args.timeout)
-    rows = add_ratios([aggregate(i, s, results[i, s]) for i, s in jobs])
+    rows = add_ratios([aggregate(*job, results[job]) for job in jobs])
     if args.json:
         print("\n".join(notes), file=sys.stderr)
         print("\n".join(json.dumps(r) for r in rows))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -76,6 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         default=None,
         help="train every weight (plain optax), no LoRA",
+    )
+    add(
+        "--quantize",
+        choices=("none", "int8", "nf4"),
+        help="store the frozen base quantized, each Dense kernel as it is read (QLoRA; none)",
     )
     add("--rank", type=int, help="LoRA rank (8)")
     add("--alpha", type=float, help="LoRA alpha; scale = alpha/rank (16)")
@@ -155,6 +161,11 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{flag} must be a positive integer, got {value}.")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}.")
+    if args.full_finetune and args.quantize not in (None, "none"):
+        raise ValueError(
+            f"--quantize {args.quantize} stores a frozen base, and --full-finetune trains every "
+            "weight: drop one of them."
+        )
     targets = None
     if args.targets is not None:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -162,6 +173,7 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "data": args.data,
         "method": "full" if args.full_finetune else None,
+        "quantize": args.quantize,
         "rank": args.rank,
         "alpha": args.alpha,
         "targets": targets,
@@ -192,9 +204,9 @@ def settings(
         recorded: A resumed run's ``settings.json`` (None for a fresh run).
 
     Returns:
-        JSON-serialisable settings: model, data, method, rank, alpha, targets, steps, lr,
-        batch_size, seq_len, seed, skip_nonfinite, eval_every and max_eval_examples (None:
-        the whole evaluation set).
+        JSON-serialisable settings: model, data, method, quantize, rank, alpha, targets,
+        steps, lr, batch_size, seq_len, seed, skip_nonfinite, eval_every and
+        max_eval_examples (None: the whole evaluation set).
     """
     recorded = recorded or {}
     method = given.get("method", recorded.get("method", "lora"))
@@ -203,6 +215,7 @@ def settings(
         "model": DEFAULT_MODEL,
         "data": data_name,
         "method": method,
+        "quantize": "none",
         "rank": 8,
         "alpha": 16.0,
         "targets": list(tasks.DEFAULT_TARGETS[family]),
@@ -396,6 +409,8 @@ def results_of(
         "trainable_params": method.trainable_params,
         "total_params": method.total_params,
         "trainable_percent": 100 * method.trainable_params / method.total_params,
+        "quantize": run["quantize"],
+        **base_storage(method, state.params),
         "step_time_median_s": training.median_step_time(times),
         "steps_timed": max(len(times) - 1, 0),
         "skipped_steps": None if method.skipped is None else method.skipped(state.opt_state),
@@ -412,6 +427,34 @@ def results_of(
         },
         "samples": state.history["samples"],
         "history": {"train_loss": state.history["train_loss"], "eval": evals},
+    }
+
+
+def _quantize_format(setting: str) -> str | None:
+    return None if setting == "none" else setting
+
+
+def base_storage(method: training.Method, params: Any) -> dict[str, Any]:
+    """``base_param_bytes`` (the frozen base as stored; every param for full fine-tuning)
+    and ``quantized_bits_per_weight`` (stored bits per weight of its quantized kernels,
+    codes and scales; None if none is quantized).
+
+    Args:
+        method: How the params trained.
+        params: The params (adapted tree for LoRA).
+
+    Returns:
+        The two fields.
+    """
+    base = params if method.lora_config is None else jaxlora.split(params)[1]
+    leaves = jax.tree.leaves(base, is_leaf=lambda x: isinstance(x, jaxlora.QuantizedArray))
+    quantized = [x for x in leaves if isinstance(x, jaxlora.QuantizedArray)]
+    weights = sum(math.prod(q.shape) for q in quantized)
+    return {
+        "base_param_bytes": int(sum(x.nbytes for x in leaves)),
+        "quantized_bits_per_weight": (
+            8 * sum(q.nbytes for q in quantized) / weights if quantized else None
+        ),
     }
 
 
@@ -437,6 +480,7 @@ def make_method(task: tasks.Task, run: dict[str, Any], key: jax.Array) -> traini
         alpha=run["alpha"],
         targets=run["targets"],
         modules_to_save=task.modules_to_save,
+        quantize=_quantize_format(run["quantize"]),
     )
     return training.lora_method(task, config, tx, run["seq_len"], key, run["skip_nonfinite"])
 
@@ -462,7 +506,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = jaxlora.parse_mesh(mesh_spec) if mesh_spec else None
     feed = training.batch_feeder(mesh)
     known = {**(recorded or {}), **given}
-    pretrained = tasks.load_pretrained(known.get("model", DEFAULT_MODEL))
+    quantize = _quantize_format(known.get("quantize", "none"))
+    pretrained = tasks.load_pretrained(known.get("model", DEFAULT_MODEL), quantize)
     data_name = known.get("data", tasks.DEFAULT_DATA[pretrained.family])
     method_name = known.get("method", "lora")
     output_dir = args.output_dir or Path("runs") / f"{pretrained.name}-{data_name}-{method_name}"

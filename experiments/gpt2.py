@@ -119,6 +119,15 @@ class Block(nn.Module):
         return x + MLP(self.config, name="mlp")(nn.LayerNorm(LAYER_NORM_EPS, name="ln2")(x))
 
 
+def embed(c: GPT2Config, tokens: jax.Array) -> jax.Array:
+    """Token plus position embeddings (``wte``, ``wpe``) of ``tokens`` ``(batch, seq)``.
+
+    Called inside a compact ``__call__``, whose module holds the two ``nn.Embed``.
+    """
+    x = nn.Embed(c.vocab, c.d_model, name="wte")(tokens)
+    return x + nn.Embed(c.seq, c.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
+
+
 class GPT2(nn.Module):
     """GPT-2-style decoder: ``tokens`` ``(batch, seq)`` -> logits ``(batch, seq, vocab)``."""
 
@@ -127,8 +136,7 @@ class GPT2(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         c = self.config
-        x = nn.Embed(c.vocab, c.d_model, name="wte")(tokens)
-        x = x + nn.Embed(c.seq, c.d_model, name="wpe")(jnp.arange(tokens.shape[1]))
+        x = embed(c, tokens)
         for i in range(c.layers):
             x = Block(c, name=f"block_{i}")(x)
         x = nn.LayerNorm(LAYER_NORM_EPS, name="ln_f")(x)

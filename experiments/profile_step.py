@@ -6,15 +6,17 @@ Run from the repository root::
     python -m experiments.profile_step jax-floor frozen     # the same model, no adapters
     python -m experiments.profile_step torch-peft all       # PyTorch: top aten ops
     python -m experiments.profile_step jaxlora all --attention none --steps 5
+    python -m experiments.profile_step jaxlora all --model gpt2-moe   # or gpt2-einsum
 
 JAX rows (``jax-full``, ``jax-floor``, ``jaxlora``) trace ``--steps`` compiled steps with
 ``jax.profiler`` and attribute each XLA op's time to the module its HLO metadata names:
-``query``...``down`` (that layer's base matmul and its adapter), ``attention`` (the softmax
-attention between them), ``gelu``, ``layernorm``, ``lm_head``, ``embed``, ``loss+update``
-(the loss and the optimizer). A fused op counts for the module its metadata names (the LM
-head's forward matmul is fused into the loss's softmax, so it shows under ``loss+update``),
-and ops run two at a time on two cores, so read the columns as approximate: their sum
-exceeds the wall time.
+``query``...``down`` (that layer's base matmul and its adapter; on ``--model gpt2-moe`` the
+``up``/``down`` expert weights' ``ragged_dot`` and ``router``), ``attention`` (the softmax
+attention between them), ``gelu`` (on ``gpt2-moe`` also the routing: top-k, sort, gathers),
+``layernorm``, ``lm_head``, ``embed``, ``loss+update`` (the loss and the optimizer). A fused
+op counts for the module its metadata names (the LM head's forward matmul is fused into the
+loss's softmax, so it shows under ``loss+update``), and ops run two at a time on two cores,
+so read the columns as approximate: their sum exceeds the wall time.
 Comparing ``jaxlora all`` with ``jax-floor frozen`` shows what the adapters cost per layer
 type. Torch rows (``torch-floor``, ``torch-peft``, ``torch-full``) print
 ``torch.profiler``'s top operators by self CPU time. Every :class:`Workload` field is a flag.
@@ -35,7 +37,7 @@ from experiments.bench_common import FROZEN, Workload, add_workload_flags, workl
 
 JAX_IMPLS = ("jax-full", "jax-floor", "jaxlora")
 TORCH_IMPLS = ("torch-full", "torch-floor", "torch-peft")
-LAYERS = ("query", "key", "value", "out", "up", "down")
+LAYERS = ("query", "key", "value", "out", "up", "down", "router")
 PHASES = ("forward", "backward", "other")
 _OP = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", re.M)
 

@@ -110,21 +110,22 @@ class Pretrained:
     tokenizer: Tokenizer
 
 
-def _load_path(name: str, source: str, path: Path) -> Pretrained:
+def _load_path(name: str, source: str, path: Path, quantize: str | None) -> Pretrained:
     if path.suffix == ".gguf":
-        config, params, tokenizer = loading.load_smollm2_gguf(path)
+        config, params, tokenizer = loading.load_smollm2_gguf(path, quantize)
         return Pretrained(name, source, "llama", config, params, tokenizer)
-    family, config, params, tokenizer = loading.load_hf_model(path)
+    family, config, params, tokenizer = loading.load_hf_model(path, quantize)
     return Pretrained(name, source, family, config, params, tokenizer)
 
 
-def load_pretrained(model: str) -> Pretrained:
+def load_pretrained(model: str, quantize: str | None = None) -> Pretrained:
     """Loads a preset or a local model.
 
     Args:
         model: ``"minilm"``, ``"smollm2"``, a Hugging Face model directory (BERT or Llama,
             with ``config.json``, ``model.safetensors``, ``tokenizer.json``) or a llama
             ``.gguf`` file.
+        quantize: store every Dense kernel quantized (``"nf4"``, ``"int8"``) as it is read.
 
     Returns:
         The loaded model.
@@ -137,10 +138,10 @@ def load_pretrained(model: str) -> Pretrained:
     """
     if model in PRESETS:
         source, locate = PRESETS[model]
-        return _load_path(model, source, locate())
+        return _load_path(model, source, locate(), quantize)
     path = Path(model)
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
-        return _load_path(path.stem, str(path.absolute()), path)
+        return _load_path(path.stem, str(path.absolute()), path, quantize)
     raise ValueError(
         f"unknown model {model!r}: use one of {sorted(PRESETS)}, a Hugging Face model "
         "directory (BERT or Llama) or a llama .gguf file."

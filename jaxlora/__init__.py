@@ -16,6 +16,7 @@ from jaxlora._peft import export_peft
 from jaxlora._peft_import import import_peft
 from jaxlora._peft_names import peft_module_map, peft_module_maps
 from jaxlora._placement import adapter_partition_specs, shard_params
+from jaxlora._quantize import QuantizedArray, dequantize, quantize
 from jaxlora._summary import LayerSummary, Summary, summary
 from jaxlora._train import make_train_step, optimizer
 from jaxlora._tree import LoraAdapter, Trainable, combine, split, trainable_mask
@@ -31,6 +32,7 @@ __all__ = [
     "LoraModel",
     "LoraModule",
     "LoraParam",
+    "QuantizedArray",
     "ResumeState",
     "Summary",
     "TrainCheckpointer",
@@ -40,6 +42,7 @@ __all__ = [
     "adapter_partition_specs",
     "add_weighted_adapter",
     "combine",
+    "dequantize",
     "export_peft",
     "import_peft",
     "initialize_distributed",
@@ -52,6 +55,7 @@ __all__ = [
     "parse_mesh",
     "peft_module_map",
     "peft_module_maps",
+    "quantize",
     "save_adapter",
     "save_bank",
     "shard_batch",

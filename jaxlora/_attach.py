@@ -231,7 +231,9 @@ def check_base(
     params: PyTree, layers: Sequence[LayerSpec], *, source: str, who: str, allow_other_base: bool
 ) -> None:
     """Raises (or warns, with ``allow_other_base``) if a layer's base weight is not the one
-    its adapter was trained on, by content fingerprint. Layers without one are skipped.
+    its adapter was trained on, by content fingerprint. Layers without one are skipped, and
+    so are layers whose base is stored otherwise than at training (float and nf4, say):
+    adapters do not depend on the base's storage, and `summary` tells how it is stored.
 
     Args:
       params: the tree being loaded into, already checked with `plan`.
@@ -241,11 +243,15 @@ def check_base(
       allow_other_base: warn instead of raising.
     """
     recorded = [spec for spec in layers if spec.base_fingerprint is not None]
+    now = {
+        spec.path: _fingerprint.kernel_fingerprint(_base_weight(params, spec)) for spec in recorded
+    }
     other = [
         f"layer {spec.path!r}: its {spec.weight_key} differs from the one the adapter was "
         "trained on"
         for spec in recorded
-        if _fingerprint.kernel_fingerprint(_base_weight(params, spec)) != spec.base_fingerprint
+        if _fingerprint.storage(now[spec.path]) == _fingerprint.storage(spec.base_fingerprint)
+        and now[spec.path] != spec.base_fingerprint
     ]
     if not other:
         return

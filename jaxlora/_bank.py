@@ -343,7 +343,7 @@ class BankModel:
         return _bank_run.run(self.model.apply, base, stacked, ids, args, kwargs, configs, key)
 
 
-def merge(bank: AdapterBank, names: str | Sequence[str]) -> PyTree:
+def merge(bank: AdapterBank, names: str | Sequence[str], dtype: Any = jnp.bfloat16) -> PyTree:
     """Plain base params with the adapters ``names`` folded in (``W + Σ scale·A⊗B``)."""
     names = [names] if isinstance(names, str) else list(names)
     if not names:
@@ -359,7 +359,7 @@ def merge(bank: AdapterBank, names: str | Sequence[str]) -> PyTree:
                     f"{'/'.join(path)!r} in full; merge one of them."
                 )
             taken[path] = name
-        params = _tree.merge(_overlay(params, bank.adapters[name]))
+        params = _tree.merge(_overlay(params, bank.adapters[name]), dtype)
     return params
 
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora import _attach, _files, _fingerprint, _sharding
+from jaxlora import _attach, _files, _fingerprint, _io_errors, _sharding
 from jaxlora._config import LoraConfig
 from jaxlora._distributed import same_on_every_process
 from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
@@ -153,12 +155,20 @@ def save_adapter(
         arrays["trainable"] = [value for _, value in leaves]
     target = Path(directory)
     _files.check_parent(target, who="save_adapter")
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(
+            f"save_adapter: {target} is a file, not a directory; refusing to replace it. "
+            "Choose a new directory."
+        )
     if target.exists() and any(target.iterdir()) and not _is_adapter(target):
         raise ValueError(
             f"save_adapter: {target} exists and is not an adapter saved by jaxlora; "
             "refusing to replace it. Choose a new directory."
         )
-    with _files.replacing(target) as new, _adapter_checkpointer() as checkpointer:
+    with (
+        _files.replacing(target, who="save_adapter") as new,
+        _adapter_checkpointer() as checkpointer,
+    ):
         checkpointer.save(
             new,
             args=ocp.args.Composite(
@@ -200,7 +210,7 @@ def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Re
         args = ocp.args.Composite(**{_RECORD: ocp.args.JsonRestore()})
         record = checkpointer.restore(path, args=args)[_RECORD]
     except Exception as e:
-        raise _damaged(source, f"its record cannot be read ({type(e).__name__}: {e})") from e
+        raise _damaged(source, f"its record cannot be read ({_io_errors.brief(e)})") from e
     if not isinstance(record, dict):
         raise _damaged(source, "its record is not a JSON object")
     checksum = record.get("checksum")
@@ -288,7 +298,7 @@ def _restore_arrays(
     except Exception as e:
         raise ValueError(
             f"load_adapter: cannot read the arrays of {source}; a file is truncated or "
-            f"corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0]}). Re-save it."
+            f"corrupt ({_io_errors.brief(e)}). Re-save it."
         ) from e
     raise ValueError(
         f"load_adapter: {source} is corrupt: its arrays disagree with its record:"
@@ -335,6 +345,12 @@ def load_adapter(
         other shapes, or other weights (without ``allow_other_base``), or unmatched layers
         (without ``allow_unmatched``); the message names the layer and what was expected.
     """
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(
+            f"load_adapter: sharding is a {type(sharding).__name__}, not a "
+            "jax.sharding.Sharding; pass e.g. NamedSharding(mesh, PartitionSpec()), or None "
+            "to follow the base kernels."
+        )
     path = Path(directory).absolute()
     source = f"adapter {str(path)!r}"
     if not path.is_dir():
@@ -484,13 +500,38 @@ def _global_rng(key_data: Any, params: PyTree) -> Any:
     return _sharding.place_on_mesh_of(params, key_data)
 
 
+def _check_save_args(
+    step: Any, rng: Any, data_state: Any, latest: int | None, directory: Path
+) -> None:
+    """Raises a clear error for arguments orbax would take and then lose or choke on."""
+    who = "TrainCheckpointer.save"
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+        raise (ValueError if isinstance(step, numbers.Integral) else TypeError)(
+            f"{who}: step={step!r} must be an int >= 0 (the number of steps done)."
+        )
+    if latest is not None and step < latest:
+        raise ValueError(
+            f"{who}: step {step} is before step {latest}, the newest in {directory}; it "
+            "would not be saved. Continue the step count of the run you resumed "
+            "(restore_latest(...).step), or save to a new directory."
+        )
+    if not (
+        isinstance(rng, jax.Array | np.ndarray)
+        and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.dtype == jnp.uint32)
+    ):
+        raise TypeError(
+            f"{who}: rng is a {type(rng).__name__}, not a PRNG key; pass the key the run "
+            "continues with, e.g. jax.random.key(0) (or its raw uint32 key data)."
+        )
+    if data_state is not None and not isinstance(data_state, Mapping):
+        raise TypeError(
+            f"{who}: data_state is a {type(data_state).__name__}, not a dict; pass e.g. "
+            '{"epoch": 1, "position": 4096}.'
+        )
+
+
 class _DamagedStep(ValueError):
     """A training checkpoint step that cannot be read (truncated, corrupt or missing files)."""
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 class TrainCheckpointer:
@@ -509,7 +550,13 @@ class TrainCheckpointer:
       save_interval_steps: `save` writes only steps that are a multiple of this (and
         the first one, when the directory holds no checkpoint yet).
       async_save: write in a background thread; `save` returns once the arrays are
-        copied off the device.
+        copied off the device. A write that fails in the background is raised by the
+        next `save`, `wait` or `close`.
+
+    Raises:
+      ValueError: ``max_to_keep`` below 1 (orbax would delete every step it saves) or
+        ``save_interval_steps`` below 1.
+      OSError: the directory cannot be created (no permission, read-only, disk full).
 
     Example:
       >>> with jaxlora.TrainCheckpointer("runs/ckpt", max_to_keep=2) as ckpt:
@@ -530,6 +577,16 @@ class TrainCheckpointer:
         save_interval_steps: int = 1,
         async_save: bool = True,
     ):
+        if max_to_keep is not None and not (isinstance(max_to_keep, int) and max_to_keep >= 1):
+            raise ValueError(
+                f"TrainCheckpointer: max_to_keep={max_to_keep!r} must be None (keep all) or "
+                "an int >= 1; orbax would delete every checkpoint right after saving it."
+            )
+        if not (isinstance(save_interval_steps, int) and save_interval_steps >= 1):
+            raise ValueError(
+                f"TrainCheckpointer: save_interval_steps={save_interval_steps!r} must be an "
+                "int >= 1 (1: every step)."
+            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -537,15 +594,24 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = Path(directory).absolute()
+        self._in_flight: int | None = None  # the step of the asynchronous save under way
         _files.check_parent(self.directory, who="TrainCheckpointer")
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={
-                _STATE: ocp.StandardCheckpointHandler(),
-                _META: ocp.JsonCheckpointHandler(),
-            },
-            options=options,
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                item_handlers={
+                    _STATE: ocp.StandardCheckpointHandler(),
+                    _META: ocp.JsonCheckpointHandler(),
+                },
+                options=options,
+            )
+        except Exception as e:
+            clear = _io_errors.write_error(
+                "TrainCheckpointer", self.directory, e, "Nothing was written."
+            )
+            if clear is None:
+                raise
+            raise clear from e
 
     def save(
         self,
@@ -572,7 +638,15 @@ class TrainCheckpointer:
 
         Returns:
           Whether a save was started.
+
+        Raises:
+          ValueError: ``step`` is negative or before the newest step on disk (a save
+            there would be skipped), or ``data_state`` is not JSON-serialisable.
+          TypeError: ``step`` is not an int, ``rng`` not a key, ``data_state`` not a dict.
+          OSError: the OS refused a write (disk full, no permission, ...), of this save
+            or of the one in flight; the message names the step and the steps kept.
         """
+        _check_save_args(step, rng, data_state, self._manager.latest_step(), self.directory)
         data_state = dict(data_state or {})
         try:
             json.dumps(data_state)
@@ -589,7 +663,24 @@ class TrainCheckpointer:
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
         )
-        return self._manager.save(step, args=args, force=force)
+        self.wait()  # orbax waits here too; a failure of the save in flight is raised here
+        try:
+            started = self._manager.save(step, args=args, force=force)
+        except Exception as e:
+            self._save_failed(step, e)
+        self._in_flight = step if started else None
+        return started
+
+    def _save_failed(self, step: int | None, e: Exception) -> NoReturn:
+        """Raises ``e``, as one clear `OSError` if the OS refused the write (disk full, ...)."""
+        steps = sorted(self._manager.all_steps())
+        kept = f"Step {step} is not saved; " + (
+            f"the complete steps {steps} are unchanged." if steps else "no step was saved before."
+        )
+        clear = _io_errors.write_error("TrainCheckpointer.save", self.directory, e, kept)
+        if clear is None:
+            raise e
+        raise clear from e
 
     @property
     def latest_step(self) -> int | None:
@@ -645,6 +736,7 @@ class TrainCheckpointer:
           The `ResumeState`.
 
         Raises:
+          FileNotFoundError: no complete step ``step`` (the message lists those there are).
           ValueError: the step is damaged (unreadable files; the message names the step
             and the cause), or it does not fit the templates (another model, config or
             optimizer: other shapes, or for linen params another alpha or rank, i.e.
@@ -652,6 +744,12 @@ class TrainCheckpointer:
         """
         self.wait()
         trainable, rebuild = _trained_part(params)
+        steps = self._manager.all_steps()
+        if step not in steps:
+            raise FileNotFoundError(
+                f"TrainCheckpointer.restore: no step {step} in {self.directory}; the complete "
+                f"steps there are {sorted(steps)} (restore_latest picks the newest)."
+            )
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
@@ -688,16 +786,28 @@ class TrainCheckpointer:
     def _damaged(self, step: int, cause: BaseException) -> _DamagedStep:
         return _DamagedStep(
             f"step {step} in {self.directory} is damaged (a file is missing, truncated or "
-            f"corrupt: {_first_line(cause)})"
+            f"corrupt: {_io_errors.brief(cause)})"
         )
 
     def wait(self) -> None:
-        """Blocks until the save in flight (if any) is complete on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight (if any) is complete on disk.
+
+        Raises:
+          OSError: the save in flight failed for want of space, permission, ...; the
+            message names the step and the steps left on disk.
+        """
+        step, self._in_flight = self._in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._save_failed(step, e)
 
     def close(self) -> None:
-        """Waits for the save in flight, then releases orbax's threads."""
-        self._manager.close()
+        """Waits for the save in flight (raising as `wait` does), then releases orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:
         return self

@@ -17,6 +17,7 @@ ALL_LINEAR = "all-linear"
 LAYER_WEIGHTS = ("kernel", "embedding")
 _INITS = ("kaiming", "gaussian")
 _BIAS_MODES = ("none", "lora_only", "all")
+_QUANTIZE = (None, "nf4", "int8")
 
 
 def path_matches(path: str, pattern: str) -> bool:
@@ -96,6 +97,32 @@ def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _patterns(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
+    patterns = _as_tuple(value)
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(
+            f"LoraConfig: {name} holds {bad!r}, which are not strings; patterns are layer "
+            "paths, globs or 're:' regexes, e.g. ['query', 'value']."
+        )
+    return patterns
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError as e:
+        raise TypeError(
+            f"LoraConfig: dtype={dtype!r} is not a dtype; use e.g. 'float32' or 'bfloat16'."
+        ) from e
+    if not jnp.issubdtype(name, jnp.floating):
+        raise ValueError(
+            f"LoraConfig: dtype={name!r} cannot train (adapters need a floating dtype); use "
+            "e.g. 'float32' or 'bfloat16'."
+        )
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """How to adapt a model with LoRA.
@@ -125,6 +152,13 @@ class LoraConfig:
       modules_to_save: patterns of modules trained in full (e.g. a new head).
       bias: ``"none"``, ``"lora_only"`` (biases of adapted layers train) or ``"all"``.
       dropout_rng: name of the rng stream driving LoRA dropout.
+      quantize: store the frozen base quantized (QLoRA): ``"nf4"`` (4-bit NormalFloat,
+        blocks of 64 along an input axis) or ``"int8"`` (per output channel); None keeps
+        it as it is. Every weight ``"all-linear"`` selects is quantized, adapted or not
+        (embeddings are not); each is dequantized inside the step where it is used.
+      quantize_exclude: patterns of weights kept in float (e.g. ``["lm_head"]``).
+      double_quant: nf4: store the block scales in 8 bits too (QLoRA's double
+        quantization, 4.13 bits per weight instead of 4.5).
     """
 
     rank: int = 8
@@ -140,15 +174,21 @@ class LoraConfig:
     modules_to_save: Sequence[str] = ()
     bias: Literal["none", "lora_only", "all"] = "none"
     dropout_rng: str = "dropout"
+    quantize: Literal["nf4", "int8"] | None = None
+    quantize_exclude: Sequence[str] = ()
+    double_quant: bool = True
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "targets", _as_tuple(self.targets))
-        set_(self, "exclude", _as_tuple(self.exclude))
-        set_(self, "modules_to_save", _as_tuple(self.modules_to_save))
+        set_(self, "targets", _patterns("targets", self.targets))
+        set_(self, "exclude", _patterns("exclude", self.exclude))
+        set_(self, "modules_to_save", _patterns("modules_to_save", self.modules_to_save))
+        set_(self, "quantize_exclude", _patterns("quantize_exclude", self.quantize_exclude))
         set_(self, "rank_pattern", dict(self.rank_pattern))
         set_(self, "alpha_pattern", dict(self.alpha_pattern))
-        set_(self, "dtype", jnp.dtype(self.dtype).name)
+        _patterns("rank_pattern", list(self.rank_pattern))
+        _patterns("alpha_pattern", list(self.alpha_pattern))
+        set_(self, "dtype", _dtype_name(self.dtype))
         set_(self, "rank", _check_rank("rank", self.rank))
         set_(self, "alpha", _check_alpha("alpha", self.alpha))
         set_(
@@ -166,9 +206,14 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}.")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"LoraConfig: unknown bias={self.bias!r}; use one of {_BIAS_MODES}.")
+        if self.quantize not in _QUANTIZE:
+            raise ValueError(
+                f"LoraConfig: unknown quantize={self.quantize!r}; use one of {_QUANTIZE}."
+            )
         if not self.targets:
             raise ValueError('LoraConfig: targets is empty; name layers or use "all-linear".')
-        for pattern in (*self.targets, *self.exclude, *self.rank_pattern, *self.alpha_pattern):
+        patterns = (*self.targets, *self.exclude, *self.quantize_exclude)
+        for pattern in (*patterns, *self.rank_pattern, *self.alpha_pattern):
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])

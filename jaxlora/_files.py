@@ -21,9 +21,11 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
+from jaxlora import _io_errors
 from jaxlora._distributed import from_primary, is_primary, process_flags
 
 _STAGING = ".staging-"
@@ -83,8 +85,16 @@ def _install(new: Path, target: Path, staging: Path) -> None:
     _fsync_dir(target.parent)
 
 
+def _raise(who: str, target: Path, e: BaseException) -> NoReturn:
+    """Raises ``e``, as one clear `OSError` if it comes from the OS (disk full, ...)."""
+    clear = _io_errors.write_error(who, target, e, "What was there is unchanged.")
+    if clear is None:
+        raise e
+    raise clear from e
+
+
 @contextlib.contextmanager
-def replacing(target: str | os.PathLike) -> Iterator[Path]:
+def replacing(target: str | os.PathLike, *, who: str) -> Iterator[Path]:
     """Yields a path to write the new version of ``target`` to; installs it on success.
 
     With several JAX processes, every process must enter it with the same ``target``
@@ -99,6 +109,8 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
 
     Args:
       target: the directory to create or replace.
+      who: the saving function, for the message of an OS failure (disk full, no
+        permission, ...), which is raised as one clear `OSError` naming ``target``.
 
     Yields:
       A path that does not exist yet, on the same filesystem as ``target``, the same on
@@ -107,7 +119,10 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
       left untouched and the partial write is deleted.
     """
     target = Path(target).absolute()
-    staging = _make_staging(target)
+    try:
+        staging = _make_staging(target)
+    except Exception as e:
+        _raise(who, target, e)
     new = staging / target.name
     error = None
     try:
@@ -123,7 +138,7 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
         if is_primary():
             shutil.rmtree(staging, ignore_errors=True)
         if error is not None:
-            raise error
+            _raise(who, target, error)
         raise RuntimeError(
             f"process(es) {failed} failed to write their part of {target}, which is left as "
             "it was; see their error."
@@ -140,7 +155,7 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
             _remove_stale_staging(target)
     if from_primary(np.int32(failure is not None)):  # also waits for process 0 to finish
         if failure is not None:
-            raise failure
+            _raise(who, target, failure)
         raise RuntimeError(
             f"process 0 could not install the new version of {target}; see its error."
         )

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora._quantize import is_quantized
+
 _SAMPLE = 1 << 16  # at most this many elements of a kernel are read for its fingerprint
 _GOLDEN = 0x9E3779B9
 
@@ -80,19 +82,28 @@ def _sample_hash(kernel: jax.Array, steps: tuple[int, ...]) -> jax.Array:
     return _hash_bits(bits.astype(jnp.uint32))
 
 
+def storage(fingerprint: str) -> str:
+    """How the weight a fingerprint was taken of is stored: ``"float"``, ``"nf4"``, ``"int8"``."""
+    return fingerprint.partition(":")[0] if ":" in fingerprint else "float"
+
+
 def kernel_fingerprint(kernel: Any) -> str:
     """A cheap fingerprint of a base kernel's content (8 hex digits).
 
     Reads at most ``2**16`` elements, evenly strided along every axis, rounded to
     bfloat16, so a float32 kernel and its bfloat16 cast agree; computed where the kernel
-    lives (sharded or not) and the same for any sharding.
+    lives (sharded or not) and the same for any sharding. A weight stored quantized is
+    fingerprinted by its codes, prefixed with its format (``"nf4:1a2b3c4d"``): it can be
+    compared with weights stored the same way only (see `storage`).
 
     Args:
-      kernel: the base weight, any shape.
+      kernel: the base weight, any shape, or a `QuantizedArray`.
 
     Returns:
       The fingerprint.
     """
+    if is_quantized(kernel):
+        return f"{kernel.format}:{kernel_fingerprint(kernel.codes)}"
     per_axis = max(1, math.floor(_SAMPLE ** (1 / max(kernel.ndim, 1))))
     steps = tuple(max(1, -(-n // per_axis)) for n in kernel.shape)
     return _hex(_sample_hash(kernel, steps))

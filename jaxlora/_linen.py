@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _rewrite, _sharding, _targeting
+from jaxlora import _quantized_base, _rewrite, _sharding, _targeting
 from jaxlora._config import LoraConfig, format_paths, path_matches
 from jaxlora._tree import (
     LoraAdapter,
@@ -159,6 +159,12 @@ def lorafy(
         adapter = make_adapter(c, subtree(adapted, c.module)[c.weight], config, key, rank_axis)
         adapted = replace_at(adapted, c.module, functools.partial(_with_adapter, c.weight, adapter))
     adapted = _mark_full_training(adapted, config, [c.module for c in selected])
+    adapted = _quantized_base.quantize_weights(
+        adapted,
+        _quantized_base.chosen(config, found),
+        config.quantize,
+        double_quant=config.double_quant,
+    )
     not_adapted = tuple(_targeting.not_adapted(found, selected).items())
     lora_model = LoraModel(model, config, not_adapted)
     return lora_model, rebuild(adapted)
@@ -181,6 +187,13 @@ class LoraModel:
     model: Any
     config: LoraConfig
     not_adapted: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.config, LoraConfig):
+            raise TypeError(
+                f"LoraModel: config is a {type(self.config).__name__}, not a LoraConfig; pass "
+                "the config the params were adapted with (load_adapter returns it)."
+            )
 
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.apply`` with the adapters active. Same arguments, same return value."""

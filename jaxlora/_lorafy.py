@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora import _bank, _bank_nnx, _linen, _nnx, _tree
@@ -111,15 +112,22 @@ def lorafy(
     return _linen.lorafy(model, params, config, *inputs, key=key, rank_axis=rank_axis, **kwargs)
 
 
-def merge(adapted: Any, adapters: str | Sequence[str] | None = None) -> Any:
+def merge(
+    adapted: Any, dtype: Any = jnp.bfloat16, *, adapters: str | Sequence[str] | None = None
+) -> Any:
     """Folds every adapter into its kernel, ``W + scale · A ⊗ B``, for zero-overhead inference.
 
     Pure: the adapted tree or module is left as it was. Accumulates in float32 and keeps
-    each kernel's dtype; jit-able on linen trees.
+    each kernel's dtype; jit-able on linen trees. A base stored quantized
+    (``LoraConfig(quantize=...)``) comes out dense in ``dtype``: each weight is
+    ``dequantize(W) + scale · A ⊗ B`` in float32, rounded once to ``dtype`` (relative
+    error at most 2⁻⁹ in bfloat16, none in float32, against the adapted model's weights).
 
     Args:
       adapted: an adapted linen tree (params collection or variables dict) or NNX module,
         or an `AdapterBank`.
+      dtype: the dtype of weights stored quantized once merged (bfloat16 by default;
+        float32 reproduces the adapted model's weights exactly).
       adapters: for a bank, the name(s) of the adapters to fold (their ΔW add up).
 
     Returns:
@@ -130,12 +138,12 @@ def merge(adapted: Any, adapters: str | Sequence[str] | None = None) -> Any:
       >>> model.apply({"params": merged}, x)  # equals lora_model.apply(...)
     """
     if isinstance(adapted, nnx.Module):
-        return _nnx.merge(adapted)
+        return _nnx.merge(adapted, dtype)
     if isinstance(adapted, _bank.AdapterBank):
         if adapters is None:
             raise TypeError(f"merge(bank, adapters=...): name the adapters, among {adapted.names}.")
-        return _bank.merge(adapted, adapters)
-    return _tree.merge(adapted)
+        return _bank.merge(adapted, adapters, dtype)
+    return _tree.merge(adapted, dtype)
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:
@@ -147,6 +155,10 @@ def unmerge(merged: Any, adapted: Any) -> Any:
 
     Returns:
       An adapted tree/module like ``adapted``, with its other weights taken from ``merged``.
+
+    Raises:
+      ValueError: (linen) ``merged`` still holds adapters or equals the base where an
+        adapter is not zero (never merged), or ``adapted`` holds no adapters.
     """
     if isinstance(adapted, nnx.Module):
         return _nnx.unmerge(merged, adapted)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import _layout, _rewrite, _targeting
+from jaxlora import _layout, _quantize, _quantized_base, _rewrite, _targeting
 from jaxlora._config import LoraConfig, adapter_name, format_paths, path_matches
 from jaxlora._nnx_wrappers import (
     APPLIED_USES,
@@ -139,6 +139,7 @@ def lorafy(
     else:
         _warn_untraced(module, builtin)
     selected = _targeting.select(config, found)
+    quantized = _quantize_weights(module, config, found)
     key = rngs.params()
     owners: dict[str, list[_targeting.Candidate]] = {}
     for c in selected:
@@ -180,11 +181,40 @@ def lorafy(
             for c in cands
         }
         _set_child(module, path, LoraModule(base, adapters, config=config, rngs=rngs, path=owner))
+    adapted_layers = {c.module for c in selected if c.module in builtin}
+    for owner in sorted(set(quantized) - adapted_layers - set(owners), key=lambda p: -p.count("/")):
+        # a layer stored quantized and not adapted reads its weights through the rewrite too
+        path = _path_of(module, owner)
+        _set_child(
+            module, path, LoraModule(_child(module, path), {}, config=config, rngs=rngs, path=owner)
+        )
     if owners:
         _check_every_use_applied(module, inputs, kwargs, [c for cs in owners.values() for c in cs])
     _mark_full_training(module, config)
     module.jaxlora_not_adapted = tuple(_targeting.not_adapted(found, selected).items())
     return module
+
+
+def _quantize_weights(
+    module: nnx.Module, config: LoraConfig, found: list[_targeting.Candidate]
+) -> list[str]:
+    """Stores the weights ``config.quantize`` chooses quantized, in place; their modules' paths."""
+    owners = []
+    for owner, weight, contracted in _quantized_base.chosen(config, found):
+        var = getattr(_child(module, _path_of(module, owner)), weight)
+        if not _quantize.is_quantized(var.get_value()):
+            name = adapter_name(owner, weight)
+            var.set_value(
+                _quantized_base.quantize_array(
+                    var.get_value(),
+                    config.quantize,
+                    contracted,
+                    double_quant=config.double_quant,
+                    name=name,
+                )
+            )
+        owners.append(owner)
+    return owners
 
 
 def _check_every_use_applied(
@@ -255,7 +285,11 @@ def _child(root: Any, path: tuple) -> Any:
 
 
 def _mark_full_training(module: nnx.Module, config: LoraConfig) -> None:
-    wrapped = {path for path, _ in _modules(module, (LoraLayer, LoraModule))}
+    wrapped = {
+        path
+        for path, w in _modules(module, (LoraLayer, LoraModule))
+        if not isinstance(w, LoraModule) or w.adapters  # not a quantized layer's wrapper
+    }
     for pattern in config.modules_to_save:
         matched = [
             (p, m) for p, m in nnx.iter_modules(module) if p and path_matches(_path_str(p), pattern)
@@ -307,13 +341,17 @@ def adapted_weights(module: nnx.Module) -> list[tuple[str, nnx.Variable, Any]]:
     return out
 
 
-def _fold(module: nnx.Module, sign: float) -> None:
+def _fold(module: nnx.Module, sign: float, dtype: Any = None) -> None:
     for _, weight, adapter in adapted_weights(module):
-        w = weight[...]
-        weight[...] = (w.astype(jnp.float32) + sign * adapter.delta_weight()).astype(w.dtype)
+        w = weight.get_value()
+        if _quantize.is_quantized(w):
+            merged = _quantize.dequantize(w, jnp.float32) + sign * adapter.delta_weight()
+            weight.set_value(merged.astype(dtype))
+        else:
+            weight[...] = (w.astype(jnp.float32) + sign * adapter.delta_weight()).astype(w.dtype)
 
 
-def merge(module: nnx.Module) -> nnx.Module:
+def merge(module: nnx.Module, dtype: Any = jnp.bfloat16) -> nnx.Module:
     """A copy of ``module`` with each adapter folded into its weight and the wrappers gone."""
     merged = nnx.clone(module)
     wrappers = list(_modules(merged, _WRAPPERS))
@@ -321,11 +359,14 @@ def merge(module: nnx.Module) -> nnx.Module:
         raise ValueError(
             "merge: this module holds no LoRA layers. Pass the module adapted by jaxlora.lorafy."
         )
-    _fold(merged, +1.0)
+    _fold(merged, +1.0, dtype)
     for path, wrapper in wrappers:
         _set_child(merged, path, wrapper.base)
     for _, layer in nnx.iter_modules(merged):
         _retype_all(layer, TrainableParam, nnx.Param)
+    for _, var in nnx.iter_graph(merged):
+        if isinstance(var, nnx.Variable) and _quantize.is_quantized(var.get_value()):
+            var.set_value(_quantize.dequantize(var.get_value(), dtype))
     return merged
 
 
@@ -342,6 +383,15 @@ def unmerge(merged: nnx.Module, adapted: nnx.Module) -> nnx.Module:
         raise ValueError(
             "unmerge: the first module holds LoRA layers, so it was never merged; pass the "
             "module that jaxlora.merge returned."
+        )
+    if any(
+        isinstance(v, nnx.Variable) and _quantize.is_quantized(v.get_value())
+        for _, v in nnx.iter_graph(adapted)
+    ):
+        raise ValueError(
+            "unmerge: the adapted module's base is stored quantized, and merge returned it "
+            "dequantized: subtracting the adapters would not give the stored codes back. "
+            "merge is pure: keep using the adapted module you merged."
         )
     out = nnx.clone(adapted)
     wrapped = {path for path, _ in _modules(out, _WRAPPERS)}

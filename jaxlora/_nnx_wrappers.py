@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxlora import _layout, _rewrite, _sharding
 from jaxlora._config import LoraConfig, adapter_name
+from jaxlora._quantize import is_quantized
 from jaxlora._views import factors_for
 
 
@@ -92,7 +93,10 @@ class LoraLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The base layer's output plus the adapter's; same arguments as the base."""
-        y = self.base(x, *args, **kwargs)
+        if holds_quantized(self.base):  # its kernel is dequantized where it is used
+            y = rewritten_call(self.base, "__call__", (x, *args), kwargs, {})
+        else:
+            y = self.base(x, *args, **kwargs)
         a, b = self.lora_a[...], self.lora_b[...]
         if isinstance(self.base, nnx.Embed):
             delta = functools.partial(_layout.embed_delta, scale=self.scale)
@@ -216,13 +220,6 @@ class LoraModule(nnx.Module):
 
     def call_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``base.<method>(*args, **kwargs)`` with the adapters active."""
-        graphdef, state = nnx.split(self.base)
-
-        def run(state, *call_args, **call_kwargs):
-            module = nnx.merge(graphdef, state)
-            out = getattr(module, method)(*call_args, **call_kwargs)
-            return out, nnx.state(module)
-
         counts = APPLIED_USES.get()
         applied: dict[str, int] = {}
         factors = {
@@ -235,12 +232,12 @@ class LoraModule(nnx.Module):
             )
             for weight, adapter in self.adapters.items()
         }
-        out, new_state = _rewrite.call(
-            run,
-            state,
-            factors,
+        out = rewritten_call(
+            self.base,
+            method,
             args,
             kwargs,
+            factors,
             dropout=0.0 if self.dropout is None else self.dropout.rate,
             key=self._dropout_key(),
             applied=applied,
@@ -248,9 +245,44 @@ class LoraModule(nnx.Module):
         if counts is not None:
             for weight, n in applied.items():
                 counts[adapter_name(self.jaxlora_path, weight)] += n
-        # Write back only what the method changed (a cache, a counter): an unchanged
-        # variable may belong to an outer trace that must not be written from this one.
-        old, new = jax.tree.leaves(state), jax.tree.leaves(new_state)
-        if any(a is not b for a, b in zip(old, new, strict=True)):
-            nnx.update(self.base, new_state)
         return out
+
+
+def holds_quantized(module: nnx.Module) -> bool:
+    """Whether a variable of ``module``'s own (not a submodule's) is stored quantized."""
+    return any(
+        isinstance(v, nnx.Variable) and is_quantized(v.get_value()) for v in vars(module).values()
+    )
+
+
+def rewritten_call(
+    base: nnx.Module,
+    method: str,
+    args: tuple,
+    kwargs: dict,
+    factors: dict[str, Any],
+    *,
+    dropout: float = 0.0,
+    key: jax.Array | None = None,
+    applied: dict[str, int] | None = None,
+) -> Any:
+    """``base.<method>(*args, **kwargs)`` through jaxlora's rewrite of its traced program:
+    ``factors`` added where their weights are used, weights stored quantized dequantized
+    there (see `_rewrite.call`)."""
+    graphdef, state = nnx.split(base)
+
+    def run(state, *call_args, **call_kwargs):
+        module = nnx.merge(graphdef, state)
+        out = getattr(module, method)(*call_args, **call_kwargs)
+        return out, nnx.state(module)
+
+    out, new_state = _rewrite.call(
+        run, state, factors, args, kwargs, dropout=dropout, key=key, applied=applied
+    )
+    # Write back only what the method changed (a cache, a counter): an unchanged
+    # variable may belong to an outer trace that must not be written from this one.
+    old = jax.tree.leaves(state, is_leaf=is_quantized)
+    new = jax.tree.leaves(new_state, is_leaf=is_quantized)
+    if any(a is not b for a, b in zip(old, new, strict=True)):
+        nnx.update(base, new_state)
+    return out

@@ -211,7 +211,7 @@ def write(target: Path, peft_config: dict[str, Any], tensors: dict[str, np.ndarr
             f"export_peft: {target} exists and holds {foreign or 'a file'}, not just a PEFT "
             "adapter; refusing to replace it. Export to a new directory."
         )
-    with _files.replacing(target) as new:
+    with _files.replacing(target, who="export_peft") as new:
         if is_primary():  # process 0 writes the files for every process
             _write_files(new, target, peft_config, tensors)
 

@@ -223,6 +223,11 @@ class _ModuleMaps(Mapping[str, ModuleMap]):
         self._maps = dict(maps)
 
     def __getitem__(self, name: str) -> ModuleMap:
+        if name not in self._maps:
+            raise KeyError(
+                f"peft_module_maps has no map {name!r}; it has {sorted(self._maps)}. For "
+                "another model, pass module_map=jaxlora.peft_module_map(...) or a function."
+            )
         return self._maps[name]
 
     def __iter__(self) -> Iterator[str]:

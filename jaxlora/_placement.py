@@ -13,7 +13,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import _nnx
 from jaxlora._config import path_matches
-from jaxlora._sharding import AxisEntry, concrete_sharding, entry_axes, mesh_axes_size
+from jaxlora._quantize import is_quantized
+from jaxlora._sharding import (
+    AxisEntry,
+    concrete_sharding,
+    divisible_spec,
+    entry_axes,
+    mesh_axes_size,
+)
 from jaxlora._tree import PyTree, adapter_at, iter_adapters, params_of, path_str
 
 LogicalRules = Sequence[tuple[str, AxisEntry]]
@@ -101,7 +108,7 @@ def shard_params(
     if rules is not None:
         _check_rules(rules, mesh)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, meta.Partitioned)
+        params, is_leaf=lambda x: isinstance(x, meta.Partitioned) or is_quantized(x)
     )
     placed = []
     for key_path, leaf in leaves:
@@ -109,9 +116,21 @@ def shard_params(
         spec = _leaf_spec(path, leaf, specs, rules)
         value = leaf.value if isinstance(leaf, meta.Partitioned) else leaf
         _check_spec(path, tuple(value.shape), spec, mesh)
-        value = jax.device_put(value, NamedSharding(mesh, spec))
+        value = _place(value, mesh, spec)
         placed.append(leaf.replace(value=value) if isinstance(leaf, meta.Partitioned) else value)
     return jax.tree.unflatten(treedef, placed)
+
+
+def _place(value: Any, mesh: Mesh, spec: PartitionSpec) -> Any:
+    """``value`` on ``mesh`` by ``spec``; a quantized weight's codes and scales by its spec,
+    axes they are too short to split replicated."""
+    if not is_quantized(value):
+        return jax.device_put(value, NamedSharding(mesh, spec))
+    full = (*spec, *(None,) * (value.ndim - len(spec)))
+    return jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, divisible_spec(x.shape, full, mesh))),
+        value,
+    )
 
 
 def _spec(value: Any) -> PartitionSpec:

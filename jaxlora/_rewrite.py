@@ -31,7 +31,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora import _mixed, _rows, _uses
+from jaxlora import _lazy_weights, _mixed, _rows, _uses
 from jaxlora._views import Factors, Unsupported, View
 
 _PASS_THROUGH = frozenset(
@@ -94,6 +94,15 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _bind_any(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+    """`_bind`, where a quantized weight is dequantized only in the operation consuming it."""
+    return _lazy_weights.bind(eqn, list(invals), _bind)
+
+
+def _dense(values: Sequence[Any]) -> list[Any]:
+    return [_lazy_weights.materialize(x) for x in values]
+
+
 def _view_op(eqn: Any, view: View) -> list[View]:
     """The views of an operation's outputs that only re-view its (single) weight operand."""
     name, p = eqn.primitive.name, eqn.params
@@ -125,7 +134,7 @@ def _view_op(eqn: Any, view: View) -> list[View]:
 
 def _use(walk: _Walk, eqn: Any, invals: list, views: list[View | None]) -> list[Any]:
     """A contraction or lookup of a weight: recorded, and adapted in the forward pass."""
-    (out,) = _bind(eqn, invals)
+    (out,) = _bind_any(eqn, invals)
     weights = [i for i, v in enumerate(views) if v is not None]
     name = eqn.primitive.name
     if len(weights) != 1 or (name == "gather" and weights != [0]):
@@ -173,7 +182,7 @@ def _remat(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list
         for v in out_views:
             if v is not None:
                 walk.problem(v, "it is returned from a rematerialised (remat) function")
-        return outs
+        return _dense(outs)
 
     factors = [(views[i].factors.a, views[i].factors.b) for i in adapted]
     outs = jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(invals, factors)
@@ -211,14 +220,16 @@ def _scan(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list]
             for i, v in enumerate(step_views)
         ]
         inner = dataclasses.replace(walk, key=key, counter=0)
+        xs_vals = [_lazy_weights.from_scan(x) for x in xs_vals]
         args = [*invals[:n_consts], *carry, *xs_vals]
-        outs, _ = _eval(inner, closed.jaxpr, closed.consts, args, views)
+        outs = _dense(_eval(inner, closed.jaxpr, closed.consts, args, views)[0])
         return outs[:n_carry], outs[n_carry:]
 
+    xs = [_lazy_weights.for_scan(x) for x in invals[n_consts + n_carry :]]
     carry, ys = lax.scan(
         body,
-        invals[n_consts : n_consts + n_carry],
-        (invals[n_consts + n_carry :], stepped, keys),
+        _dense(invals[n_consts : n_consts + n_carry]),
+        (xs, stepped, keys),
         length=p["length"],
         reverse=p["reverse"],
         unroll=p["unroll"],
@@ -268,7 +279,7 @@ def _eval(
 
 def _eval_eqn(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list]:
     name = eqn.primitive.name
-    if all(v is None for v in views):
+    if all(v is None for v in views) and not _lazy_weights.any_lazy(invals):
         outs = _bind(eqn, invals)
         return outs, [None] * len(outs)
     if name in _uses.CONTRACTIONS:
@@ -280,8 +291,10 @@ def _eval_eqn(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, l
         return _remat(walk, eqn, invals, views)
     if name == "scan":
         return _scan(walk, eqn, invals, views)
-    outs = _bind(eqn, invals)
+    outs = _bind_any(eqn, invals)
     weights = [v for v in views if v is not None]
+    if not weights:  # a quantized weight without adapter, deferred or dequantized
+        return outs, [None] * len(outs)
     if name in ("mul", "div") and len(weights) == 1 and views[0] is not None:
         factor = invals[1]
         if jnp.size(factor) == 1:  # a weight scaled by a constant: scale the adapter too
@@ -339,7 +352,7 @@ def _trace(fn: Callable, weights: Any, args: tuple, kwargs: dict):
         return fn(weights, *call_args, **call_kwargs)
 
     closed, out_shape = jax.make_jaxpr(run, return_shape=True)(weights, dynamic)
-    inputs = [x for x in jax.tree.leaves((weights, dynamic))]
+    inputs = list(jax.tree.leaves((weights, dynamic)))
     return closed, inputs, jax.tree.structure(out_shape), len(jax.tree.leaves(weights))
 
 
@@ -354,6 +367,7 @@ def discover(fn: Callable, weights: Any, args: tuple, kwargs: dict) -> dict[str,
     Returns:
       ``{path: Seen}`` for every weight that reaches a contraction or lookup.
     """
+    weights = _lazy_weights.abstract(weights)
     closed, inputs, _, n_weights = _trace(fn, weights, args, kwargs)
     paths = weight_paths(weights)
     leaves = jax.tree.leaves(weights)
@@ -393,7 +407,10 @@ def call(
     Returns:
       What ``fn`` returns.
     """
+    stored = weights
+    weights = _lazy_weights.abstract(weights)
     closed, inputs, out_tree, n_weights = _trace(fn, weights, args, kwargs)
+    inputs[:n_weights] = _lazy_weights.lazy_leaves(stored)
     paths = weight_paths(weights)
     leaves = jax.tree.leaves(weights)
     views: list[View | None] = [
@@ -408,6 +425,7 @@ def call(
         rows = _rows.analyse(closed.jaxpr, [None] * n_weights + arg_rows, batch_rows)
     walk = _Walk(seen, dropout=dropout, key=key, rows=rows)
     outs, _ = _eval(walk, closed.jaxpr, closed.consts, inputs, views)
+    outs = [_lazy_weights.returned(x) for x in outs]
     for path, s in seen.items():
         if s.problems:
             why = s.problems[0]

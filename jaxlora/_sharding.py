@@ -23,6 +23,7 @@ from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlora import _layout
+from jaxlora._quantize import is_quantized
 
 AxisEntry = str | tuple[str, ...] | None
 
@@ -112,12 +113,31 @@ def mesh_axes_size(mesh: Any, axes: Sequence[str], *, where: str, fix: str) -> i
     return math.prod(mesh.shape[ax] for ax in axes)
 
 
+def divisible_spec(shape: Sequence[int], spec: Sequence[Any], mesh: Any) -> PartitionSpec:
+    """``spec`` (one entry per axis) for an array of ``shape``, each axis that its mesh axes
+    do not divide replicated: a quantized weight's scales follow its spec where they can."""
+
+    def size(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(mesh.shape[n] for n in names if n is not None)
+
+    return PartitionSpec(
+        *(
+            e if e is not None and n % size(e) == 0 else None
+            for e, n in zip(spec, shape, strict=True)
+        )
+    )
+
+
 def _is_concrete(x: Any) -> bool:
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
 def concrete_sharding(x: Any) -> NamedSharding | None:
-    """The `NamedSharding` of a concrete array (not a tracer), else None."""
+    """The `NamedSharding` of a concrete array (not a tracer), else None. A weight stored
+    quantized is placed like its codes, which have its rank and spec."""
+    if is_quantized(x):
+        x = x.codes
     sharding = x.sharding if _is_concrete(x) else None
     return sharding if isinstance(sharding, NamedSharding) else None
 

@@ -15,6 +15,7 @@ from flax.core import meta
 from jaxlora import _nnx
 from jaxlora._bank import AdapterBank, bank_of
 from jaxlora._linen import LoraModel
+from jaxlora._quantize import is_quantized
 from jaxlora._tree import PyTree, adapter_at, iter_adapters, split
 
 
@@ -43,12 +44,15 @@ class Summary:
       total_params: all parameters, adapters included.
       not_adapted: ``(name, why)`` of each weight the model contracts or looks up that got
         no adapter: not targeted, an embedding not named, or a use jaxlora cannot follow.
+      base: how the frozen base is stored when part of it is quantized (its formats and
+        bits per weight), else "".
     """
 
     layers: tuple[LayerSummary, ...]
     trainable_params: int
     total_params: int
     not_adapted: tuple[tuple[str, str], ...] = ()
+    base: str = ""
 
     @property
     def trainable_fraction(self) -> float:
@@ -89,6 +93,8 @@ class Summary:
                 f"  {name}: {why}" + (f" ({count} layers)" if count > 1 else "")
                 for (name, why), count in seen
             ]
+        if self.base:
+            lines.append(self.base)
         lines.append(
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,}"
             f" || trainable%: {100 * self.trainable_fraction:.4f}"
@@ -119,7 +125,20 @@ def _grouped(items: Iterable[tuple[str, Any, Any]]) -> list[tuple[tuple[str, Any
 
 
 def _size(tree: PyTree) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(meta.unbox(tree)))
+    """Parameters of ``tree``; a weight stored quantized counts its dense elements (a split
+    tree's frozen side of it, codes None, counts none)."""
+    leaves = jax.tree.leaves(meta.unbox(tree), is_leaf=is_quantized)
+    return sum(math.prod(x.shape) for x in leaves if not is_quantized(x) or x.codes is not None)
+
+
+def _base(tree: PyTree) -> str:
+    """``"base: 12 weights stored nf4 (...), 4.13 bits per weight"``, or "" if none is."""
+    stored = [x for x in jax.tree.leaves(meta.unbox(tree), is_leaf=is_quantized) if is_quantized(x)]
+    if not stored:
+        return ""
+    bits = 8 * sum(q.nbytes for q in stored) / sum(math.prod(q.shape) for q in stored)
+    formats = ", ".join(sorted({q.describe() for q in stored}))
+    return f"base: {len(stored)} weights stored {formats}, {bits:.2f} bits per weight"
 
 
 def _layer_summary(path, weight, a, b, scale) -> LayerSummary:
@@ -140,8 +159,8 @@ def _nnx_summary(module: nnx.Module) -> Summary:
         for name, weight, adapter in _nnx.adapted_weights(module)
     )
     trainable = nnx.state(module, _nnx.TrainableParam)
-    total = _size(nnx.state(module, nnx.Param))
-    return Summary(layers, _size(trainable), total, _nnx.not_adapted(module))
+    params = nnx.state(module, nnx.Param)
+    return Summary(layers, _size(trainable), _size(params), _nnx.not_adapted(module), _base(params))
 
 
 def _bank_summary(bank: AdapterBank) -> Summary:
@@ -153,7 +172,7 @@ def _bank_summary(bank: AdapterBank) -> Summary:
     order = list(dict.fromkeys(layer.path for layer in rows))
     rows.sort(key=lambda layer: order.index(layer.path))
     trainable, _ = split(bank)
-    return Summary(tuple(rows), _size(trainable), _size(bank))
+    return Summary(tuple(rows), _size(trainable), _size(bank), (), _base(bank.base))
 
 
 def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -> Summary:
@@ -186,4 +205,4 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
     )
     trainable, _ = split(inner)
     not_adapted = () if lora_model is None else lora_model.not_adapted
-    return Summary(layers, _size(trainable), _size(inner), not_adapted)
+    return Summary(layers, _size(trainable), _size(inner), not_adapted, _base(inner))

@@ -94,6 +94,14 @@ def _check_something_trains(mask: PyTree, who: str) -> None:
         )
 
 
+def _check_tx(tx: Any, who: str) -> None:
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(
+            f"{who}: tx is a {type(tx).__name__}, not an optax transformation; pass one "
+            "such as optax.adamw(1e-4)."
+        )
+
+
 def optimizer(
     tx: optax.GradientTransformation, params: PyTree, mask: PyTree | None = None
 ) -> optax.GradientTransformation:
@@ -110,6 +118,7 @@ def optimizer(
         leaf, or a prefix of ``params`` whose bools hold for whole subtrees.
 
     Raises:
+      TypeError: ``tx`` is not an optax transformation.
       ValueError: nothing in ``params`` trains (e.g. merged params), or a mask that does
         not fit ``params``.
 
@@ -119,6 +128,7 @@ def optimizer(
       On sharded params, ``init`` gives each moment its param's sharding and replicates
       the step counts over the params' mesh.
     """
+    _check_tx(tx, "jaxlora.optimizer")
     mask = trainable_mask(params) if mask is None else _full_mask(mask, params)
     split(params, mask)  # validates the mask
     _check_something_trains(mask, "jaxlora.optimizer")
@@ -320,7 +330,8 @@ def make_train_step(
         diverged, and `save_adapter` will refuse its non-finite adapters).
 
     Raises:
-      TypeError: (at the first call) ``loss_fn`` returns other than ``has_aux`` says, or
+      TypeError: ``loss_fn`` is not callable or ``tx`` not an optax transformation; (at
+        the first call) ``loss_fn`` returns other than ``has_aux`` says, or
         a loss that is not a scalar.
       ValueError: (at a call) ``opt_state`` was not made for these params (the message
         lists the differences), or ``tx``'s mask trains leaves the params freeze.
@@ -338,6 +349,12 @@ def make_train_step(
       >>> step.skipped(opt_state)
       0
     """
+    if not callable(loss_fn):
+        raise TypeError(
+            f"make_train_step: loss_fn is a {type(loss_fn).__name__}, not a function; pass "
+            "loss_fn(params, batch, *args) -> loss."
+        )
+    _check_tx(tx, "make_train_step")
     optimizer_mask = _OPTIMIZER_MASKS.get(tx.update)
     if skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=max_consecutive_skips)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _layout
+from jaxlora import _layout, _quantize
 from jaxlora._config import LAYER_WEIGHTS, adapter_name
 from jaxlora._views import Factors, factors_for
 
@@ -210,6 +210,16 @@ def trainable_mask(params: PyTree) -> PyTree:
     """
 
     def node_mask(node):
+        if isinstance(node, Trainable) and any(
+            _quantize.is_quantized(x)
+            for x in jax.tree.leaves(node.value, is_leaf=_quantize.is_quantized)
+        ):
+            raise ValueError(
+                "a leaf marked jaxlora.Trainable is stored quantized: a quantized weight is "
+                "frozen (its codes have no gradient). Keep the module in float with "
+                "LoraConfig(quantize_exclude=[...]) to train it in full, or leave it out of "
+                "modules_to_save."
+            )
         return jax.tree.map(lambda _: _is_marked(node), node)
 
     return jax.tree.map(node_mask, params, is_leaf=_is_param_leaf)
@@ -246,11 +256,34 @@ def split(params: PyTree, mask: PyTree | None = None) -> tuple[PyTree, PyTree]:
     return trainable, frozen
 
 
+def _leaf_paths(tree: PyTree) -> set[str]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
+    return {path_str(k) for k, _ in leaves}
+
+
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
-    """Inverse of `split`."""
-    return jax.tree.map(
-        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
-    )
+    """Inverse of `split`.
+
+    Raises:
+      ValueError: the two trees are not the halves of one split (the message names the
+        leaves only one of them has).
+    """
+    try:
+        return jax.tree.map(
+            lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+        )
+    except ValueError as e:
+        t_paths, f_paths = _leaf_paths(trainable), _leaf_paths(frozen)
+        only = [f"{p}: only in trainable" for p in sorted(t_paths - f_paths)]
+        only += [f"{p}: only in frozen" for p in sorted(f_paths - t_paths)]
+        if not only:
+            raise
+        shown = "".join(f"\n  {line}" for line in only[:20])
+        more = f"\n  ... and {len(only) - 20} more" if len(only) > 20 else ""
+        raise ValueError(
+            f"combine: trainable and frozen are not the two halves of one split:{shown}{more}"
+            "\nPass the two trees jaxlora.split returned for the same params."
+        ) from e
 
 
 def rebox(old: Any, new: Any) -> Any:
@@ -258,13 +291,25 @@ def rebox(old: Any, new: Any) -> Any:
     return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
-def _merged_weight(layer: Mapping[str, Any], weight: str, sign: float) -> Any:
+def _merged_weight(layer: Mapping[str, Any], weight: str, sign: float, dtype: Any) -> Any:
     adapter = adapter_at(layer, weight)
     w = meta.unbox(layer[weight])
     delta = _layout.delta_weight(
         meta.unbox(adapter.a), meta.unbox(adapter.b), adapter.delta_eq, sign * adapter.scale
     )
+    if _quantize.is_quantized(w):
+        merged = _quantize.dequantize(w, jnp.float32) + delta
+        return rebox(layer[weight], merged.astype(dtype))
     return rebox(layer[weight], (w.astype(jnp.float32) + delta).astype(w.dtype))
+
+
+def dequantized(tree: PyTree, dtype: Any) -> PyTree:
+    """``tree`` with every weight stored quantized replaced by its dense value in ``dtype``."""
+    return jax.tree.map(
+        lambda x: _quantize.dequantize(x, dtype) if _quantize.is_quantized(x) else x,
+        tree,
+        is_leaf=_quantize.is_quantized,
+    )
 
 
 def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTree:
@@ -275,8 +320,10 @@ def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTr
     return {k: _map_layers(v, fn) for k, v in tree.items()}
 
 
-def merge(params: PyTree) -> PyTree:
-    """Plain params with every adapter folded into its kernel (see `jaxlora.merge`)."""
+def merge(params: PyTree, dtype: Any = jnp.bfloat16) -> PyTree:
+    """Plain params with every adapter folded into its kernel (see `jaxlora.merge`).
+
+    Weights stored quantized come out dense in ``dtype``, adapted or not."""
     inner, rebuild = params_of(params)
     if not has_adapters(inner):
         raise ValueError(
@@ -288,11 +335,11 @@ def merge(params: PyTree) -> PyTree:
         out = dict(layer)
         for key in _adapter_keys(layer):
             weight = _adapted_weight(layer, key)
-            out[weight] = _merged_weight(layer, weight, +1.0)
+            out[weight] = _merged_weight(layer, weight, +1.0, dtype)
             del out[key]
         return out
 
-    return rebuild(unwrap_trainable(_map_layers(inner, fold)))
+    return rebuild(dequantized(unwrap_trainable(_map_layers(inner, fold)), dtype))
 
 
 def _check_was_merged(merged: PyTree, adapted: PyTree) -> None:
@@ -324,6 +371,25 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             "unmerge: the first argument holds LoRA adapters, so it was never merged; pass "
             "the plain params that jaxlora.merge returned."
         )
+    if not has_adapters(adapted_inner):
+        raise ValueError(
+            "unmerge: the second argument holds no LoRA adapters, so there is nothing to "
+            "subtract; pass the adapted tree that was given to jaxlora.merge."
+        )
+    quantized = [
+        path_str(k)
+        for k, x in jax.tree_util.tree_leaves_with_path(
+            adapted_inner, is_leaf=_quantize.is_quantized
+        )
+        if _quantize.is_quantized(x)
+    ]
+    if quantized:
+        raise ValueError(
+            f"unmerge: the adapted tree's base is stored quantized ({quantized[0]!r} and "
+            f"{len(quantized) - 1} more), and merge returned it dequantized: subtracting the "
+            "adapters would not give the stored codes back. merge is pure: keep using the "
+            "adapted tree you merged."
+        )
     _check_was_merged(merged_inner, adapted_inner)
 
     def restore(m, a, path):
@@ -345,7 +411,7 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             out[key] = a[key]
         for key in keys:
             weight = _adapted_weight(a, key)
-            out[weight] = _merged_weight(out, weight, -1.0)
+            out[weight] = _merged_weight(out, weight, -1.0, None)
         return out
 
     return rebuild(restore(merged_inner, adapted_inner, ""))

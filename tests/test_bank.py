@@ -209,14 +209,14 @@ def test_lora_dropout_per_adapter_in_a_mixed_batch(tiny):
 
 def test_merge_folds_the_named_adapters(tiny):
     model, _, _, bank = tiny
-    merged = jaxlora.merge(bank, "b")
+    merged = jaxlora.merge(bank, adapters="b")
     chex.assert_trees_all_close(
         model.apply({"params": merged}, IDS), _alone(model, bank, "b", IDS), atol=1e-5
     )
     # folding a and c adds both updates to the base weights
-    both = jaxlora.merge(bank, ["a", "c"])
-    delta_a = jax.tree.map(lambda m, b: m - b, jaxlora.merge(bank, "a"), bank.base)
-    delta_c = jax.tree.map(lambda m, b: m - b, jaxlora.merge(bank, "c"), bank.base)
+    both = jaxlora.merge(bank, adapters=["a", "c"])
+    delta_a = jax.tree.map(lambda m, b: m - b, jaxlora.merge(bank, adapters="a"), bank.base)
+    delta_c = jax.tree.map(lambda m, b: m - b, jaxlora.merge(bank, adapters="c"), bank.base)
     chex.assert_trees_all_close(
         both, jax.tree.map(lambda b, x, y: b + x + y, bank.base, delta_a, delta_c), atol=1e-6
     )

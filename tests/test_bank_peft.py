@@ -95,7 +95,7 @@ def test_merged_weights_match_peft_add_weighted_adapter(names, weights, how, ran
     model, bank = _bank_like(pm)
     pm.add_weighted_adapter(names, weights, "new", combination_type=how, svd_rank=rank)
     bank = jaxlora.add_weighted_adapter(bank, names, weights, "new", how, rank)
-    merged = jaxlora.merge(bank, "new")
+    merged = jaxlora.merge(bank, adapters="new")
     for layer in ("l0", "l1"):
         target = getattr(pm.base_model.model, layer)
         want = target.base_layer.weight + target.get_delta_weight("new")
@@ -111,14 +111,15 @@ def test_merged_weights_match_peft_add_weighted_adapter(names, weights, how, ran
 def test_cat_is_exactly_the_weighted_sum_and_svd_at_full_rank_too():
     _, bank = _bank_like(_peft_model())
     deltas = {
-        n: jax.tree.map(jnp.subtract, jaxlora.merge(bank, n), bank.base) for n in ("t1", "t2")
+        n: jax.tree.map(jnp.subtract, jaxlora.merge(bank, adapters=n), bank.base)
+        for n in ("t1", "t2")
     }
     want = jax.tree.map(
         lambda w, a, b: w + 0.7 * a - 0.4 * b, bank.base, deltas["t1"], deltas["t2"]
     )
     for how, rank in (("cat", None), ("svd", 6)):
         combined = jaxlora.add_weighted_adapter(bank, ["t1", "t2"], [0.7, -0.4], "ab", how, rank)
-        chex.assert_trees_all_close(jaxlora.merge(combined, "ab"), want, atol=1e-5)
+        chex.assert_trees_all_close(jaxlora.merge(combined, adapters="ab"), want, atol=1e-5)
 
 
 def test_errors_name_the_adapters_and_the_fix():

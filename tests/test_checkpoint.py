@@ -104,7 +104,9 @@ def test_bytes_on_disk_are_the_adapter_bytes_plus_a_small_record(tmp_path):
     jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
     adapter_bytes, disk = _tree_bytes(trainable), _disk_bytes(tmp_path / "adapter")
     print(f"adapter {adapter_bytes} B, on disk {disk} B, base {_tree_bytes(params)} B")
-    assert disk <= 1.05 * adapter_bytes + 64 * 1024, (disk, adapter_bytes)
+    # orbax's zstd gains ~7% on normal floats (their exponents repeat), never 10%; the
+    # record and orbax's metadata files take ~7 KiB
+    assert 0.9 * adapter_bytes <= disk <= adapter_bytes + 8 * 1024, (disk, adapter_bytes)
 
 
 def test_restored_factors_follow_the_base_kernel_sharding(tmp_path):
@@ -316,12 +318,19 @@ def test_train_checkpointer_takes_nnx_trainable_state(tmp_path):
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=jaxlora.TrainableParam)
     state = nnx.state(model, jaxlora.TrainableParam)
     opt_state = nnx.state(optimizer, nnx.optimizer.OptState)
+    ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    saved_state = jax.tree.map(jnp.copy, state)
+    saved_outputs = model(ids)
     with jaxlora.TrainCheckpointer(tmp_path) as ckpt:
         ckpt.save(1, state, opt_state, KEY, {"epoch": 1})
         zeros = jax.tree.map(jnp.zeros_like, (state, opt_state))
         resumed = ckpt.restore_latest(*zeros)
     chex.assert_trees_all_equal((resumed.params, resumed.opt_state), (state, opt_state))
-    nnx.update(model, resumed.params)
+    nnx.update(model, zeros[0])  # the model forgets its trained leaves...
+    assert not jnp.array_equal(model(ids)[0], saved_outputs[0])
+    nnx.update(model, resumed.params)  # ...and gets them back from the checkpoint
+    chex.assert_trees_all_equal(nnx.state(model, jaxlora.TrainableParam), saved_state)
+    chex.assert_trees_all_equal(model(ids), saved_outputs)
 
 
 def _run(directory, steps, out, stderr):
@@ -354,24 +363,39 @@ def _complete_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+def _assert_step_is_the_reference(directory: Path, step: int) -> None:
+    """The checkpoint at ``step`` holds exactly what an uninterrupted run has after it."""
+    params, opt_state, _ = _training()
+    with jaxlora.TrainCheckpointer(directory) as ckpt:
+        restored = ckpt.restore(step, params, opt_state)
+    assert restored.data_state == {**train_resume.DATA_STATE, "position": step}
+    expected = train_resume.train(None, step)
+    chex.assert_trees_all_equal(train_resume.trainable_leaves(restored.params), expected)
+
+
 def test_sigkill_mid_save_and_mid_training_resume_bit_identically(tmp_path):
-    steps = 10
+    steps, rng = 10, random.Random(373)
     reference = train_resume.train(None, steps)
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.npz"
     with open(tmp_path / "stderr.txt", "w") as stderr:
         # 1. killed right after save(3) started. The save takes ~100 ms, so in practice step 3
-        # is left half-written in a tmp directory; it must not be resumed from.
+        # is left half-written in a tmp directory; it must not be resumed from. Either way
+        # the newest complete step is exactly the uninterrupted run's.
         printed = _kill_after(_run(ckpt, steps, out, stderr), "SAVING 3")
         complete = _complete_steps(ckpt)
         in_flight = [p.name for p in ckpt.iterdir() if not p.name.isdigit()]
         assert printed[0] == "FRESH" and complete[-1] in (2, 3), (complete, in_flight)
         assert (complete[-1] == 2) == any(n.startswith("3.orbax-checkpoint-tmp") for n in in_flight)
-        # 2. resumes from the newest complete step; killed at a random time later on.
+        _assert_step_is_the_reference(ckpt, complete[-1])
+        # 2. resumes from the newest complete step; killed at a seeded random time later on.
         proc = _run(ckpt, steps, out, stderr)
         first = proc.stdout.readline().strip()
         assert first == f"RESUMED {complete[-1]}", (first, complete, in_flight)
-        _kill_after(proc, f"SAVING {complete[-1] + 1}", delay=random.uniform(0, 0.1))
+        killed_at = complete[-1] + 1
+        _kill_after(proc, f"SAVING {killed_at}", delay=rng.uniform(0, 0.1))
         complete = _complete_steps(ckpt)
+        assert killed_at - 1 <= complete[-1] <= steps, (complete, killed_at)
+        _assert_step_is_the_reference(ckpt, complete[-1])
         # 3. runs to the end.
         proc = _run(ckpt, steps, out, stderr)
         printed = proc.communicate()[0].split("\n")

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxlora
+from jaxlora import _uses
 
 KEY = jax.random.key(0)
 X = jax.random.normal(jax.random.key(1), (2, 5, 16))
@@ -193,6 +194,24 @@ def test_expert_weights_and_convolutions():
     assert rows["conv"].a_shape == (3, 16, 2) and rows["conv"].b_shape == (2, 6)
     p = _random_b(lora_params)
     _assert_merge_matches(model, lora_model, p, X, atol=1e-4)
+
+
+def test_expert_adapter_forms_agree():
+    """The CPU form (dense dots, per-row expert mask) equals the grouped ``ragged_dot`` form
+    used on GPU/TPU, gradients included, with rows past the last group left at zero."""
+    k = jax.random.split(KEY, 4)
+    x = jax.random.normal(k[0], (12, 16))
+    a, b = jax.random.normal(k[1], (4, 16, 3)), jax.random.normal(k[2], (4, 3, 8))
+    sizes = jnp.array([3, 0, 6, 1], jnp.int32)  # an empty group; 2 rows past the end
+    ct = jax.random.normal(k[3], (12, 8))
+
+    def grads(delta):
+        loss = lambda x, a, b: jnp.vdot(delta(x, a, b, sizes, scale=0.5), ct)  # noqa: E731
+        return delta(x, a, b, sizes, scale=0.5), jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
+
+    dense, grouped = grads(_uses._expert_mask_delta), grads(_uses._grouped_delta)
+    chex.assert_trees_all_close(dense, grouped, rtol=1e-5, atol=1e-5)
+    assert not dense[0][10:].any()
 
 
 class NnxDenseGeneral(nnx.Module):

@@ -4,10 +4,13 @@ Each test names the case of issue 14 it covers; the README's "Failure behaviour"
 lists the same cases.
 """
 
+import collections
 import dataclasses
+import errno
 import gc
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -477,38 +481,258 @@ def test_next_save_removes_the_staging_folders_of_interrupted_saves_only(tmp_pat
     assert _staging(tmp_path) == []
 
 
-def test_sigkills_mid_save_leave_a_complete_version_and_no_staging_after_the_next(tmp_path):
-    params, cfg, adapted = save_loop.versions()
-    adapter, rng = tmp_path / "adapter", random.Random(14)
-    jaxlora.save_adapter(adapter, adapted[0], cfg)
-    for _ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.save_loop", str(adapter)],
+KILLS = 20  # per saver
+SAVE_SECONDS = 0.15  # a save of the loop's adapter or checkpoint takes ~0.1 s on a CPU
+
+
+class _Source(NamedTuple):
+    path: Path
+    params: Any
+    cfg: jaxlora.LoraConfig
+    lora_params: Any
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """What the saving processes start from (`save_loop.prepare`), and its trees."""
+    path = tmp_path_factory.mktemp("source")
+    params, cfg, lora_params = save_loop.setup()
+    save_loop.prepare(path, params, lora_params, cfg)
+    return _Source(path, params, cfg, lora_params)
+
+
+class _SaveServer(NamedTuple):
+    process: subprocess.Popen
+    log: Path
+    params: Any
+    cfg: jaxlora.LoraConfig
+    lora_params: Any
+
+
+@pytest.fixture(scope="module")
+def save_server(source):
+    """`tests.support.save_loop`'s server: forks saving children for `_kill_mid_save`."""
+    log = source.path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.save_loop", str(source.path)],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=stderr,
             text=True,
         )
-        wanted = f"SAVING {rng.randrange(1, 3)}"
-        while proc.stdout.readline().strip() != wanted:
-            pass
-        time.sleep(rng.uniform(0.0, 0.08))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+    yield _SaveServer(process, log, *source[1:])
+    process.stdin.close()
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    process.stdout.close()
+
+
+def _kill_mid_save(server, kind, directory, rng):
+    """Starts a child saving to ``directory`` in a loop and SIGKILLs it at a seeded random
+    point of its 2nd to 4th save; returns the versions whose save it started."""
+    server, log = server.process, server.log
+    server.stdin.write(f"{kind} {directory}\n")
+    server.stdin.flush()
+    pid = int(server.stdout.readline().removeprefix("CHILD "))
+    kill_in, started = rng.randrange(2, 5), []
+    while len(started) < kill_in:
+        line = server.stdout.readline()
+        assert line.startswith("SAVING "), (line, log.read_text()[-3000:])
+        started.append(int(line.split()[1]))
+    time.sleep(rng.uniform(0.0, SAVE_SECONDS))
+    os.kill(pid, signal.SIGKILL)
+    while (line := server.stdout.readline()).startswith("SAVING "):
+        started.append(int(line.split()[1]))
+    assert line.split() == ["DIED", str(pid), str(int(signal.SIGKILL))], line
+    return started
+
+
+def _version_of(loaded, lora_params):
+    """Which `save_loop.version` ``loaded`` is, checked leaf for leaf."""
+    a = jaxlora.split(loaded)[0]["dense_0"]["lora"].a
+    i = round(float(a[0, 0] - lora_params["dense_0"]["lora"].a[0, 0]))
+    chex.assert_trees_all_equal(loaded, save_loop.version(lora_params, i))
+    return i
+
+
+def test_sigkills_mid_save_adapter_leave_the_old_or_new_version(tmp_path, save_server):
+    params, cfg, lora_params = save_server[2:]
+    adapter, rng, outcomes = tmp_path / "adapter", random.Random(14), []
+    jaxlora.save_adapter(adapter, save_loop.version(lora_params, 0), cfg)
+    on_disk = 0
+    for _ in range(KILLS):
+        started = _kill_mid_save(save_server, "adapter", adapter, rng)
+        last = started[-1]  # killed during this save: the one before it is complete
+        expected = {last, last - 1}
         try:
-            _, loaded = jaxlora.load_adapter(adapter, params)
-        except FileNotFoundError as e:  # killed between the two renames: both copies named
-            assert "interrupted" in str(e), e
+            on_disk = _version_of(jaxlora.load_adapter(adapter, params)[1], lora_params)
+        except FileNotFoundError as e:  # killed between the two renames of the install
+            assert "A save to it was interrupted and left these complete copies" in str(e)
+            copies = sorted(tmp_path.glob(".adapter.staging-*/*"))
+            assert [c.name for c in copies] == ["adapter", "previous"], copies
+            found = {_version_of(jaxlora.load_adapter(c, params)[1], lora_params) for c in copies}
+            assert found == expected, (found, started)
+            outcomes.append("between renames")
             continue
-        trained = jaxlora.split(loaded)[0]
-        assert any(
-            jax.tree.all(jax.tree.map(jnp.array_equal, trained, jaxlora.split(v)[0]))
-            for v in adapted
-        )
-    jaxlora.save_adapter(adapter, adapted[1], cfg)
+        assert on_disk in expected, (on_disk, started)
+        outcomes.append("new" if on_disk == last else "old")
+    print(collections.Counter(outcomes))
+    assert "old" in outcomes  # some kills did land mid-save
+    jaxlora.save_adapter(adapter, save_loop.version(lora_params, 99), cfg)
     assert _staging(tmp_path) == []
-    chex.assert_trees_all_equal(jaxlora.load_adapter(adapter, params)[1], adapted[1])
+    assert _version_of(jaxlora.load_adapter(adapter, params)[1], lora_params) == 99
+
+
+def test_sigkills_mid_checkpoint_save_resume_from_a_complete_step(tmp_path, save_server):
+    lora_params = save_server.lora_params
+    tx = save_loop.optimizer(lora_params)
+    directory, rng, outcomes, latest = tmp_path / "ckpt", random.Random(15), [], 0
+    for _ in range(KILLS):
+        started = _kill_mid_save(save_server, "checkpoint", directory, rng)
+        assert started[0] == latest + 1  # each run continues from the newest complete step
+        partial = [p.name for p in directory.iterdir() if not p.name.isdigit()]
+        # the run's first save removed the partial steps of earlier runs: only its own remain
+        assert {int(name.split(".")[0]) for name in partial} <= set(started), (partial, started)
+        with jaxlora.TrainCheckpointer(directory) as ckpt:
+            resumed = ckpt.restore_latest(lora_params, tx.init(lora_params))
+        # asynchronous: save(i) returns before step i is on disk and waits for step i - 1
+        last = started[-1]
+        if resumed is None:  # killed before the first step was on disk
+            assert latest == 0 and last <= 2, started
+            continue
+        assert max(latest, last - 2) <= resumed.step <= last, (resumed.step, started)
+        assert resumed.data_state == {"version": resumed.step}
+        chex.assert_trees_all_equal(resumed.rng, jax.random.key(resumed.step))
+        chex.assert_trees_all_equal(resumed.params, save_loop.version(lora_params, resumed.step))
+        outcomes.append("partial step left" if partial else "none partial")
+        latest = resumed.step
+    print(collections.Counter(outcomes))
+    assert "partial step left" in outcomes  # some kills did land mid-save
+    with jaxlora.TrainCheckpointer(directory) as ckpt:
+        ckpt.save(latest + 1, save_loop.version(lora_params, latest + 1), tx.init(lora_params), KEY)
+    assert [p.name for p in directory.iterdir() if not p.name.isdigit()] == []
+
+
+# --- the OS refuses a write: one clear error, and what was saved before is intact ---------
+
+_SAVERS = ["save_adapter", "export_peft", "TrainCheckpointer"]
+
+
+def _save(saver, directory, params, cfg, step=1):
+    if saver == "save_adapter":
+        jaxlora.save_adapter(directory, params, cfg)
+    elif saver == "export_peft":
+        jaxlora.export_peft(directory, params, cfg, module_map=jaxlora.peft_module_map())
+    else:
+        tx = save_loop.optimizer(params)
+        with jaxlora.TrainCheckpointer(directory) as ckpt:
+            ckpt.save(step, params, tx.init(params), jax.random.key(step))
+
+
+def _assert_holds_version(saver, directory, source, i):
+    """``directory`` (written by ``saver``) loads exactly as `save_loop.version` ``i``."""
+    expected = jaxlora.split(save_loop.version(source.lora_params, i))[0]
+    if saver == "save_adapter":
+        loaded = jaxlora.load_adapter(directory, source.params)[1]
+    elif saver == "export_peft":
+        module_map = jaxlora.peft_module_map()
+        loaded = jaxlora.import_peft(directory, source.params, module_map=module_map)[1]
+    else:
+        tx = save_loop.optimizer(source.lora_params)
+        with jaxlora.TrainCheckpointer(directory) as ckpt:
+            resumed = ckpt.restore_latest(source.lora_params, tx.init(source.lora_params))
+        assert resumed.step == i
+        loaded = resumed.params
+    chex.assert_trees_all_equal(jaxlora.split(loaded)[0], expected)
+
+
+def _written(directory):
+    """The names in ``directory`` and in each directory in it (one level)."""
+    return sorted(
+        f"{p.name}/{q.name}" if p.is_dir() else p.name
+        for p in directory.iterdir()
+        for q in (p.iterdir() if p.is_dir() else [p])
+    )
+
+
+def test_a_file_too_large_is_one_clear_error_and_what_was_saved_stays(tmp_path, source):
+    """A real EFBIG from tensorstore, safetensors and orbax: files limited to 512 bytes."""
+    limited = subprocess.run(
+        [sys.executable, "-m", "tests.support.file_limit", str(source.path), str(tmp_path), "512"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    results = [json.loads(line) for line in limited.stdout.splitlines() if line.startswith("{")]
+    assert limited.returncode == 0 and len(results) == 3, limited.stderr[-3000:]
+    cause = "a file would exceed the largest file size allowed (File too large)."
+    fix = "Raise the process's file size limit (`ulimit -f`) or save to another filesystem."
+    kept = {
+        "save_adapter": "What was there is unchanged.",
+        "export_peft": "What was there is unchanged.",
+        "TrainCheckpointer": "Step 2 is not saved; the complete steps [1] are unchanged.",
+    }
+    where = {"save_adapter": "adapter", "export_peft": "peft", "TrainCheckpointer": "checkpoint"}
+    for result in results:
+        saver = result["saver"]
+        who = "TrainCheckpointer.save" if saver == "TrainCheckpointer" else saver
+        message = f"{who}: cannot write {tmp_path / where[saver]}: {cause} {kept[saver]} {fix}"
+        assert result == {"saver": saver, "type": "OSError", "errno": 27, "message": message}
+    for saver in _SAVERS:  # version 1, saved before the limit, is intact and is what loads
+        _assert_holds_version(saver, tmp_path / where[saver], source, 1)
+    # orbax's writers may still be filling the staging folder when the error reaches us, so
+    # it can outlive the failed save; the next save to the same place removes it
+    for saver in _SAVERS:
+        three = save_loop.version(source.lora_params, 3)
+        _save(saver, tmp_path / where[saver], three, source.cfg, step=3)
+        _assert_holds_version(saver, tmp_path / where[saver], source, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoint", "peft"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["1", "3"]
+
+
+@pytest.mark.parametrize(
+    ("code", "cause", "fix"),
+    [
+        (
+            errno.EACCES,
+            "permission denied (Permission denied)",
+            "Save to a directory you can write to, or change its permissions.",
+        ),
+        (errno.ENOSPC, "the disk is full (No space left on device)", "Free space there, or "),
+        (errno.EROFS, "the filesystem is read-only", "Save to a writable filesystem."),
+    ],
+    ids=["unwritable", "disk full", "read-only"],
+)
+@pytest.mark.parametrize("saver", _SAVERS)
+def test_a_directory_refusing_new_entries_is_one_clear_error(
+    tmp_path, monkeypatch, source, saver, code, cause, fix
+):
+    """Root ignores permission bits, so the refusal is simulated: every directory made in
+    ``tmp_path/locked`` fails as the OS would fail it (the first thing each saver does)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _save(saver, locked / "out", save_loop.version(source.lora_params, 1), source.cfg)
+    before = _written(locked)
+    real_mkdir = os.mkdir
+
+    def refusing_mkdir(path, *args, **kwargs):
+        if Path(path).absolute().parent == locked:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+    target = locked / ("out" if saver != "TrainCheckpointer" else "new")
+    with pytest.raises(OSError) as e:
+        _save(saver, target, save_loop.version(source.lora_params, 2), source.cfg, step=2)
+    monkeypatch.undo()
+    who = {"TrainCheckpointer": "TrainCheckpointer"}.get(saver, saver)
+    assert e.value.errno == code and type(e.value) is type(OSError(code, ""))
+    assert str(e.value).startswith(f"{who}: cannot write {target}: {cause}"), str(e.value)
+    assert fix in str(e.value) and isinstance(e.value.__cause__, OSError)
+    assert _written(locked) == before
+    _assert_holds_version(saver, locked / "out", source, 1)
 
 
 # --- unwritable paths ---------------------------------------------------------------------
@@ -534,17 +758,217 @@ def test_a_path_under_a_file_is_one_clear_error_naming_the_file(tmp_path, saver)
     )
 
 
-# --- the README's table ------------------------------------------------------------------
+# --- the README's tables -----------------------------------------------------------------
 
 
-def test_readme_failure_table_quotes_messages_the_code_raises():
+_TABLE_HEADER = "| bad input or fault | what jaxlora does |"
+
+
+def test_readme_failure_tables_quote_messages_the_code_raises_and_tests_check():
     readme = (ROOT / "README.md").read_text()
-    table = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 18  # header + the 17 cases above
+    section = readme.split("## Failure behaviour", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line
+        for line in section.splitlines()
+        if line.startswith("| ") and "---" not in line and line != _TABLE_HEADER
+    ]
+    assert section.count(_TABLE_HEADER) == 6  # one table per area
+    assert len(rows) >= 40
     source = "".join(p.read_text() for p in (ROOT / "jaxlora").glob("*.py"))
-    quoted = [q for row in rows[1:] for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("*.py")).replace("\\", "")
+    quoted = [q for row in rows for q in re.findall(r"`([^`]*)`", row.split(" | ")[1])]
     messages = [q for q in quoted if " " in q and not q.startswith(("allow_", "step."))]
-    assert len(messages) >= 10
+    assert len(messages) >= 50
     missing = [m for m in messages if m not in source]
     assert not missing, f"README quotes messages the code no longer has: {missing}"
+    untested = [m for m in messages if m not in tests]
+    assert not untested, f"README quotes messages no test asserts: {untested}"
+
+
+# --- bad arguments found by trying the public API: each was a raw error or silently lost --
+
+
+def _checkpointer_save(tmp_path, steps=(1,), **kwargs):
+    """Saves ``steps`` (each ``(step, kwargs)`` or a step) with a fresh TrainCheckpointer."""
+    _, lora_params, _ = _adapted()
+    opt_state = jaxlora.optimizer(optax.adam(1e-3), lora_params).init(lora_params)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False, **kwargs) as ckpt:
+        for step in steps:
+            step, extra = step if isinstance(step, tuple) else (step, {})
+            ckpt.save(step, lora_params, opt_state, **{"rng": KEY, **extra})
+
+
+def _import_onto_other_base(tmp_path):
+    _, lora_params, cfg = _adapted()
+    module_map = jaxlora.peft_module_map()
+    jaxlora.export_peft(tmp_path / "peft", lora_params, cfg, module_map=module_map)
+    other = models.MLP(features=(64, 48, 32)).init(KEY, X)["params"]
+    jaxlora.import_peft(tmp_path / "peft", other, module_map=module_map)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda _: jaxlora.LoraConfig(targets=["dense_0", 1]),
+            TypeError,
+            "LoraConfig: targets holds [1], which are not strings; patterns are layer paths",
+        ),
+        (
+            lambda _: jaxlora.LoraConfig(dtype="float77"),
+            TypeError,
+            "LoraConfig: dtype='float77' is not a dtype; use e.g. 'float32' or 'bfloat16'.",
+        ),
+        (
+            lambda _: jaxlora.LoraConfig(dtype="int8"),
+            ValueError,
+            "LoraConfig: dtype='int8' cannot train (adapters need a floating dtype)",
+        ),
+        (
+            lambda _: jaxlora.LoraModel(MODEL, None),
+            TypeError,
+            "LoraModel: config is a NoneType, not a LoraConfig; pass the config the params",
+        ),
+        (
+            lambda _: jaxlora.combine(
+                jaxlora.split(_adapted()[1])[0], jaxlora.split(_adapted()[0])[1]
+            ),
+            ValueError,
+            "combine: trainable and frozen are not the two halves of one split:\n"
+            "  dense_0/lora/a: only in trainable",
+        ),
+        (
+            lambda _: jaxlora.unmerge(jaxlora.merge(_adapted()[1]), _adapted()[0]),
+            ValueError,
+            "unmerge: the second argument holds no LoRA adapters, so there is nothing to",
+        ),
+        (
+            lambda _: jaxlora.optimizer("adam", _adapted()[1]),
+            TypeError,
+            "jaxlora.optimizer: tx is a str, not an optax transformation; pass one such as",
+        ),
+        (
+            lambda _: jaxlora.make_train_step(None, optax.adam(1e-3)),
+            TypeError,
+            "make_train_step: loss_fn is a NoneType, not a function; pass loss_fn(params",
+        ),
+        (
+            lambda _: jaxlora.peft_module_maps["gpt9"],
+            KeyError,
+            "peft_module_maps has no map 'gpt9'; it has ['bert', ",
+        ),
+        (
+            lambda tmp: jaxlora.load_adapter(tmp, _adapted()[0], sharding="cpu"),
+            TypeError,
+            "load_adapter: sharding is a str, not a jax.sharding.Sharding; pass e.g.",
+        ),
+        (
+            lambda tmp: (
+                (tmp / "file").write_text("x")
+                and jaxlora.save_adapter(tmp / "file", _adapted()[1], CONFIG)
+            ),
+            NotADirectoryError,
+            "is a file, not a directory; refusing to replace it. Choose a new directory.",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, max_to_keep=0),
+            ValueError,
+            "TrainCheckpointer: max_to_keep=0 must be None (keep all) or an int >= 1; orbax "
+            "would delete every checkpoint right after saving it.",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, save_interval_steps=0),
+            ValueError,
+            "TrainCheckpointer: save_interval_steps=0 must be an int >= 1 (1: every step).",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[-3]),
+            ValueError,
+            "TrainCheckpointer.save: step=-3 must be an int >= 0 (the number of steps done).",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[1.5]),
+            TypeError,
+            "TrainCheckpointer.save: step=1.5 must be an int >= 0",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[(1, {"rng": 42})]),
+            TypeError,
+            "TrainCheckpointer.save: rng is a int, not a PRNG key; pass the key the run",
+        ),
+        (
+            lambda tmp: _checkpointer_save(tmp, steps=[(1, {"data_state": [1, 2]})]),
+            TypeError,
+            "TrainCheckpointer.save: data_state is a list, not a dict; pass e.g.",
+        ),
+        (
+            lambda _: jaxlora.lorafy(
+                MODEL, _adapted()[0], jaxlora.LoraConfig(rank=100, targets=["dense_0"]), X, key=KEY
+            ),
+            ValueError,
+            "lorafy: rank 100 for layer 'dense_0' exceeds min(fan_in=16, fan_out=64) of its "
+            "weight (16, 64); use a smaller rank, or rank_pattern={'dense_0': ...}.",
+        ),
+        (
+            lambda tmp: _import_onto_other_base(tmp),
+            ValueError,
+            "import_peft: layer 'dense_1' (dense.1): lora_B has shape (64, 4), expected (out, r) "
+            "= (48, 4); the adapter was trained for another base (other layer sizes).",
+        ),
+    ],
+    ids=[
+        "non-string target",
+        "not a dtype",
+        "integer dtype",
+        "LoraModel without config",
+        "combine other trees",
+        "unmerge without adapters",
+        "optimizer not optax",
+        "loss_fn not callable",
+        "unknown module map",
+        "sharding not a Sharding",
+        "save_adapter onto a file",
+        "max_to_keep=0",
+        "save_interval_steps=0",
+        "negative step",
+        "float step",
+        "rng not a key",
+        "data_state not a dict",
+        "rank above the fan",
+        "PEFT adapter of another base",
+    ],
+)
+def test_bad_arguments_are_one_clear_error(tmp_path, call, error, message):
+    with pytest.raises(error) as e:
+        call(tmp_path)
+    text = e.value.args[0]
+    assert message in text, text
+    assert type(e.value) is error
+
+
+def test_a_step_before_the_newest_is_refused_not_silently_skipped(tmp_path):
+    """orbax skips a step <= its newest: a run restarted at step 0 in an old directory
+    would save nothing at all."""
+    with pytest.raises(ValueError) as e:
+        _checkpointer_save(tmp_path, steps=[5, 5, 1])  # the same step again is a no-op
+    assert str(e.value) == (
+        f"TrainCheckpointer.save: step 1 is before step 5, the newest in {tmp_path / 'ckpt'}; "
+        "it would not be saved. Continue the step count of the run you resumed "
+        "(restore_latest(...).step), or save to a new directory."
+    )
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["5"]
+
+
+def test_restoring_a_step_that_is_not_there_names_the_steps_that_are(tmp_path):
+    _checkpointer_save(tmp_path, steps=[2, 4])
+    _, lora_params, _ = _adapted()
+    opt_state = jaxlora.optimizer(optax.adam(1e-3), lora_params).init(lora_params)
+    with (
+        jaxlora.TrainCheckpointer(tmp_path / "ckpt") as ckpt,
+        pytest.raises(FileNotFoundError) as e,
+    ):
+        ckpt.restore(3, lora_params, opt_state)
+    assert str(e.value) == (
+        f"TrainCheckpointer.restore: no step 3 in {tmp_path / 'ckpt'}; the complete "
+        "steps there are [2, 4] (restore_latest picks the newest)."
+    )

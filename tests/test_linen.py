@@ -198,13 +198,17 @@ def test_lora_dropout_needs_its_rng_stream(tiny_lm):
     lora_model, lp = jaxlora.lorafy(model, params, cfg, IDS, key=KEY)
     lp = _set_b(lp, 0.5)
     det = lora_model.apply({"params": lp}, IDS)
-    chex.assert_trees_all_equal(det, lora_model.apply({"params": lp}, IDS))
     rngs = {"dropout": jax.random.key(3)}
+    no_drop = jaxlora.LoraModel(model, jaxlora.LoraConfig(rank=4, targets=["query", "value"]))
+    # without the stream no LoRA dropout: the output of a rate-0 config
+    chex.assert_trees_all_equal(det, no_drop.apply({"params": lp}, IDS))
+    # the stream alone turns it on (the model's own dropout stays off: deterministic=True)
+    chex.assert_trees_all_equal(det, no_drop.apply({"params": lp}, IDS, rngs=rngs))
+    assert not jnp.allclose(det, lora_model.apply({"params": lp}, IDS, rngs=rngs))
     noisy = lora_model.apply({"params": lp}, IDS, deterministic=False, rngs=rngs)
     assert not jnp.allclose(det, noisy)
     # without adapters' dropout the only difference would be attention dropout; check the
     # stream drives LoRA dropout by turning the rate off
-    no_drop = jaxlora.LoraModel(model, jaxlora.LoraConfig(rank=4, targets=["query", "value"]))
     clean = no_drop.apply({"params": lp}, IDS, deterministic=False, rngs=rngs)
     assert not jnp.allclose(clean, noisy)
 

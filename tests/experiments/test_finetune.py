@@ -111,6 +111,7 @@ def test_settings_record_evaluation_flags_and_defaults(minilm_run):
         "model": "minilm",
         "data": "rotten_tomatoes",
         "method": "lora",
+        "quantize": "none",
         "rank": 8,
         "alpha": 16.0,
         "targets": ["query", "value"],
@@ -304,3 +305,29 @@ def test_readme_two_process_example_writes_to_its_own_output_dir():
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "--distributed" in b]
     flags = shlex.split(block.split("finetune.py", 1)[1].split("&", 1)[0])
     assert flags[flags.index("--output-dir") + 1] == "runs/two-process", block
+
+
+def test_quantized_base_is_loaded_quantized_and_reported(tiny_llama_dir, tmp_path):
+    _, _, params, _ = load_hf_model(tiny_llama_dir, quantize="int8")
+    kernel = params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(kernel, jaxlora.QuantizedArray) and kernel.format == "int8"
+    budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--max-eval-examples", "4"]
+    flags = ["--model", str(tiny_llama_dir), *budget, "--quantize", "int8"]
+    assert finetune.main([*flags, "--output-dir", str(tmp_path / "int8")]) == 0
+    assert finetune.main([*flags[:-2], "--output-dir", str(tmp_path / "none")]) == 0
+    int8, none = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("int8", "none"))
+    assert int8["quantize"] == "int8" and none["quantize"] == "none"
+    assert 8 < int8["quantized_bits_per_weight"] < 9 and none["quantized_bits_per_weight"] is None
+    # the embedding (tied head) and norms stay float32; every Dense kernel is int8
+    assert int8["base_param_bytes"] < 0.6 * none["base_param_bytes"]
+    assert int8["after"]["loss"] < int8["before"]["loss"]
+    # the adapters export as plain LoRA, as from a float base
+    assert set(peft_tensors(tmp_path / "int8")) == set(peft_tensors(tmp_path / "none"))
+
+
+def test_quantize_refusals(capsys, tiny_llama_dir, tmp_path):
+    output = ["--output-dir", str(tmp_path / "run"), "--seq-len", "16"]
+    err = one_error_line(capsys, "--model", str(tiny_llama_dir), *output, "--quantize", "nf4")
+    assert "not a multiple of the block size 64" in err and "/kernel' (32, 64)" in err
+    err = one_error_line(capsys, "--full-finetune", "--quantize", "int8", *output)
+    assert "drop one of them" in err

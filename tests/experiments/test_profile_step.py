@@ -1,6 +1,5 @@
 """`experiments/profile_step.py`: op attribution, and the CLI on a tiny workload."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +51,5 @@ def test_jax_profile_attributes_time_to_layers():
     assert totals[3] == pytest.approx(sum(totals[:3]), abs=0.15) and totals[3] > 0
 
 
-@pytest.mark.skipif(not importlib.util.find_spec("torch"), reason="needs torch")
-def test_torch_profile_lists_operators():
+def test_torch_profile_lists_operators():  # .ci/install always installs torch
     assert "aten::" in profile("torch-floor", "frozen")
