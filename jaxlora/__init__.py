@@ -3,6 +3,10 @@
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 from jaxlora._adapter_files import load_adapter, save_adapter
+from jaxlora._bank import AdapterBank, BankModel
+from jaxlora._bank_files import load_bank, save_bank
+from jaxlora._bank_nnx import LoraBank
+from jaxlora._combine import add_weighted_adapter
 from jaxlora._config import LoraConfig
 from jaxlora._convert import convert_to_lora
 from jaxlora._distributed import initialize_distributed, parse_mesh, shard_batch
@@ -20,8 +24,11 @@ from jaxlora._train_checkpoint import ResumeState, TrainCheckpointer
 from jaxlora._tree import LoraAdapter, Trainable, combine, split, trainable_mask
 
 __all__ = [
+    "AdapterBank",
+    "BankModel",
     "LayerSummary",
     "LoraAdapter",
+    "LoraBank",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",
@@ -35,6 +42,7 @@ __all__ = [
     "TrainableParam",
     "WeightAdapter",
     "adapter_partition_specs",
+    "add_weighted_adapter",
     "combine",
     "convert_to_lora",
     "dequantize",
@@ -42,6 +50,7 @@ __all__ = [
     "import_peft",
     "initialize_distributed",
     "load_adapter",
+    "load_bank",
     "lorafy",
     "make_train_step",
     "merge",
@@ -51,6 +60,7 @@ __all__ = [
     "peft_module_maps",
     "quantize",
     "save_adapter",
+    "save_bank",
     "shard_batch",
     "shard_params",
     "split",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import _linen, _nnx, _tree
+from jaxlora import _bank, _bank_nnx, _linen, _nnx, _tree
 from jaxlora._config import LoraConfig
 
 
@@ -18,6 +19,7 @@ def lorafy(
     key: jax.Array | None = None,
     rngs: nnx.Rngs | None = None,
     rank_axis: str | None = None,
+    name: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Adds LoRA adapters to the targeted layers of a Flax model, without editing its code.
@@ -61,6 +63,10 @@ def lorafy(
         ``module.__call__``.
       key: linen: PRNG key for A (folded with each layer's path).
       rngs: NNX: ``nnx.Rngs`` (``params`` stream for A, ``dropout`` for LoRA dropout).
+      name: add the adapter under this name to a bank of adapters on one base. linen:
+        ``params`` is an `AdapterBank`, or base params to start one; returns
+        ``(BankModel, bank)``. NNX: ``model`` is a `LoraBank`, or the base module to wrap
+        in one; returns the bank.
       rank_axis: a mesh axis to shard the rank axis of A and B over (default None:
         replicated); skipped in a factor whose other axes already use it. The rank must
         be divisible by its size.
@@ -84,6 +90,12 @@ def lorafy(
                 "inputs of their __call__."
             )
         config, *inputs = args
+        if name is not None or isinstance(model, _bank_nnx.LoraBank):
+            if name is None:
+                raise TypeError("lorafy on a LoraBank needs name= for the new adapter.")
+            bank = model if isinstance(model, _bank_nnx.LoraBank) else _bank_nnx.LoraBank(model)
+            bank.add(name, config, *inputs, rngs=rngs, rank_axis=rank_axis, **kwargs)
+            return bank
         return _nnx.lorafy(model, config, *inputs, rngs=rngs, rank_axis=rank_axis, **kwargs)
     if len(args) < 2 or not isinstance(args[1], LoraConfig) or key is None:
         raise TypeError(
@@ -91,10 +103,18 @@ def lorafy(
             "models take their params, a LoraConfig, example inputs of model.apply and a key."
         )
     params, config, *inputs = args
+    if name is not None or isinstance(_bank.bank_of(params)[0], _bank.AdapterBank):
+        if name is None:
+            raise TypeError("lorafy on an AdapterBank needs name= for the new adapter.")
+        return _bank.lorafy(
+            model, params, config, *inputs, key=key, name=name, rank_axis=rank_axis, **kwargs
+        )
     return _linen.lorafy(model, params, config, *inputs, key=key, rank_axis=rank_axis, **kwargs)
 
 
-def merge(adapted: Any, dtype: Any = jnp.bfloat16) -> Any:
+def merge(
+    adapted: Any, dtype: Any = jnp.bfloat16, *, adapters: str | Sequence[str] | None = None
+) -> Any:
     """Folds every adapter into its kernel, ``W + scale · A ⊗ B``, for zero-overhead inference.
 
     Pure: the adapted tree or module is left as it was. Accumulates in float32 and keeps
@@ -104,9 +124,11 @@ def merge(adapted: Any, dtype: Any = jnp.bfloat16) -> Any:
     error at most 2⁻⁹ in bfloat16, none in float32, against the adapted model's weights).
 
     Args:
-      adapted: an adapted linen tree (params collection or variables dict) or NNX module.
+      adapted: an adapted linen tree (params collection or variables dict) or NNX module,
+        or an `AdapterBank`.
       dtype: the dtype of weights stored quantized once merged (bfloat16 by default;
         float32 reproduces the adapted model's weights exactly).
+      adapters: for a bank, the name(s) of the adapters to fold (their ΔW add up).
 
     Returns:
       Plain params for the original linen model, or a plain copy of the NNX module.
@@ -117,6 +139,10 @@ def merge(adapted: Any, dtype: Any = jnp.bfloat16) -> Any:
     """
     if isinstance(adapted, nnx.Module):
         return _nnx.merge(adapted, dtype)
+    if isinstance(adapted, _bank.AdapterBank):
+        if adapters is None:
+            raise TypeError(f"merge(bank, adapters=...): name the adapters, among {adapted.names}.")
+        return _bank.merge(adapted, adapters, dtype)
     return _tree.merge(adapted, dtype)
 
 

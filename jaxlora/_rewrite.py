@@ -31,7 +31,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora import _lazy_weights, _uses
+from jaxlora import _lazy_weights, _mixed, _rows, _uses
 from jaxlora._views import Factors, Unsupported, View
 
 _PASS_THROUGH = frozenset(
@@ -74,6 +74,7 @@ class _Walk:
     dropout: float = 0.0
     key: jax.Array | None = None
     counter: int = 0
+    rows: Mapping[int, _rows.UseRows] | None = None  # a mixed batch's rows at each use
 
     def problem(self, view: View, what: str) -> None:
         self.seen[view.weight].problems.append(what)
@@ -150,6 +151,10 @@ def _use(walk: _Walk, eqn: Any, invals: list, views: list[View | None]) -> list[
     walk.seen[view.weight].uses.append(_uses.use_of(name, geo, view))
     if view.factors is None:
         return [out]
+    if view.factors.mixed is not None:
+        key = walk.next_key() if name != "gather" else None
+        rows = None if walk.rows is None else walk.rows.get(id(eqn))
+        return [_mixed.adapted_output(name, eqn.params, out, invals, pos, view, rows, key=key)]
     return [
         _uses.adapted_output(
             name,
@@ -384,6 +389,7 @@ def call(
     dropout: float = 0.0,
     key: jax.Array | None = None,
     applied: dict[str, int] | None = None,
+    batch_rows: int | None = None,
 ) -> Any:
     """``fn(weights, *args, **kwargs)`` with each adapter added where its weight is used.
 
@@ -395,6 +401,8 @@ def call(
       dropout: LoRA dropout rate.
       key: PRNG key for LoRA dropout (None: no dropout).
       applied: if given, each adapter's number of uses in this call is added to it.
+      batch_rows: for a batch mixing adapters (factors with `_mixed.MixedRows`), its number
+        of rows: the inputs whose leading axis has that size hold the rows there.
 
     Returns:
       What ``fn`` returns.
@@ -411,7 +419,11 @@ def call(
     ]
     views += [None] * (len(inputs) - n_weights)
     seen = {p: Seen(tuple(x.shape)) for p, x in zip(paths, leaves, strict=True) if p in adapters}
-    walk = _Walk(seen, dropout=dropout, key=key)
+    rows = None
+    if batch_rows is not None:
+        arg_rows = _rows.input_rows([x.shape for x in inputs[n_weights:]], batch_rows)
+        rows = _rows.analyse(closed.jaxpr, [None] * n_weights + arg_rows, batch_rows)
+    walk = _Walk(seen, dropout=dropout, key=key, rows=rows)
     outs, _ = _eval(walk, closed.jaxpr, closed.consts, inputs, views)
     outs = [_lazy_weights.returned(x) for x in outs]
     for path, s in seen.items():

@@ -13,14 +13,16 @@ from flax import nnx
 from flax.core import meta
 
 from jaxlora import _nnx
+from jaxlora._bank import AdapterBank, bank_of
 from jaxlora._linen import LoraModel
 from jaxlora._quantize import is_quantized
-from jaxlora._tree import PyTree, adapter_at, iter_adapters, params_of, split
+from jaxlora._tree import PyTree, adapter_at, iter_adapters, split
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerSummary:
-    """One adapted layer: path, kernel/A/B shapes, rank, scale and adapter size."""
+    """One adapted layer: path, kernel/A/B shapes, rank, scale and adapter size (and, in a
+    bank, the adapter's name)."""
 
     path: str
     kernel_shape: tuple[int, ...]
@@ -29,6 +31,7 @@ class LayerSummary:
     rank: int
     scale: float
     params: int
+    adapter: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +61,12 @@ class Summary:
 
     def __str__(self) -> str:
         """The table, one row per layer pattern (layer numbers as ``*``) with its count."""
+        named = any(l.adapter for l in self.layers)
         header = ("layer", "count", "kernel", "A", "B", "r", "scale", "params")
+        header = ("adapter", *header) if named else header
         rows = [
             (
+                *((l.adapter,) if named else ()),
                 path,
                 str(count),
                 str(l.kernel_shape),
@@ -71,7 +77,7 @@ class Summary:
                 f"{l.params * count:,}",
             )
             for (path, l), count in _grouped(
-                (l.path, l, (l.kernel_shape, l.a_shape, l.b_shape, l.rank, l.scale))
+                (l.path, l, (l.adapter, l.kernel_shape, l.a_shape, l.b_shape, l.rank, l.scale))
                 for l in self.layers
             )
         ]
@@ -157,11 +163,24 @@ def _nnx_summary(module: nnx.Module) -> Summary:
     return Summary(layers, _size(trainable), _size(params), _nnx.not_adapted(module), _base(params))
 
 
+def _bank_summary(bank: AdapterBank) -> Summary:
+    rows = [
+        dataclasses.replace(layer, adapter=name)
+        for name in bank.names
+        for layer in summary(bank.select(name)).layers
+    ]
+    order = list(dict.fromkeys(layer.path for layer in rows))
+    rows.sort(key=lambda layer: order.index(layer.path))
+    trainable, _ = split(bank)
+    return Summary(tuple(rows), _size(trainable), _size(bank), (), _base(bank.base))
+
+
 def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -> Summary:
     """Per-layer adapter shapes and the trainable / total parameter counts.
 
     Args:
-      adapted: an adapted linen tree (params collection or variables dict) or NNX module.
+      adapted: an adapted linen tree (params collection or variables dict), an
+        `AdapterBank` (one row per adapter and layer, grouped by layer) or an NNX module.
       lora_model: linen: the `LoraModel` from `lorafy`, to list the weights seen and not
         adapted (NNX modules carry that list themselves).
 
@@ -171,7 +190,9 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
     """
     if isinstance(adapted, nnx.Module):
         return _nnx_summary(adapted)
-    inner, _ = params_of(adapted)
+    inner, _ = bank_of(adapted)
+    if isinstance(inner, AdapterBank):
+        return _bank_summary(inner)
     layers = tuple(
         _layer_summary(
             name,

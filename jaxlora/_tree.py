@@ -56,12 +56,21 @@ class Trainable:
     value: Any
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """Marks a subtree that does not train although it holds adapters (a bank's adapter
+    that is not being trained, see `jaxlora.AdapterBank.train_only`)."""
+
+    value: Any
+
+
 def _is_marked(x: Any) -> bool:
     return isinstance(x, LoraAdapter | Trainable)
 
 
 def _is_param_leaf(x: Any) -> bool:
-    return _is_marked(x) or isinstance(x, meta.AxisMetadata)
+    return _is_marked(x) or isinstance(x, meta.AxisMetadata | Frozen)
 
 
 def params_of(tree: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:

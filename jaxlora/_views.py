@@ -21,6 +21,9 @@ from jax import lax
 
 from jaxlora import _layout
 
+# The label of the adapter axis of stacked factors in `Factors.a_axes` / ``b_axes``.
+ADAPTERS = "adapters"
+
 
 class Unsupported(Exception):
     """A derivation of a weight that jaxlora cannot follow (the message says which)."""
@@ -36,13 +39,16 @@ class Factors:
       a_axes: for each axis of ``a``, the weight axis it follows, or None for the rank.
       b_axes: likewise for ``b``.
       scale: the LoRA scale.
+      mixed: for a batch mixing adapters, the rows' adapter ids; ``a`` and ``b`` then stack
+        every adapter's factors along the axis labelled `ADAPTERS` (see `_mixed`).
     """
 
     a: Any
     b: Any
-    a_axes: tuple[int | None, ...]
-    b_axes: tuple[int | None, ...]
+    a_axes: tuple[int | str | None, ...]
+    b_axes: tuple[int | str | None, ...]
     scale: float
+    mixed: Any = None
 
     def restrict(self, axis: int, fn) -> Factors:
         """Factors with ``fn(array, position)`` applied where weight axis ``axis`` appears."""
