@@ -23,26 +23,6 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def torch_base():
-    torch.manual_seed(0)
-    return peft_models.TorchNet().eval()
-
-
-@pytest.fixture(scope="module")
-def base_params(torch_base):
-    return peft_models.flax_params(torch_base)
-
-
-def _torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(IDS)).numpy()
-
-
-def _jax_logits(config, params) -> np.ndarray:
-    return np.asarray(jaxlora.LoraModel(peft_models.Net(), config).apply({"params": params}, IDS))
-
-
-@pytest.fixture(scope="module")
 def peft_saved(torch_base, tmp_path_factory):
     """A PEFT adapter with every supported feature, trained to non-zero values, saved by PEFT."""
     config = peft.LoraConfig(
@@ -63,7 +43,7 @@ def peft_saved(torch_base, tmp_path_factory):
                 param.add_(0.1 * torch.randn_like(param))
     directory = tmp_path_factory.mktemp("peft") / "adapter"
     model.save_pretrained(directory)
-    return directory, _torch_logits(model.eval())
+    return directory, peft_models.torch_logits(model.eval(), IDS)
 
 
 def _lorafied(base_params, **overrides):
@@ -79,19 +59,14 @@ def _lorafied(base_params, **overrides):
             **overrides,
         }
     )
-    _, lora_params = jaxlora.lorafy(peft_models.Net(), base_params, cfg, IDS, key=KEY)
-    trainable, frozen = jaxlora.split(lora_params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return cfg, jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+    return cfg, peft_models.lorafied_and_moved(base_params, cfg, KEY)
 
 
 def test_peft_adapter_imports_with_torch_parity(peft_saved, base_params):
     directory, want = peft_saved
     with jax.numpy_dtype_promotion("strict"):
         cfg, lora_params = jaxlora.import_peft(directory, base_params, module_map=MODULE_MAP)
-        got = _jax_logits(cfg, lora_params)
+        got = peft_models.jax_logits(cfg, lora_params, IDS)
     assert np.abs(got - want).max() <= TOLERANCE
     layers = {layer.path: layer for layer in jaxlora.summary(lora_params).layers}
     assert layers["layers_1/q_proj"].rank == 2 and layers["layers_0/q_proj"].scale == 2.0
@@ -106,7 +81,7 @@ def test_exported_adapter_loads_in_peft_with_parity(tmp_path, torch_base, base_p
     cfg, lora_params = _lorafied(base_params, rslora=rslora, bias="lora_only")
     jaxlora.export_peft(tmp_path / "out", lora_params, cfg, module_map=MODULE_MAP)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_base), tmp_path / "out").eval()
-    assert np.abs(_torch_logits(model) - _jax_logits(cfg, lora_params)).max() <= TOLERANCE
+    peft_models.assert_same_logits(model, cfg, lora_params, IDS, TOLERANCE)
 
 
 def test_exported_files_are_what_peft_writes(tmp_path, peft_saved, base_params):

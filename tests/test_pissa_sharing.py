@@ -21,35 +21,10 @@ TOLERANCE = 1e-4
 TARGETS = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module")
-def torch_base():
-    torch.manual_seed(0)
-    return peft_models.TorchNet().eval()
-
-
-@pytest.fixture(scope="module")
-def base_params(torch_base):
-    return peft_models.flax_params(torch_base)
-
-
-def _torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(IDS)).numpy()
-
-
-def _jax_logits(config, params) -> np.ndarray:
-    return np.asarray(jaxlora.LoraModel(peft_models.Net(), config).apply({"params": params}, IDS))
-
-
 def _trained(base_params, init):
     """A PiSSA/OLoRA adapter with its factors moved away from their initial values."""
     cfg = jaxlora.LoraConfig(rank=2, alpha=4, targets=TARGETS, init=init, bias="lora_only")
-    _, lora_params = jaxlora.lorafy(peft_models.Net(), base_params, cfg, IDS, key=KEY)
-    trainable, frozen = jaxlora.split(lora_params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return cfg, jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+    return cfg, peft_models.lorafied_and_moved(base_params, cfg, KEY)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -72,7 +47,7 @@ def test_exported_adapter_loads_in_peft_on_the_untouched_base(
     jaxlora.export_peft(tmp_path / "out", trained, cfg, module_map=MODULE_MAP)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_base), tmp_path / "out").eval()
     assert model.peft_config["default"].init_lora_weights == init
-    assert np.abs(_torch_logits(model) - _jax_logits(cfg, trained)).max() <= TOLERANCE
+    peft_models.assert_same_logits(model, cfg, trained, IDS, TOLERANCE)
 
 
 def _peft_trained(torch_base, init, tmp_path):
@@ -89,7 +64,7 @@ def _peft_trained(torch_base, init, tmp_path):
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
-    return model, _torch_logits(model.eval())
+    return model, peft_models.torch_logits(model.eval(), IDS)
 
 
 # PEFT warns about its own conversion (it loads the initial adapter beside the PiSSA one)
@@ -100,7 +75,7 @@ def test_peft_adapter_imports_on_the_untouched_base(tmp_path, torch_base, base_p
     model.save_pretrained(tmp_path / "trained")
     cfg, lora_params = jaxlora.import_peft(tmp_path / "trained", base_params, module_map=MODULE_MAP)
     assert cfg.init == init
-    assert np.abs(_jax_logits(cfg, lora_params) - want).max() <= TOLERANCE
+    assert np.abs(peft_models.jax_logits(cfg, lora_params, IDS) - want).max() <= TOLERANCE
     # PEFT's own conversion to plain LoRA (rank 2r) imports as plain LoRA
     model.save_pretrained(
         tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial"
@@ -109,7 +84,7 @@ def test_peft_adapter_imports_on_the_untouched_base(tmp_path, torch_base, base_p
         tmp_path / "converted", base_params, module_map=MODULE_MAP
     )
     assert (cfg.init, cfg.rank) == ("kaiming", 4)
-    assert np.abs(_jax_logits(cfg, lora_params) - want).max() <= TOLERANCE
+    assert np.abs(peft_models.jax_logits(cfg, lora_params, IDS) - want).max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
@@ -117,21 +92,21 @@ def test_convert_to_lora_loads_on_the_untouched_base_in_jaxlora_and_peft(
     tmp_path, torch_base, base_params, init
 ):
     cfg, trained = _trained(base_params, init)
-    want = _jax_logits(cfg, trained)
+    want = peft_models.jax_logits(cfg, trained, IDS)
     plain_cfg, plain = jaxlora.convert_to_lora(trained, base_params, cfg)
     assert (plain_cfg.init, plain_cfg.rank, plain_cfg.alpha) == ("kaiming", 4, 8)
     assert plain["layers_0"]["q_proj"]["kernel"] is base_params["layers_0"]["q_proj"]["kernel"]
-    assert np.abs(_jax_logits(plain_cfg, plain) - want).max() <= TOLERANCE
+    assert np.abs(peft_models.jax_logits(plain_cfg, plain, IDS) - want).max() <= TOLERANCE
     chex.assert_trees_all_close(jaxlora.merge(plain), jaxlora.merge(trained), atol=1e-5)
     # jaxlora's own files, on the untouched base
     jaxlora.save_adapter(tmp_path / "adapter", plain, plain_cfg)
     loaded_cfg, loaded = jaxlora.load_adapter(tmp_path / "adapter", base_params)
-    assert np.abs(_jax_logits(loaded_cfg, loaded) - want).max() <= TOLERANCE
+    assert np.abs(peft_models.jax_logits(loaded_cfg, loaded, IDS) - want).max() <= TOLERANCE
     # PEFT, as plain LoRA
     jaxlora.export_peft(tmp_path / "peft", plain, plain_cfg, module_map=MODULE_MAP)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_base), tmp_path / "peft").eval()
     assert model.peft_config["default"].init_lora_weights is True
-    assert np.abs(_torch_logits(model) - want).max() <= TOLERANCE
+    assert np.abs(peft_models.torch_logits(model, IDS) - want).max() <= TOLERANCE
 
 
 def test_convert_to_lora_refuses_wrong_combinations(base_params):

@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+
+import jaxlora
 
 VOCAB, WIDTH, CLASSES, LAYERS = 11, 8, 3, 2
 
@@ -84,3 +87,33 @@ def flax_params(model: torch.nn.Module) -> dict:
 def ids(seed: int = 0, batch: int = 4, seq: int = 5) -> np.ndarray:
     """Deterministic token ids ``(batch, seq)``."""
     return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int32)
+
+
+def torch_logits(model: torch.nn.Module, token_ids: np.ndarray) -> np.ndarray:
+    """``model``'s logits on ``token_ids``, without gradients."""
+    with torch.no_grad():
+        return model(torch.from_numpy(token_ids)).numpy()
+
+
+def jax_logits(config: jaxlora.LoraConfig, params: dict, token_ids: np.ndarray) -> np.ndarray:
+    """`Net`'s logits with the adapted ``params`` of ``config`` on ``token_ids``."""
+    return np.asarray(jaxlora.LoraModel(Net(), config).apply({"params": params}, token_ids))
+
+
+def assert_same_logits(
+    model: torch.nn.Module, config: jaxlora.LoraConfig, params: dict, token_ids, tolerance: float
+) -> None:
+    """The torch ``model`` and the adapted `Net` agree on ``token_ids`` within ``tolerance``."""
+    got, want = jax_logits(config, params, token_ids), torch_logits(model, token_ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+
+
+def lorafied_and_moved(base_params: dict, config: jaxlora.LoraConfig, key) -> dict:
+    """`Net` adapted by ``config``, every trainable leaf moved by 0.1·N(0, 1) (seed 1), so
+    the adapters are not at their initial values."""
+    _, lora_params = jaxlora.lorafy(Net(), base_params, config, ids(), key=key)
+    trainable, frozen = jaxlora.split(lora_params)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
