@@ -4,6 +4,8 @@ Kept apart from ``bench_jax.py`` so that while the library is broken or incomple
 rows fail (the harness reports the import error as an error row).
 """
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -42,12 +44,24 @@ def lora_config(setting: str, w: Workload) -> jaxlora.LoraConfig:
     return jaxlora.LoraConfig(rank=w.rank, alpha=w.alpha, targets=list(TARGETS[setting]))
 
 
-def lorafy_linen(setting: str, w: Workload) -> tuple[nn.Module, Any, Any]:
+def qlora_config(setting: str, w: Workload) -> jaxlora.LoraConfig:
+    """:func:`lora_config` on an NF4 base (double-quantized scales) of the setting's target
+    layers only, as ``qwix-qlora`` quantizes them: the other linears stay float32."""
+    others = [name for name in TARGETS["all"] if name not in TARGETS[setting]]
+    return dataclasses.replace(
+        lora_config(setting, w), quantize="nf4", quantize_exclude=[*others, "lm_head"]
+    )
+
+
+def lorafy_linen(
+    setting: str, w: Workload, config: jaxlora.LoraConfig | None = None
+) -> tuple[nn.Module, Any, Any]:
     """The base linen model, its LoRA-fied counterpart, and the LoRA params.
 
     Args:
         setting: ``"qv"`` or ``"all"``; picks the target layer names.
         w: The workload (rank, alpha and model dimensions).
+        config: The config to use instead of ``lora_config(setting, w)``.
 
     Returns:
         ``(model, lora_model, lora_params)``.
@@ -55,14 +69,16 @@ def lorafy_linen(setting: str, w: Workload) -> tuple[nn.Module, Any, Any]:
     model, params = init_linen(w)
     tokens, _ = device_batch(w)
     lora_model, lora_params = jaxlora.lorafy(
-        model, params, lora_config(setting, w), tokens, key=jax.random.key(1)
+        model, params, config or lora_config(setting, w), tokens, key=jax.random.key(1)
     )
     return model, lora_model, lora_params
 
 
-def linen_lora(setting: str, w: Workload) -> FunctionalRun:
-    """``jaxlora``: adapters train, the rest is frozen and has no optimizer state."""
-    _, lora_model, lora_params = lorafy_linen(setting, w)
+def linen_lora(setting: str, w: Workload, quantized: bool = False) -> FunctionalRun:
+    """``jaxlora``: adapters train, the rest is frozen and has no optimizer state;
+    ``jaxlora-qlora`` (``quantized``): the same on :func:`qlora_config`'s NF4 base."""
+    config = qlora_config(setting, w) if quantized else lora_config(setting, w)
+    _, lora_model, lora_params = lorafy_linen(setting, w, config)
     tx = jaxlora.optimizer(adamw(), lora_params)
     step = jaxlora.make_train_step(linen_loss(lora_model), tx)
     summary = jaxlora.summary(lora_params)
@@ -104,6 +120,7 @@ def run_forward_merged(setting: str, w: Workload) -> Measurement:
 
 RUNNERS = {
     "jaxlora": measured(linen_lora),
+    "jaxlora-qlora": measured(functools.partial(linen_lora, quantized=True)),
     "jaxlora-nnx": run_train_nnx,
     "fwd-lora": run_forward_unmerged,
     "fwd-merged": run_forward_merged,

@@ -6,7 +6,8 @@ Run from the repository root::
     python -m experiments.benchmark --json --reps 5          # one JSON object per row
     python -m experiments.benchmark --impls jax-full,nnx-full --settings full --steps 3 --reps 1
     python -m experiments.benchmark --child nnx-lora qv      # one child: one JSON line
-    python -m experiments.benchmark --impls jaxlora,qwix-lora,qwix-qlora --settings qv,all
+    python -m experiments.benchmark --impls jaxlora,jaxlora-qlora,qwix-lora,qwix-qlora \
+        --settings qv,all                                     # QLoRA; Qwix as a peer
     python -m experiments.benchmark --model gpt2,gpt2-einsum,gpt2-moe \
         --impls jax-full,jax-floor,jaxlora --settings all,full,frozen   # custom layers, MoE
 
@@ -48,7 +49,7 @@ Row fields (``--json``):
     ratio_to_full: Median over the median of ``jax-full`` (train) or ``fwd-base`` (infer).
     ratio_to_fastest_peer: Median over the fastest median among the *other* implementations of
         the same kind and setting that store the base alike (float32, or NF4 for
-        ``qwix-qlora``); < 1 means this row is the fastest.
+        ``jaxlora-qlora`` and ``qwix-qlora``); < 1 means this row is the fastest.
     ratio_to_floor: Training rows: median over the median of the same framework's floor
         (``jax-floor`` or ``torch-floor``); what the implementation adds to the unavoidable.
         All three ratios compare rows of the same model.
@@ -128,6 +129,7 @@ IMPLS = {
     "jaxlora-nnx": Impl("train", _LORA, _JAXLORA),
     "nnx-lora": Impl("train", _LORA, _JAX),
     "nnx-full": Impl("train", _FULL, _JAX),
+    "jaxlora-qlora": Impl("train", _LORA, _JAXLORA, base="nf4"),
     "qwix-lora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",)),
     "qwix-qlora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",), base="nf4"),
     "torch-peft": _torch("train", _LORA),

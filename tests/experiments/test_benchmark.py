@@ -137,11 +137,12 @@ def test_jaxlora_rows_without_attention():
     assert merged["gflops"] == pytest.approx(base["gflops"])
 
 
-def test_qwix_rows():
-    """Qwix's LoRA and NF4 QLoRA on the NNX GPT-2 (inputs of 64: one NF4 block)."""
+def test_qlora_and_qwix_rows():
+    """jaxlora's QLoRA, and Qwix's LoRA and NF4 QLoRA on the NNX GPT-2 (inputs of 64: one
+    NF4 block)."""
     flags = ["--d-model", "64", "--mlp", "128", "--settings", "qv,all"]
-    rows = run_benchmark("--impls", "jaxlora,qwix-lora,qwix-qlora", *flags)
-    assert len(rows) == 6
+    rows = run_benchmark("--impls", "jaxlora,jaxlora-qlora,qwix-lora,qwix-qlora", *flags)
+    assert len(rows) == 8
     for row in rows.values():
         check_timed(row)
         assert row["error"] is None
@@ -161,7 +162,16 @@ def test_qwix_rows():
         assert lora["ratio_to_fastest_peer"] == pytest.approx(
             lora["step_time_median_s"] / qwix["step_time_median_s"]
         )
-        assert qlora["ratio_to_fastest_peer"] is None  # no other NF4 row
+        # jaxlora's NF4 on the same kernels: 4-bit codes and 8-bit block scales (double
+        # quantization), more than the codes alone and less than Qwix's float32 scales
+        ours = rows["jaxlora-qlora", setting]
+        check_adamw(ours, counters=1)
+        assert ours["trainable_params"] == expected
+        codes_only = qwix["base_param_bytes"] - kernels * 4 + kernels // 2
+        assert codes_only < ours["base_param_bytes"] < qlora["base_param_bytes"]
+        assert ours["ratio_to_fastest_peer"] == pytest.approx(
+            ours["step_time_median_s"] / qlora["step_time_median_s"]
+        )
 
 
 def test_failed_child_is_an_error_row():
