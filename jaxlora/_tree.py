@@ -362,6 +362,27 @@ def _check_was_merged(merged: PyTree, adapted: PyTree) -> None:
             )
 
 
+def _check_restored(restored: PyTree, adapted: PyTree) -> None:
+    """Raises if ``merged - ΔW`` is not, to float rounding, the adapted tree's base: the
+    params were merged with other adapters (another run, another config), and subtracting
+    these would silently give wrong weights. Concrete arrays only."""
+    for name, module, weight, layer in iter_adapters(unwrap_trainable(adapted)):
+        got, want = meta.unbox(subtree(restored, module)[weight]), meta.unbox(layer[weight])
+        if isinstance(got, jax.core.Tracer) or isinstance(want, jax.core.Tracer):
+            return
+        got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+        merged = jnp.asarray(meta.unbox(_merged_weight(layer, weight, 1.0, None)), jnp.float32)
+        # (W + ΔW) - ΔW is W up to a few roundings of numbers as large as W + ΔW
+        tolerance = 8 * jnp.finfo(layer[weight].dtype).eps * float(jnp.max(jnp.abs(merged)))
+        error = float(jnp.max(jnp.abs(got - want)))
+        if error > tolerance:
+            raise ValueError(
+                f"unmerge: weight {name!r} minus these adapters' ΔW is {error:.3g} away from "
+                "the adapted tree's base weight: the first argument was merged with other "
+                "adapters. Pass the adapted tree that was given to jaxlora.merge."
+            )
+
+
 def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
     """The adapted tree with kernels ``merged - scale · A ⊗ B`` (see `jaxlora.unmerge`)."""
     merged_inner, _ = params_of(merged)
@@ -414,4 +435,6 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             out[weight] = _merged_weight(out, weight, -1.0, None)
         return out
 
-    return rebuild(restore(merged_inner, adapted_inner, ""))
+    restored = restore(merged_inner, adapted_inner, "")
+    _check_restored(restored, adapted_inner)
+    return rebuild(restored)

@@ -85,6 +85,21 @@ def test_unmerge_of_params_that_were_never_merged_is_an_error():
     jaxlora.unmerge(jaxlora.merge(lp), lp)  # the real thing still works
 
 
+def test_unmerge_with_other_adapters_is_an_error():
+    """Params merged from one adapted tree, unmerged with another of the same shapes."""
+    model = models.MLP(features=(16, 8))
+    x = jnp.ones((2, 8))
+    base = model.init(KEY, x)["params"]
+    _, lp = jaxlora.lorafy(model, base, jaxlora.LoraConfig(rank=2), x, key=KEY)
+    lp = _trained(lp)
+    _, other = jaxlora.lorafy(model, base, jaxlora.LoraConfig(rank=2, alpha=4), x, key=KEY)
+    other = _trained(_trained(other))
+    with pytest.raises(ValueError, match=r"weight 'dense_\d' minus these adapters' ΔW is .* "):
+        jaxlora.unmerge(jaxlora.merge(lp), other)
+    restored = jaxlora.unmerge(jaxlora.merge(lp), lp)
+    chex.assert_trees_all_close(jaxlora.split(restored)[1], jaxlora.split(lp)[1], atol=1e-6)
+
+
 def test_nnx_unmerge_of_a_module_that_was_never_merged_is_an_error():
     model = jaxlora.lorafy(
         models.NnxModel(nnx.Rngs(0)), jaxlora.LoraConfig(rank=2), rngs=nnx.Rngs(1)
