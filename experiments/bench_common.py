@@ -51,6 +51,8 @@ class Workload:
         experts: Experts per MLP of ``gpt2-moe``.
         top_k: Experts per token of ``gpt2-moe``; each expert's hidden width is
             ``mlp // top_k``, so a token's active expert FLOPs equal the dense MLP's.
+        adapters: Adapters in the bank of the ``jaxlora-mixed*`` rows (K), each example of a
+            batch using one drawn uniformly; the harness takes a comma-separated list.
         steps: Timed steps per child process.
         warmup: Untimed steps before them (the first one compiles).
     """
@@ -68,6 +70,7 @@ class Workload:
     model: str = dataclasses.field(default="gpt2", metadata={"choices": MODELS})
     experts: int = 4
     top_k: int = 2
+    adapters: str = "1,4,16"
     steps: int = 20
     warmup: int = 3
 
@@ -97,14 +100,19 @@ class Measurement:
     base_param_bytes: int | None = None
 
 
-def csv_of(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    """An argparse ``type`` for a comma-separated subset of ``choices``."""
+def csv_of(choices: Sequence[str] | None) -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type`` for a comma-separated subset of ``choices`` (``None``: positive
+    integers)."""
 
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(t for t in text.split(",") if t)
-        unknown = [t for t in items if t not in choices]
+        if choices is None:
+            unknown = [t for t in items if not (t.isdigit() and int(t) > 0)]
+        else:
+            unknown = [t for t in items if t not in choices]
         if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {','.join(choices)}")
+            valid = ",".join(choices) if choices else "positive integers"
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {valid}")
         return items
 
     return parse

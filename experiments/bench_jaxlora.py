@@ -14,7 +14,7 @@ from flax import nnx
 
 import jaxlora
 from experiments import gpt2
-from experiments.bench_common import TARGETS, Measurement, Workload, stored_bytes
+from experiments.bench_common import TARGETS, Measurement, Workload, stored_bytes, time_calls
 from experiments.bench_jax import (
     FunctionalRun,
     adamw,
@@ -25,6 +25,8 @@ from experiments.bench_jax import (
     measure_nnx,
     measured,
     model_config,
+    param_count,
+    xla_gflops,
 )
 
 
@@ -118,10 +120,56 @@ def run_forward_merged(setting: str, w: Workload) -> Measurement:
     return measure_forward(model, jaxlora.merge(lora_params), w)
 
 
+def mixed_bank(setting: str, w: Workload) -> tuple[Any, Any, jax.Array]:
+    """A bank of ``w.adapters`` adapters of ``setting`` on the linen GPT-2, and the ids
+    giving each example of the batch one of them, drawn uniformly.
+
+    Returns:
+        ``(bank_model, bank, ids)``; ``ids`` ``(batch,)`` in ``1..K`` (0 is the base).
+    """
+    model, params = init_linen(w)
+    tokens, _ = device_batch(w)
+    bank_model, bank, k = None, params, int(w.adapters)
+    for i in range(k):
+        bank_model, bank = jaxlora.lorafy(
+            model, bank, lora_config(setting, w), tokens, key=jax.random.key(1 + i), name=f"t{i}"
+        )
+    ids = jax.random.randint(jax.random.key(100), (w.batch,), 1, k + 1)
+    return bank_model, bank, ids
+
+
+def run_forward_mixed(setting: str, w: Workload) -> Measurement:
+    """``jaxlora-mixed``: one forward pass of a batch whose examples use their own adapters."""
+    bank_model, bank, ids = mixed_bank(setting, w)
+    forward = jax.jit(lambda b, tokens: bank_model.apply({"params": b}, tokens, adapter=ids))
+    tokens, _ = device_batch(w)
+    gflops = xla_gflops(forward, bank, tokens)
+    times = time_calls(lambda: forward(bank, tokens).block_until_ready(), w)
+    base = bank.nbytes()["base"]
+    return Measurement(times, param_count(bank), gflops=gflops, base_param_bytes=base)
+
+
+def linen_mixed(setting: str, w: Workload) -> FunctionalRun:
+    """``jaxlora-mixed-train``: every adapter of the bank trains on its own examples."""
+    bank_model, bank, ids = mixed_bank(setting, w)
+
+    def loss_fn(b: Any, batch: Any) -> jax.Array:
+        tokens, targets = batch
+        return gpt2.cross_entropy(bank_model.apply({"params": b}, tokens, adapter=ids), targets)
+
+    tx = jaxlora.optimizer(adamw(), bank)
+    step = jaxlora.make_train_step(loss_fn, tx)
+    trainable, _ = jaxlora.split(bank)
+    n_trainable, total = param_count(trainable), param_count(bank)
+    return FunctionalRun(step, bank, tx.init(bank), n_trainable, total, bank.nbytes()["base"])
+
+
 RUNNERS = {
     "jaxlora": measured(linen_lora),
     "jaxlora-qlora": measured(functools.partial(linen_lora, quantized=True)),
     "jaxlora-nnx": run_train_nnx,
     "fwd-lora": run_forward_unmerged,
     "fwd-merged": run_forward_merged,
+    "jaxlora-mixed": run_forward_mixed,
+    "jaxlora-mixed-train": measured(linen_mixed),
 }

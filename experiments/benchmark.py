@@ -8,6 +8,8 @@ Run from the repository root::
     python -m experiments.benchmark --child nnx-lora qv      # one child: one JSON line
     python -m experiments.benchmark --impls jaxlora,jaxlora-qlora,qwix-lora,qwix-qlora \
         --settings qv,all                                     # QLoRA; Qwix as a peer
+    python -m experiments.benchmark --impls fwd-lora,jaxlora-mixed,jaxlora,jaxlora-mixed-train \
+        --settings all --adapters 1,4,16                      # many adapters, mixed batches
     python -m experiments.benchmark --model gpt2,gpt2-einsum,gpt2-moe \
         --impls jax-full,jax-floor,jaxlora --settings all,full,frozen   # custom layers, MoE
 
@@ -52,7 +54,12 @@ Row fields (``--json``):
         ``jaxlora-qlora`` and ``qwix-qlora``); < 1 means this row is the fastest.
     ratio_to_floor: Training rows: median over the median of the same framework's floor
         (``jax-floor`` or ``torch-floor``); what the implementation adds to the unavoidable.
-        All three ratios compare rows of the same model.
+    adapters, ratio_to_single: Mixed-adapter rows (``jaxlora-mixed``: forward,
+        ``jaxlora-mixed-train``: training step, each example of the batch using one of K
+        adapters drawn uniformly, K from ``--adapters``): K, and the median over the median
+        of the single-adapter row of the same kind and setting (``fwd-lora``, ``jaxlora``);
+        ``None`` elsewhere. Mixed rows are no one's peer.
+        All ratios compare rows of the same model.
     threads: CPUs available to XLA, and the value given to ``torch.set_num_threads``.
     reps_ok, error: Successful repetitions; the first failure's message, if any.
 """
@@ -69,7 +76,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from experiments.bench_common import (
     FROZEN,
@@ -99,6 +106,8 @@ class Impl:
         models: The models (``--model``) it runs on.
         base: How it stores the frozen base (``"float32"``, ``"nf4"``); rows are peers
             (``ratio_to_fastest_peer``) only of rows storing the base alike.
+        single: For a mixed-adapter implementation, the single-adapter one of the same
+            kind (``ratio_to_single`` divides by it); it runs once per ``--adapters`` K.
     """
 
     kind: str
@@ -108,6 +117,16 @@ class Impl:
     requires: tuple[str, ...] = ()
     models: tuple[str, ...] = ("gpt2",)
     base: str = "float32"
+    single: str | None = None
+
+
+class Job(NamedTuple):
+    """One child to run per repetition (``adapters``: K, for mixed-adapter rows only)."""
+
+    impl: str
+    setting: str
+    model: str
+    adapters: int | None
 
 
 _LORA, _FULL, _FLOOR = tuple(TARGETS), ("full",), (FROZEN,)
@@ -138,6 +157,8 @@ IMPLS = {
     "fwd-base": _linen("infer", _FULL, _JAX),
     "fwd-lora": _linen("infer", _LORA, _JAXLORA),
     "fwd-merged": _linen("infer", _LORA, _JAXLORA),
+    "jaxlora-mixed": Impl("infer", _LORA, _JAXLORA, single="fwd-lora"),
+    "jaxlora-mixed-train": Impl("train", _LORA, _JAXLORA, single="jaxlora"),
 }
 BASELINES = {"train": "jax-full", "infer": "fwd-base"}
 FLOORS = {"jax": "jax-floor", "torch": "torch-floor"}
@@ -153,13 +174,14 @@ MEASURED_ONCE = (
 MERGED_TOLERANCE = 0.02  # fwd-merged should be within 2% of fwd-base
 EINSUM_TOLERANCE = 0.05  # jaxlora on gpt2-einsum should be within 5% of jaxlora on gpt2
 MOE_TARGET = 0.75  # jaxlora on gpt2-moe should take at most 0.75x of jax-full on gpt2-moe
+MIXED_TARGETS = {("infer", 16): 1.3, ("train", 4): 1.3}  # at most x the single-adapter row
 ERROR_CHARS = 300  # error messages in rows are cut to this length
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parses the command line; every :class:`Workload` field is a ``--flag``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_workload_flags(p, several=("model",))
+    add_workload_flags(p, several=("model", "adapters"))
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default: 3)")
     p.add_argument(
         "--impls", type=csv_of(list(IMPLS)), default=tuple(IMPLS), help=f"{','.join(IMPLS)}"
@@ -180,15 +202,20 @@ def workload_flags(w: Workload) -> list[str]:
 
 
 def plan_jobs(
-    impls: Sequence[str], settings: Sequence[str], models: Sequence[str]
-) -> list[tuple[str, str, str]]:
-    """The (impl, setting, model) jobs: each impl in the settings and models it supports."""
+    impls: Sequence[str],
+    settings: Sequence[str],
+    models: Sequence[str],
+    adapters: Sequence[int] = (),
+) -> list[Job]:
+    """The jobs: each impl in the settings and models it supports, and a mixed-adapter impl
+    once per K of ``adapters``."""
     return [
-        (i, s, m)
+        Job(i, s, m, k)
         for i in impls
         for s in settings
         for m in models
         if s in IMPLS[i].settings and m in IMPLS[i].models
+        for k in (adapters if IMPLS[i].single else (None,))
     ]
 
 
@@ -244,24 +271,27 @@ def spawn_child(impl: str, setting: str, w: Workload, timeout: float) -> dict[st
 
 
 def run_interleaved(
-    jobs: Sequence[tuple[str, str, str]], w: Workload, reps: int, timeout: float
-) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    jobs: Sequence[Job], w: Workload, reps: int, timeout: float
+) -> dict[Job, list[dict[str, Any]]]:
     """Runs every job once per repetition, repetition after repetition; every other
     repetition runs the jobs in reverse order (a load rising through a repetition would
     otherwise always hit the last jobs)."""
-    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {job: [] for job in jobs}
+    results: dict[Job, list[dict[str, Any]]] = {job: [] for job in jobs}
     for rep in range(reps):
-        for impl, setting, model in jobs if rep % 2 == 0 else jobs[::-1]:
-            result = spawn_child(impl, setting, dataclasses.replace(w, model=model), timeout)
-            results[impl, setting, model].append(result)
+        for job in jobs if rep % 2 == 0 else jobs[::-1]:
+            child_w = dataclasses.replace(w, model=job.model, adapters=str(job.adapters or 1))
+            result = spawn_child(job.impl, job.setting, child_w, timeout)
+            results[job].append(result)
             status = result.get("error") or f"median {statistics.median(result['times_s']):.4f} s"
-            print(f"[rep {rep + 1}/{reps}] {impl} {setting} {model}: {status}", file=sys.stderr)
+            k = f" K={job.adapters}" if job.adapters else ""
+            print(
+                f"[rep {rep + 1}/{reps}] {job.impl} {job.setting} {job.model}{k}: {status}",
+                file=sys.stderr,
+            )
     return results
 
 
-def aggregate(
-    impl: str, setting: str, model: str, results: Sequence[dict[str, Any]]
-) -> dict[str, Any]:
+def aggregate(job: Job, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One row from the repetitions of one job; measured fields are ``None`` if all failed.
 
     Ratios are added by :func:`add_ratios`.
@@ -271,10 +301,11 @@ def aggregate(
     times = [t for r in ok for t in r["times_s"]]
     first = ok[0] if ok else {}
     return {
-        "impl": impl,
-        "setting": setting,
-        "kind": IMPLS[impl].kind,
-        "model": model,
+        "impl": job.impl,
+        "setting": job.setting,
+        "kind": IMPLS[job.impl].kind,
+        "model": job.model,
+        "adapters": job.adapters,
         "step_time_median_s": statistics.median(times) if times else None,
         "step_time_min_s": min(times, default=None),
         "rep_medians_s": [statistics.median(r["times_s"]) for r in ok],
@@ -294,7 +325,9 @@ def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, f
     """``ratio_to_full``, ``ratio_to_fastest_peer``, ``ratio_to_floor`` of ``row`` among ``ok``."""
     median = row["step_time_median_s"]
     if median is None:
-        return {"ratio_to_full": None, "ratio_to_fastest_peer": None, "ratio_to_floor": None}
+        return dict.fromkeys(
+            ("ratio_to_full", "ratio_to_fastest_peer", "ratio_to_floor", "ratio_to_single")
+        )
     same_kind = [r for r in ok if r["kind"] == row["kind"] and r["model"] == row["model"]]
 
     def medians_of(impl: str | None) -> list[float]:
@@ -306,12 +339,20 @@ def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, f
         if r["setting"] == row["setting"]
         and r["impl"] != row["impl"]
         and IMPLS[r["impl"]].base == IMPLS[row["impl"]].base
+        and not IMPLS[r["impl"]].single
+        and not IMPLS[row["impl"]].single
+    ]
+    single = [
+        r["step_time_median_s"]
+        for r in same_kind
+        if r["impl"] == IMPLS[row["impl"]].single and r["setting"] == row["setting"]
     ]
     floor = FLOORS[IMPLS[row["impl"]].framework] if row["kind"] == "train" else None
     return {
         "ratio_to_full": ratio(median, medians_of(BASELINES[row["kind"]])),
         "ratio_to_fastest_peer": ratio(median, peers),
         "ratio_to_floor": ratio(median, medians_of(floor)),
+        "ratio_to_single": ratio(median, single),
     }
 
 
@@ -339,7 +380,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) 
             lines.append(f"| {r['impl']} | {r['setting']} | ERROR: {r['error']} |")
             continue
         cells = [
-            r["impl"],
+            r["impl"] + (f" K={r['adapters']}" if r.get("adapters") else ""),
             r["setting"],
             fmt(r["step_time_median_s"] * 1e3, ".1f"),
             fmt(r["step_time_min_s"] * 1e3, ".1f"),
@@ -365,6 +406,24 @@ def merged_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"fwd-merged / fwd-base ({r['setting']}{model}): {r['ratio_to_full']:.3f} "
                 f"(target: within {MERGED_TOLERANCE:.0%}: {verdict})"
+            )
+    return lines
+
+
+def mixed_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per mixed-adapter row: its time over the single-adapter row's, against the
+    target where the issue sets one (forward at K=16, training step at K=4)."""
+    lines = []
+    for r in rows:
+        if r.get("adapters") and r["ratio_to_single"] is not None:
+            target = MIXED_TARGETS.get((r["kind"], r["adapters"]))
+            verdict = ""
+            if target is not None:
+                ok = "ok" if r["ratio_to_single"] <= target else "MISSED"
+                verdict = f" (target: at most {target}: {ok})"
+            lines.append(
+                f"{r['impl']} {r['setting']} K={r['adapters']} / {IMPLS[r['impl']].single}: "
+                f"{r['ratio_to_single']:.3f}{verdict}"
             )
     return lines
 
@@ -416,7 +475,7 @@ def report(rows: Sequence[dict[str, Any]], w: Workload, notes: Sequence[str]) ->
                 table_lines = markdown_table(table, BASELINES[kind], floors=kind == "train")
                 title += f", {model}" if len(models) > 1 else ""
                 lines += [f"## {title}", "", *table_lines, ""]
-    return "\n".join(lines + merged_lines(rows) + model_lines(rows))
+    return "\n".join(lines + merged_lines(rows) + model_lines(rows) + mixed_lines(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -448,9 +507,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for i in runnable
         if not set(models) <= set(IMPLS[i].models)
     ]
-    jobs = plan_jobs(runnable, args.settings, models)
+    jobs = plan_jobs(runnable, args.settings, models, [int(k) for k in w.adapters.split(",")])
     results = run_interleaved(jobs, w, args.reps, args.timeout)
-    rows = add_ratios([aggregate(*job, results[job]) for job in jobs])
+    rows = add_ratios([aggregate(job, results[job]) for job in jobs])
     if args.json:
         print("\n".join(notes), file=sys.stderr)
         print("\n".join(json.dumps(r) for r in rows))

@@ -29,6 +29,8 @@ ROW_KEYS = {
     "ratio_to_floor",
     "gflops",
     "base_param_bytes",
+    "adapters",
+    "ratio_to_single",
 }
 
 
@@ -172,6 +174,38 @@ def test_qlora_and_qwix_rows():
         assert ours["ratio_to_fastest_peer"] == pytest.approx(
             ours["step_time_median_s"] / qlora["step_time_median_s"]
         )
+
+
+def test_mixed_adapter_rows():
+    """K adapters on one base, each example using its own: forward and training rows."""
+    impls = "fwd-lora,jaxlora-mixed,jaxlora,jaxlora-mixed-train"
+    rows = benchmark_rows("--impls", impls, "--settings", "qv", "--adapters", "1,3")
+    by_job = {(r["impl"], r["adapters"]): r for r in rows}
+    assert set(by_job) == {
+        ("fwd-lora", None),
+        ("jaxlora", None),
+        *((i, k) for i in ("jaxlora-mixed", "jaxlora-mixed-train") for k in (1, 3)),
+    }
+    single_infer, single_train = by_job["fwd-lora", None], by_job["jaxlora", None]
+    per_adapter = single_train["trainable_params"]  # A and B of query and value
+    for k in (1, 3):
+        infer, train = by_job["jaxlora-mixed", k], by_job["jaxlora-mixed-train", k]
+        for row in (infer, train):
+            check_timed(row)
+            assert row["ratio_to_fastest_peer"] is None  # mixed rows are no one's peer
+        assert infer["kind"] == "infer" and train["kind"] == "train"
+        assert infer["ratio_to_single"] == pytest.approx(
+            infer["step_time_median_s"] / single_infer["step_time_median_s"]
+        )
+        assert train["ratio_to_single"] == pytest.approx(
+            train["step_time_median_s"] / single_train["step_time_median_s"]
+        )
+        # the base once, each adapter's own factors on top; every adapter trains
+        assert train["trainable_params"] == k * per_adapter
+        assert train["total_params"] == single_train["total_params"] + (k - 1) * per_adapter
+        assert train["base_param_bytes"] == single_train["base_param_bytes"]
+        check_adamw(train, counters=1)
+    assert single_infer["ratio_to_single"] is None and single_infer["adapters"] is None
 
 
 def test_failed_child_is_an_error_row():
