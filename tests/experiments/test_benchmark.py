@@ -85,7 +85,6 @@ def test_training_rows():
         rows["nnx-lora", "qv"],
     )
     assert full["trainable_params"] == full["total_params"]
-    assert full["ratio_to_full"] == 1.0
     assert full["gflops"] > nnx_lora["gflops"] > 0  # LoRA skips the frozen weight gradients
     assert full["gflops"] > floor["gflops"] > 0
     check_adamw(full, counters=1)  # optax's count
@@ -93,12 +92,9 @@ def test_training_rows():
     check_adamw(nnx_lora, counters=2)  # optax's count + nnx.Optimizer.step
     assert floor["trainable_params"] == 8 * 32  # the position table: seq x d_model
     assert floor["total_params"] == full["total_params"]
-    assert floor["ratio_to_floor"] == 1.0
     assert nnx_lora["trainable_params"] == 2 * (32 * 8 + 8 * 32)  # A and B of query and value
     assert nnx_lora["trainable_params"] < nnx_lora["total_params"]
-    assert nnx_lora["ratio_to_floor"] == pytest.approx(
-        nnx_lora["step_time_median_s"] / floor["step_time_median_s"]
-    )
+    assert nnx_lora["ratio_to_floor"] > 0  # which rows ratios divide by: test_ratios_...
     peft_row, torch_floor = rows["torch-peft", "qv"], rows["torch-floor", "frozen"]
     check_adamw(peft_row, counters=4)  # one step per tensor: A and B of query and value
     check_adamw(torch_floor, counters=1)
@@ -106,12 +102,7 @@ def test_training_rows():
     assert peft_row["trainable_params"] == nnx_lora["trainable_params"]
     assert peft_row["total_params"] == nnx_lora["total_params"]
     assert peft_row["gflops"] is None
-    assert nnx_lora["ratio_to_fastest_peer"] == pytest.approx(
-        nnx_lora["step_time_median_s"] / peft_row["step_time_median_s"]
-    )
-    assert peft_row["ratio_to_floor"] == pytest.approx(
-        peft_row["step_time_median_s"] / torch_floor["step_time_median_s"]
-    )
+    assert nnx_lora["ratio_to_fastest_peer"] > 0 and peft_row["ratio_to_floor"] > 0
 
 
 def test_jaxlora_rows_without_attention():
@@ -161,9 +152,6 @@ def test_qlora_and_qwix_rows():
         kernels = sum(math.prod(fan.get(name, (64, 64))) for name in layers)
         saved = kernels * 4 - kernels * 4.5 / 8
         assert qlora["base_param_bytes"] == qwix["base_param_bytes"] - saved
-        assert lora["ratio_to_fastest_peer"] == pytest.approx(
-            lora["step_time_median_s"] / qwix["step_time_median_s"]
-        )
         # jaxlora's NF4 on the same kernels: 4-bit codes and 8-bit block scales (double
         # quantization), more than the codes alone and less than Qwix's float32 scales
         ours = rows["jaxlora-qlora", setting]
@@ -171,9 +159,7 @@ def test_qlora_and_qwix_rows():
         assert ours["trainable_params"] == expected
         codes_only = qwix["base_param_bytes"] - kernels * 4 + kernels // 2
         assert codes_only < ours["base_param_bytes"] < qlora["base_param_bytes"]
-        assert ours["ratio_to_fastest_peer"] == pytest.approx(
-            ours["step_time_median_s"] / qlora["step_time_median_s"]
-        )
+        assert ours["ratio_to_fastest_peer"] > 0  # qwix-qlora, the other NF4 row
 
 
 def test_mixed_adapter_rows():
@@ -194,12 +180,7 @@ def test_mixed_adapter_rows():
             check_timed(row)
             assert row["ratio_to_fastest_peer"] is None  # mixed rows are no one's peer
         assert infer["kind"] == "infer" and train["kind"] == "train"
-        assert infer["ratio_to_single"] == pytest.approx(
-            infer["step_time_median_s"] / single_infer["step_time_median_s"]
-        )
-        assert train["ratio_to_single"] == pytest.approx(
-            train["step_time_median_s"] / single_train["step_time_median_s"]
-        )
+        assert infer["ratio_to_single"] > 0 and train["ratio_to_single"] > 0
         # the base once, each adapter's own factors on top; every adapter trains
         assert train["trainable_params"] == k * per_adapter
         assert train["total_params"] == single_train["total_params"] + (k - 1) * per_adapter
@@ -237,21 +218,73 @@ def test_custom_einsum_and_moe_models():
     assert moe["ratio_to_fastest_peer"] is None  # no other LoRA implementation on gpt2-moe
 
 
-def test_report_checks_the_model_targets():
-    def row(impl, setting, model, median, gflops=1.0):
-        return {
-            **dict.fromkeys(benchmark.MEASURED_ONCE),
-            "impl": impl,
-            "setting": setting,
-            "model": model,
-            "kind": benchmark.IMPLS[impl].kind,
-            "step_time_median_s": median,
-            "step_time_min_s": median,
-            "peak_rss_mb": 1.0,
-            "gflops": gflops,
-            "error": None,
-        }
+def row(impl, setting, model, median, gflops=1.0, adapters=None):
+    """A measured row as the harness aggregates it, with the given median (seconds)."""
+    return {
+        **dict.fromkeys(benchmark.MEASURED_ONCE),
+        "impl": impl,
+        "setting": setting,
+        "model": model,
+        "adapters": adapters,
+        "kind": benchmark.IMPLS[impl].kind,
+        "step_time_median_s": median,
+        "step_time_min_s": median,
+        "peak_rss_mb": 1.0,
+        "gflops": gflops,
+        "error": None,
+    }
 
+
+def test_ratios_divide_by_the_right_rows():
+    """Each ratio's denominator, on hand-made medians: the baseline of the row's kind, the
+    fastest other implementation storing the base alike (mixed rows excluded), the floor of
+    the row's framework, the single-adapter row; nothing across models."""
+    rows = benchmark.add_ratios(
+        [
+            row("jax-full", "full", "gpt2", 2.0),
+            row("jax-floor", "frozen", "gpt2", 1.0),
+            row("jaxlora", "qv", "gpt2", 1.2),
+            row("nnx-lora", "qv", "gpt2", 1.5),
+            row("torch-floor", "frozen", "gpt2", 0.8),
+            row("torch-peft", "qv", "gpt2", 1.0),
+            row("jaxlora-qlora", "qv", "gpt2", 1.8),
+            row("qwix-qlora", "qv", "gpt2", 2.4),
+            row("fwd-base", "full", "gpt2", 0.5),
+            row("fwd-lora", "qv", "gpt2", 0.6),
+            row("jaxlora-mixed", "qv", "gpt2", 0.75, adapters=16),
+            row("jaxlora-mixed-train", "qv", "gpt2", 1.56, adapters=4),
+            row("jaxlora", "qv", "gpt2-einsum", 3.0),
+        ]
+    )
+    ratios = {
+        (r["impl"], r["model"]): tuple(
+            None if r[k] is None else round(r[k], 4)
+            for k in ("ratio_to_full", "ratio_to_fastest_peer", "ratio_to_floor", "ratio_to_single")
+        )
+        for r in rows
+    }
+    assert ratios == {
+        ("jax-full", "gpt2"): (1.0, None, 2.0, None),
+        ("jax-floor", "gpt2"): (0.5, 1.25, 1.0, None),  # the floors are each other's peers
+        ("jaxlora", "gpt2"): (0.6, 1.2, 1.2, None),  # peers: nnx-lora 1.5, torch-peft 1.0
+        ("nnx-lora", "gpt2"): (0.75, 1.5, 1.5, None),
+        ("torch-floor", "gpt2"): (0.4, 0.8, 1.0, None),
+        ("torch-peft", "gpt2"): (0.5, 0.8333, 1.25, None),  # torch's own floor
+        ("jaxlora-qlora", "gpt2"): (0.9, 0.75, 1.8, None),  # its peer: qwix-qlora only
+        ("qwix-qlora", "gpt2"): (1.2, 1.3333, 2.4, None),
+        ("fwd-base", "gpt2"): (1.0, None, None, None),
+        ("fwd-lora", "gpt2"): (1.2, None, None, None),  # mixed rows are no one's peer
+        ("jaxlora-mixed", "gpt2"): (1.5, None, None, 1.25),
+        ("jaxlora-mixed-train", "gpt2"): (0.78, None, 1.56, 1.3),
+        ("jaxlora", "gpt2-einsum"): (None, None, None, None),  # no row of its model
+    }
+    assert benchmark.mixed_lines(rows) == [
+        "jaxlora-mixed qv K=16 / fwd-lora: 1.250 (target: at most 1.3: ok)",
+        "jaxlora-mixed-train qv K=4 / jaxlora: 1.300 (target: at most 1.3: ok)",
+    ]
+
+
+def test_report_checks_the_model_targets():
     rows = benchmark.add_ratios(
         [
             row("jaxlora", "all", "gpt2", 1.0, 101.0),
