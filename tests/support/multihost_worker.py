@@ -131,7 +131,7 @@ def trainable_leaves(params: Any) -> dict[str, list]:
 def one_process_fails_to_write(target: str) -> str:
     """Replaces ``target`` while process 1 fails; this process's error, as a line."""
     try:
-        with replacing(target) as new:
+        with replacing(target, who="the multihost test") as new:
             if jax.process_index() == 1:
                 raise OSError("disk full on process 1")
             new.mkdir()
