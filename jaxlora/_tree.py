@@ -362,7 +362,7 @@ def _check_was_merged(merged: PyTree, adapted: PyTree) -> None:
             )
 
 
-def _check_restored(restored: PyTree, adapted: PyTree) -> None:
+def _check_restored(merged: PyTree, restored: PyTree, adapted: PyTree) -> None:
     """Raises if ``merged - ΔW`` is not, to float rounding, the adapted tree's base: the
     params were merged with other adapters (another run, another config), and subtracting
     these would silently give wrong weights. Concrete arrays only."""
@@ -371,9 +371,9 @@ def _check_restored(restored: PyTree, adapted: PyTree) -> None:
         if isinstance(got, jax.core.Tracer) or isinstance(want, jax.core.Tracer):
             return
         got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
-        merged = jnp.asarray(meta.unbox(_merged_weight(layer, weight, 1.0, None)), jnp.float32)
+        given = jnp.asarray(meta.unbox(subtree(merged, module)[weight]), jnp.float32)
         # (W + ΔW) - ΔW is W up to a few roundings of numbers as large as W + ΔW
-        tolerance = 8 * jnp.finfo(layer[weight].dtype).eps * float(jnp.max(jnp.abs(merged)))
+        tolerance = 8 * jnp.finfo(layer[weight].dtype).eps * float(jnp.max(jnp.abs(given)))
         error = float(jnp.max(jnp.abs(got - want)))
         if error > tolerance:
             raise ValueError(
@@ -436,5 +436,5 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
         return out
 
     restored = restore(merged_inner, adapted_inner, "")
-    _check_restored(restored, adapted_inner)
+    _check_restored(merged_inner, restored, adapted_inner)
     return rebuild(restored)
