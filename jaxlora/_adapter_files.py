@@ -20,8 +20,16 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxlora import _attach, _files, _fingerprint, _init_from_weights, _io_errors
-from jaxlora._config import LoraConfig
+from jaxlora import (
+    _attach,
+    _base_checks,
+    _files,
+    _fingerprint,
+    _init_from_weights,
+    _io_errors,
+    _records,
+)
+from jaxlora._config import LoraConfig, listing
 from jaxlora._tree import LoraAdapter, PyTree, path_str
 
 _FORMAT, _VERSION = "jaxlora.adapter", 2
@@ -65,7 +73,7 @@ def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
 
 
 def _check_finite(
-    layers: list[tuple[_attach.LayerSpec, Any, Any]], leaves: list[tuple[_attach.LeafSpec, Any]]
+    layers: list[tuple[_records.LayerSpec, Any, Any]], leaves: list[tuple[_records.LeafSpec, Any]]
 ) -> None:
     named = [
         *(
@@ -78,7 +86,7 @@ def _check_finite(
     bad = _nonfinite(named)
     if bad:
         raise ValueError(
-            f"save_adapter: these arrays hold NaN or inf:{_attach.listing(bad)}\nThe run "
+            f"save_adapter: these arrays hold NaN or inf:{listing(bad)}\nThe run "
             "diverged (a non-finite loss or gradient); the adapter would output NaN. Save an "
             "earlier state, or train with jaxlora.make_train_step(..., skip_nonfinite=True); "
             "pass allow_nonfinite=True to save it anyway."
@@ -123,9 +131,9 @@ def save_adapter(
       >>> jaxlora.save_adapter("runs/adapter", lora_params, cfg)
       >>> cfg, lora_params = jaxlora.load_adapter("runs/adapter", base_params)
     """
-    layers, leaves = _attach.collect(params, who="save_adapter")
-    _attach.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
-    specs = _attach.fingerprinted(params, [spec for spec, _, _ in layers])
+    layers, leaves = _records.collect(params, who="save_adapter")
+    _records.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
+    specs = _base_checks.fingerprinted(params, [spec for spec, _, _ in layers])
     layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
     if not allow_nonfinite:
         _check_finite(layers, leaves)
@@ -190,8 +198,8 @@ def _damaged(source: str, what: str) -> ValueError:
 
 class _Record(NamedTuple):
     config: LoraConfig
-    layers: list[_attach.LayerSpec]
-    leaves: list[_attach.LeafSpec]
+    layers: list[_records.LayerSpec]
+    leaves: list[_records.LeafSpec]
     array_hashes: dict[str, list[Any]] | None  # None for version 1
 
 
@@ -221,8 +229,8 @@ def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Re
         raise _damaged(source, "its record has lost its checksum")
     try:
         config = LoraConfig(**record["config"])
-        layers = [_attach.LayerSpec.from_json(r) for r in record["layers"]]
-        leaves = [_attach.LeafSpec.from_json(r) for r in record["trainable"]]
+        layers = [_records.LayerSpec.from_json(r) for r in record["layers"]]
+        leaves = [_records.LeafSpec.from_json(r) for r in record["trainable"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: the record of {source} is malformed ({e}).") from e
     return _Record(config, layers, leaves, record.get("array_hashes") if version != 1 else None)
@@ -244,15 +252,13 @@ def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
     now = [*(h for pair in restored["adapters"] for h in pair), *restored["trainable"]]
     bad = [n for n, s, r in zip(names, saved, now, strict=True) if s != r]
     if bad:
-        raise _damaged(
-            source, f"these arrays differ from the ones saved (checksum):{_attach.listing(bad)}"
-        )
+        raise _damaged(source, f"these arrays differ from the ones saved (checksum):{listing(bad)}")
 
 
 def _abstract_adapter(
     params: PyTree,
-    layers: list[_attach.LayerSpec],
-    leaves: list[_attach.LeafSpec],
+    layers: list[_records.LayerSpec],
+    leaves: list[_records.LeafSpec],
     sharding: jax.sharding.Sharding | None,
 ) -> dict[str, Any]:
     """The ``arrays`` item as ShapeDtypeStructs placed where the base says (or ``sharding``)."""
@@ -292,7 +298,7 @@ def _restore_arrays(
         ) from e
     raise ValueError(
         f"load_adapter: {source} is corrupt: its arrays disagree with its record:"
-        f"{_attach.listing(differences)}\nRe-save it."
+        f"{listing(differences)}\nRe-save it."
     )
 
 
@@ -353,7 +359,7 @@ def load_adapter(
     with _adapter_checkpointer() as checkpointer:
         record = _read_record(checkpointer, path, source)
         config, layers, leaves = record.config, record.layers, record.leaves
-        load_layers, load_leaves = _attach.plan(
+        load_layers, load_leaves = _base_checks.plan(
             params,
             layers,
             leaves,
@@ -363,7 +369,7 @@ def load_adapter(
         )
         # PiSSA/OLoRA adapters were trained on the residual: recompute it from the base
         params = _attach.to_residual(params, load_layers, config.init)
-        _attach.check_base(
+        _base_checks.check_base(
             params,
             load_layers,
             source=source,

@@ -58,6 +58,11 @@ def format_paths(items: Sequence[str], *, limit: int = 40, bullet: str = "") -> 
     return "\n".join(lines)
 
 
+def listing(items: Sequence[str]) -> str:
+    """A newline, then a bulleted, truncated listing of ``items``, for error messages."""
+    return "\n" + format_paths(items, limit=20, bullet="- ")
+
+
 def _any_match(paths: str | Sequence[str], pattern: str) -> bool:
     return any(path_matches(p, pattern) for p in _as_tuple(paths))
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxlora import _attach, _init_from_weights, _layout, _peft_files
+from jaxlora import _init_from_weights, _layout, _peft_files, _records
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LoraConfig, path_matches
 from jaxlora._peft_files import PREFIX, TORCH_LEAF
@@ -306,7 +306,7 @@ def export_peft(
     """
     who = "export_peft"
     model = adapted(adapted_model, who=who)
-    _attach.check_config([layer.spec for layer in model.layers], config, who=who)
+    _records.check_config([layer.spec for layer in model.layers], config, who=who)
     targets = _export_targets(model.layers, model.weights, module_map, who=who)
     if config.dropout and any(t.kind == layouts.PARAMETER for t in targets):
         raise ValueError(

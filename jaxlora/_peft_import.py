@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora import _attach, _nnx, _peft_files, _targeting
+from jaxlora import _attach, _base_checks, _config, _nnx, _peft_files, _records, _targeting
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LAYER_WEIGHTS, LoraConfig
 from jaxlora._peft_files import CONFIG_NAME, PREFIX, TORCH_LEAF, Factors
@@ -115,7 +115,7 @@ def _factors(
 def _linen_weight(plan: Plan, inner: Mapping[str, Any]) -> _Weight:
     """The layout of a linen weight: from its adapter if it has one, else from its kind."""
     node = subtree(inner, plan.module)
-    shape = tuple(_attach.unmark(node[plan.weight_key]).shape)
+    shape = tuple(_records.unmark(node[plan.weight_key]).shape)
     existing = node.get(adapter_key(plan.weight_key))
     if isinstance(existing, LoraAdapter):
         roles = _targeting.roles_of(existing.delta_eq, len(shape))
@@ -140,7 +140,7 @@ def _flax_leaf(module: Mapping[str, Any], torch_leaf: str) -> str | None:
 
 def _leaf(
     name: str, torch_leaf: str, value: np.ndarray, path: str, node: Any
-) -> tuple[_attach.LeafSpec, np.ndarray]:
+) -> tuple[_records.LeafSpec, np.ndarray]:
     """A fully trained flax leaf from a PEFT tensor (kernels transposed, base dtype kept)."""
     leaf = _flax_leaf(node, torch_leaf) if isinstance(node, Mapping) else None
     if leaf is None:
@@ -149,7 +149,7 @@ def _leaf(
             f"{path!r} has no single leaf among "
             f"{[k for k, v in TORCH_LEAF.items() if v == torch_leaf]}; check module_map."
         )
-    base = _attach.unmark(node[leaf])
+    base = _records.unmark(node[leaf])
     array = value.T if leaf == "kernel" else value
     if array.shape != base.shape:
         raise ValueError(
@@ -158,7 +158,7 @@ def _leaf(
             + (", stored transposed from torch's (out, in)" if leaf == "kernel" else "")
             + ". The adapter was trained for another base."
         )
-    spec = _attach.LeafSpec(f"{path}/{leaf}", tuple(base.shape), jax.numpy.dtype(base.dtype).name)
+    spec = _records.LeafSpec(f"{path}/{leaf}", tuple(base.shape), jax.numpy.dtype(base.dtype).name)
     return spec, array.astype(base.dtype)
 
 
@@ -167,7 +167,7 @@ def _leaves(
     modules: Mapping[str, str],
     plain: Mapping[str, Any],
     peft_config: Mapping[str, Any],
-) -> tuple[list[tuple[_attach.LeafSpec, np.ndarray]], list[str]]:
+) -> tuple[list[tuple[_records.LeafSpec, np.ndarray]], list[str]]:
     """The fully trained leaves of the file, and what does not match (both ways)."""
     leaves, unmatched = [], []
     biases = peft_config.get("bias", "none") != "none"
@@ -203,7 +203,7 @@ def _exact(path: str) -> str:
 def _lora_config(
     peft_config: Mapping[str, Any],
     plans: Sequence[Plan],
-    leaves: Sequence[_attach.LeafSpec],
+    leaves: Sequence[_records.LeafSpec],
     modules: Mapping[str, str],
     dtype: str,
 ) -> LoraConfig:
@@ -313,7 +313,7 @@ def import_peft(
         raise ValueError(
             f"import_peft: no LoRA factor of {source} matches a layer of these params, so "
             f"there is nothing to load (allow_unmatched=True loads a part, not none):"
-            f"{_attach.listing(unmatched)}\nCheck module_map: it must send the flax "
+            f"{_config.listing(unmatched)}\nCheck module_map: it must send the flax "
             "layer paths to the torch module names in the file."
         )
     modules = {n: e[0].path for n, e in index.items() if e[0].block is None and e[0].parts == 1}
@@ -323,7 +323,9 @@ def import_peft(
     unmatched += unmatched_leaves
     match = _Match(plans, by_name, peft_config, leaves, unmatched)
     if isinstance(model, nnx.Module):
-        _attach.report_unmatched(unmatched, source=source, who=who, allow_unmatched=allow_unmatched)
+        _base_checks.report_unmatched(
+            unmatched, source=source, who=who, allow_unmatched=allow_unmatched
+        )
         return config, _into_nnx(model, config, match, inputs, rngs, sharding)
     return config, _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
 
@@ -335,7 +337,7 @@ class _Match:
     plans: list[Plan]
     by_name: dict[str, Factors]
     peft_config: dict[str, Any]
-    leaves: list[tuple[_attach.LeafSpec, np.ndarray]]
+    leaves: list[tuple[_records.LeafSpec, np.ndarray]]
     unmatched: list[str]
 
     def factors(self, plan: Plan, weights: Mapping[str, _Weight]) -> tuple[np.ndarray, np.ndarray]:
@@ -378,8 +380,8 @@ def _into_linen(
     adapters = {}
     for p in match.plans:
         a, b = match.factors(p, weights)
-        weight = _attach.unmark(subtree(inner, p.module)[p.weight_key])
-        spec = _attach.LayerSpec(
+        weight = _records.unmark(subtree(inner, p.module)[p.weight_key])
+        spec = _records.LayerSpec(
             path=p.path,
             weight_key=p.weight_key,
             kernel_shape=weights[p.path].shape,
@@ -391,7 +393,7 @@ def _into_linen(
             delta_eq=weights[p.path].delta_eq,
         )
         adapters[spec] = (a, b)
-    _attach.plan(
+    _base_checks.plan(
         params,
         list(adapters),
         [spec for spec, _ in match.leaves],

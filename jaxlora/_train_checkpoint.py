@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora import _attach, _files, _io_errors, _sharding
+from jaxlora import _attach, _config, _files, _io_errors, _sharding
 from jaxlora._adapter_files import _differences
 from jaxlora._distributed import same_on_every_process
 from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
@@ -342,7 +342,7 @@ class TrainCheckpointer:
             if damaged:
                 warnings.warn(
                     f"TrainCheckpointer: resuming from step {step}; newer steps are damaged:"
-                    f"{_attach.listing(damaged)}",
+                    f"{_config.listing(damaged)}",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -350,7 +350,7 @@ class TrainCheckpointer:
         if damaged:
             raise ValueError(
                 f"TrainCheckpointer: every checkpoint in {self.directory} is damaged:"
-                f"{_attach.listing(damaged)}\nStart afresh in a new directory (or restore "
+                f"{_config.listing(damaged)}\nStart afresh in a new directory (or restore "
                 "the checkpoints from a copy)."
             )
         return None
@@ -404,7 +404,7 @@ class TrainCheckpointer:
         if differences:
             raise ValueError(
                 f"TrainCheckpointer.restore: step {step} in {self.directory} does not fit the "
-                f"params / opt_state given:{_attach.listing(differences)}\nRestore with the "
+                f"params / opt_state given:{_config.listing(differences)}\nRestore with the "
                 "model, LoraConfig and optimizer the run was saved with."
             )
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
