@@ -57,7 +57,7 @@ def _shapes(tree: PyTree) -> dict[str, str]:
     }
 
 
-def _differences(saved: PyTree, expected: PyTree) -> list[str]:
+def shape_differences(saved: PyTree, expected: PyTree) -> list[str]:
     saved, expected = _shapes(saved), _shapes(expected)
     return [
         f"{k}: saved {saved.get(k, 'nothing')}, expected {expected.get(k, 'nothing')}"
@@ -287,7 +287,7 @@ def _restore_arrays(
 ) -> dict[str, Any]:
     try:
         stored = checkpointer.metadata(path).item_metadata[_ARRAYS]
-        differences = _differences(stored, abstract)
+        differences = shape_differences(stored, abstract)
         if not differences:
             args = ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(abstract)})
             return checkpointer.restore(path, args=args)[_ARRAYS]
