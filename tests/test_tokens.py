@@ -1,0 +1,168 @@
+"""New tokens (``LoraConfig(trainable_token_indices=...)``, PEFT's option): only chosen rows
+of an embedding train; a tied head reads the same rows; merge writes them exactly."""
+
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxlora
+from tests.support.steps import full_finetune_step
+
+VOCAB, WIDTH, NEW = 37, 8, (3, 30, 36)
+KEY = jax.random.key(0)
+IDS = jnp.array([[3, 1, 30, 5, 36, 2], [0, 36, 4, 3, 9, 30]], jnp.int32)
+
+
+class TiedLM(nn.Module):
+    """Embedding, one Dense block, and the embedding again as the output head (``attend``)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(VOCAB, WIDTH, name="embed_tokens")
+        h = embed(ids)
+        h = h + jnp.tanh(nn.Dense(WIDTH, name="hidden")(h))
+        return embed.attend(h)
+
+
+class UntiedLM(nn.Module):
+    """Embedding, one Dense block and its own ``lm_head`` ``(width, vocab)``."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(VOCAB, WIDTH, name="embed_tokens")(ids)
+        h = h + jnp.tanh(nn.Dense(WIDTH, name="hidden")(h))
+        return nn.Dense(VOCAB, name="lm_head")(h)
+
+
+def _setup(model=None, **cfg):
+    model = model or TiedLM()
+    params = model.init(KEY, IDS)["params"]
+    cfg = jaxlora.LoraConfig(**{"rank": 2, "targets": ["hidden"], **cfg})
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, IDS, key=KEY)
+    return model, params, lora_model, lora_params
+
+
+def _moved(params, scale=0.5):
+    """Every trainable leaf moved off its initial value (B no longer zero, rows changed)."""
+    trainable, frozen = jaxlora.split(params)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+
+
+def _lm_loss(apply):
+    def loss(params, ids):
+        logits = apply({"params": params}, ids)
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    return loss
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_rows_replace_the_embedding_in_lookup_and_tied_head(jit):
+    model, params, lora_model, lora_params = _setup(targets=[], trainable_token_indices=NEW)
+    node = lora_params["embed_tokens"]["tokens"]
+    assert isinstance(node, jaxlora.TrainableTokens) and node.indices == NEW
+    np.testing.assert_array_equal(node.values, params["embed_tokens"]["embedding"][np.array(NEW)])
+    apply = jax.jit(lora_model.apply) if jit else lora_model.apply
+    chex.assert_trees_all_close(
+        apply({"params": lora_params}, IDS), model.apply({"params": params}, IDS), atol=1e-6
+    )
+
+    moved = _moved(lora_params)
+    values = moved["embed_tokens"]["tokens"].values
+    want_table = params["embed_tokens"]["embedding"].at[np.array(NEW)].set(values)
+    want = model.apply({"params": {**params, "embed_tokens": {"embedding": want_table}}}, IDS)
+    got = apply({"params": moved}, IDS)
+    assert float(jnp.max(jnp.abs(want - model.apply({"params": params}, IDS)))) > 0.1
+    chex.assert_trees_all_close(got, want, atol=1e-5)
+
+
+def test_only_the_rows_train_and_hold_optimizer_state():
+    _, _, lora_model, lora_params = _setup(trainable_token_indices=NEW)
+    trainable, _ = jaxlora.split(lora_params)
+    shapes = sorted(x.shape for x in jax.tree.leaves(trainable))
+    assert shapes == [(2, WIDTH), (len(NEW), WIDTH), (WIDTH, 2)]  # rows, A, B
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    state = tx.init(lora_params)
+    floats = sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+    assert floats == 2 * (len(NEW) * WIDTH + 2 * (WIDTH + WIDTH))
+    assert jaxlora.summary(lora_params).trainable_params == len(NEW) * WIDTH + 4 * WIDTH
+
+    step = jaxlora.make_train_step(_lm_loss(lora_model.apply), tx, donate=False)
+    before = lora_params
+    losses = []
+    for _ in range(5):
+        lora_params, state, loss = step(lora_params, state, IDS)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    chex.assert_trees_all_equal(jaxlora.split(lora_params)[1], jaxlora.split(before)[1])
+    after = lora_params["embed_tokens"]["tokens"].values
+    assert np.all(np.abs(np.asarray(after - before["embed_tokens"]["tokens"].values)).max(1) > 0)
+
+
+def _full_table_results(hlo: str) -> list[str]:
+    """Ops of a compiled step whose result has the embedding's shape, either way round,
+    other than parameters, copies and bitcasts (a gradient would be a dot or a scatter)."""
+    shape = rf"f32\[({VOCAB},{WIDTH}|{WIDTH},{VOCAB})\]\S* (\w+)\("
+    return [m.group(2) for m in re.finditer(shape, hlo) if m.group(2) in ("dot", "scatter")]
+
+
+def test_no_full_embedding_gradient_in_the_compiled_step():
+    model, params, lora_model, lora_params = _setup(trainable_token_indices=NEW)
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(_lm_loss(lora_model.apply), tx, donate=False)
+    trainable, frozen = jaxlora.split(lora_params)
+    hlo = step.jitted.lower(trainable, frozen, tx.init(lora_params), IDS).compile().as_text()
+    assert not _full_table_results(hlo)
+    # the detector sees the table gradient of full fine-tuning (lookup and tied head)
+    full_tx = optax.adam(1e-2)
+    full = full_finetune_step(_lm_loss(model.apply), full_tx)
+    full_hlo = full.lower(params, full_tx.init(params), IDS).compile().as_text()
+    assert _full_table_results(full_hlo)
+
+
+def test_merge_writes_the_rows_exactly_and_unmerge_restores_the_base():
+    model, params, lora_model, lora_params = _setup(trainable_token_indices=NEW)
+    moved = _moved(lora_params)
+    merged = jaxlora.merge(moved)
+    table = merged["embed_tokens"]["embedding"]
+    np.testing.assert_array_equal(table[np.array(NEW)], moved["embed_tokens"]["tokens"].values)
+    others = [i for i in range(VOCAB) if i not in NEW]
+    np.testing.assert_array_equal(
+        table[np.array(others)], params["embed_tokens"]["embedding"][np.array(others)]
+    )
+    assert "tokens" not in merged["embed_tokens"]
+    chex.assert_trees_all_close(
+        model.apply({"params": merged}, IDS), lora_model.apply({"params": moved}, IDS), atol=1e-5
+    )
+    back = jaxlora.unmerge(merged, moved)
+    chex.assert_trees_all_equal(back["embed_tokens"], moved["embed_tokens"])
+    chex.assert_trees_all_close(back, moved, atol=1e-6)
+    rows_only = _moved(_setup(targets=[], trainable_token_indices=NEW)[-1])
+    with pytest.raises(ValueError, match=r"'embed_tokens'.*still has the base rows.*\[3, 30, 36\]"):
+        jaxlora.unmerge(jax.tree.map(jnp.copy, params), rows_only)
+
+
+def test_untied_head_rows_are_its_output_columns():
+    model, params, lora_model, lora_params = _setup(
+        UntiedLM(), trainable_token_indices={"embed_tokens": NEW, "lm_head": NEW[:2]}
+    )
+    head = lora_params["lm_head"]["tokens"]
+    assert head.values.shape == (2, WIDTH)
+    np.testing.assert_array_equal(head.values, params["lm_head"]["kernel"][:, np.array(NEW[:2])].T)
+    moved = _moved(lora_params)
+    merged = jaxlora.merge(moved)
+    np.testing.assert_array_equal(
+        merged["lm_head"]["kernel"][:, np.array(NEW[:2])], moved["lm_head"]["tokens"].values.T
+    )
+    chex.assert_trees_all_close(
+        lora_model.apply({"params": moved}, IDS), model.apply({"params": merged}, IDS), atol=1e-5
+    )
