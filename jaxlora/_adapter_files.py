@@ -28,6 +28,7 @@ from jaxlora import (
     _init_from_weights,
     _io_errors,
     _records,
+    _token_records,
 )
 from jaxlora._config import LoraConfig, listing
 from jaxlora._tree import LoraAdapter, PyTree, path_str
@@ -135,6 +136,7 @@ def save_adapter(
     _records.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
     specs = _base_checks.fingerprinted(params, [spec for spec, _, _ in layers])
     layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
+    tokens = _token_records.collect(params, config, who="save_adapter")
     if not allow_nonfinite:
         _check_finite(layers, leaves)
     record = {
@@ -144,13 +146,19 @@ def save_adapter(
         "layers": [spec.to_json() for spec, _, _ in layers],
         "trainable": [spec.to_json() for spec, _ in leaves],
         "array_hashes": _array_hashes(
-            [(a, b) for _, a, b in layers], [value for _, value in leaves]
+            [(a, b) for _, a, b in layers],
+            [value for _, value in leaves],
+            [values for _, values in tokens],
         ),
     }
+    if tokens:
+        record["tokens"] = [spec.to_json() for spec, _ in tokens]
     record["checksum"] = _record_checksum(record)
     arrays: dict[str, Any] = {"adapters": [{"a": a, "b": b} for _, a, b in layers]}
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
+    if tokens:
+        arrays["tokens"] = [values for _, values in tokens]
     target = Path(directory)
     _files.check_parent(target, who="save_adapter")
     if target.exists() and not target.is_dir():
@@ -182,12 +190,17 @@ def _record_checksum(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _array_hashes(factors: list[tuple[Any, Any]], leaves: list[Any]) -> dict[str, list[Any]]:
+def _array_hashes(
+    factors: list[tuple[Any, Any]], leaves: list[Any], tokens: list[Any]
+) -> dict[str, list[Any]]:
     """`_fingerprint.content_hash` of every saved array, as the record keeps them."""
-    return {
+    hashes = {
         "adapters": [[_fingerprint.content_hash(x) for x in pair] for pair in factors],
         "trainable": [_fingerprint.content_hash(x) for x in leaves],
     }
+    if tokens:
+        hashes["tokens"] = [_fingerprint.content_hash(x) for x in tokens]
+    return hashes
 
 
 def _damaged(source: str, what: str) -> ValueError:
@@ -201,6 +214,7 @@ class _Record(NamedTuple):
     layers: list[_records.LayerSpec]
     leaves: list[_records.LeafSpec]
     array_hashes: dict[str, list[Any]] | None  # None for version 1
+    tokens: list[_token_records.TokenSpec]
 
 
 def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Record:
@@ -231,9 +245,11 @@ def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Re
         config = LoraConfig(**record["config"])
         layers = [_records.LayerSpec.from_json(r) for r in record["layers"]]
         leaves = [_records.LeafSpec.from_json(r) for r in record["trainable"]]
+        tokens = [_token_records.TokenSpec.from_json(r) for r in record.get("tokens", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: the record of {source} is malformed ({e}).") from e
-    return _Record(config, layers, leaves, record.get("array_hashes") if version != 1 else None)
+    hashes = record.get("array_hashes") if version != 1 else None
+    return _Record(config, layers, leaves, hashes, tokens)
 
 
 def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
@@ -241,15 +257,19 @@ def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
     if record.array_hashes is None:
         return
     restored = _array_hashes(
-        [(f["a"], f["b"]) for f in arrays["adapters"]], arrays.get("trainable", [])
+        [(f["a"], f["b"]) for f in arrays["adapters"]],
+        arrays.get("trainable", []),
+        arrays.get("tokens", []),
     )
     names = [
         *(f"layer {s.path!r}: {f}" for s in record.layers for f in ("A", "B")),
         *(f"trainable leaf {leaf.path!r}" for leaf in record.leaves),
+        *(f"token rows of {t.name!r}" for t in record.tokens),
     ]
     saved = [*(h for pair in record.array_hashes["adapters"] for h in pair)]
-    saved += record.array_hashes["trainable"]
+    saved += record.array_hashes["trainable"] + record.array_hashes.get("tokens", [])
     now = [*(h for pair in restored["adapters"] for h in pair), *restored["trainable"]]
+    now += restored.get("tokens", [])
     bad = [n for n, s, r in zip(names, saved, now, strict=True) if s != r]
     if bad:
         raise _damaged(source, f"these arrays differ from the ones saved (checksum):{listing(bad)}")
@@ -377,7 +397,12 @@ def load_adapter(
             allow_other_base=allow_other_base,
             hint=_residual_hint(config),
         )
+        _token_records.check_base(params, record.tokens, source=source, who="load_adapter")
         abstract = _abstract_adapter(params, layers, leaves, sharding)
+        if record.tokens:
+            abstract["tokens"] = _token_records.abstract(
+                record.tokens, sharding or _attach.default_sharding()
+            )
         arrays = _restore_arrays(checkpointer, path, abstract, source)
     _check_arrays(record, arrays, source)
     wanted = {spec.path for spec in load_layers}
@@ -392,7 +417,8 @@ def load_adapter(
         for leaf, value in zip(leaves, arrays.get("trainable", []), strict=True)
         if leaf.path in wanted
     }
-    return config, _attach.attach(params, adapters, trainable)
+    adapted = _attach.attach(params, adapters, trainable)
+    return config, _token_records.attach(adapted, record.tokens, arrays.get("tokens", []))
 
 
 def _residual_hint(config: LoraConfig) -> str:

@@ -166,3 +166,112 @@ def test_untied_head_rows_are_its_output_columns():
     chex.assert_trees_all_close(
         lora_model.apply({"params": moved}, IDS), model.apply({"params": merged}, IDS), atol=1e-5
     )
+
+
+def test_save_load_adapter_and_train_checkpointer_carry_the_rows(tmp_path):
+    model, params, lora_model, lora_params = _setup(trainable_token_indices=NEW)
+    cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], trainable_token_indices=NEW)
+    moved = _moved(lora_params)
+    jaxlora.save_adapter(tmp_path / "adapter", moved, cfg)
+    loaded_cfg, loaded = jaxlora.load_adapter(tmp_path / "adapter", params)
+    assert loaded_cfg == cfg
+    chex.assert_trees_all_equal(loaded, moved)
+    wider = model.init(KEY, IDS)["params"]  # a vocabulary that was not resized
+    small = {**wider, "embed_tokens": {"embedding": wider["embed_tokens"]["embedding"][:30]}}
+    with pytest.raises(ValueError, match=r"rows \[3, 30, 36\] of weight 'embed_tokens' \(37, 8\)"):
+        jaxlora.load_adapter(tmp_path / "adapter", small)
+    with pytest.raises(ValueError, match="'embed_tokens' has trained token rows but the config"):
+        jaxlora.save_adapter(
+            tmp_path / "other", moved, jaxlora.LoraConfig(rank=2, targets=["hidden"])
+        )
+
+    tx = jaxlora.optimizer(optax.adam(1e-2), moved)
+    opt_state = tx.init(moved)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(1, moved, opt_state, KEY)
+        resumed = ckpt.restore_latest(lora_params, tx.init(lora_params))
+    chex.assert_trees_all_equal((resumed.params, resumed.opt_state), (moved, opt_state))
+
+
+class Einsum3D(nn.Module):
+    """An embedding and a head-shaped einsum weight ``(heads, head_dim, width)``."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(VOCAB, WIDTH, name="embed_tokens")(ids)
+        w = self.param("w", nn.initializers.normal(), (2, 4, WIDTH))
+        return jnp.einsum("btnh,nhd->btd", h.reshape(*h.shape[:2], 2, 4), w)
+
+
+class TwoTables(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Embed(VOCAB, WIDTH, name="words")(ids) + nn.Embed(VOCAB, WIDTH, name="pos")(ids)
+
+
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        ([3, 3, 5], r"trainable_token_indices repeats token ids \[3\]; list each id once"),
+        ([3, -1], r"holds \[-1\], which are not token ids"),
+        ({"embed_tokens": []}, r"\['embed_tokens'\]=\[\] must be a non-empty list"),
+        ({}, "trainable_token_indices is an empty dict"),
+        ([1.5], r"holds \[1.5\], which are not token ids"),
+    ],
+)
+def test_config_refuses_bad_ids(indices, message):
+    with pytest.raises(ValueError, match=message):
+        jaxlora.LoraConfig(trainable_token_indices=indices)
+
+
+@pytest.mark.parametrize(
+    ("model", "cfg", "message"),
+    [
+        (
+            TiedLM(),
+            {"trainable_token_indices": [3, 37]},
+            r"for 'embed_tokens': token ids \[37\] are out of range for its 37 rows; add the "
+            r"tokens to the vocabulary first",
+        ),
+        (
+            Einsum3D(),
+            {"targets": [], "trainable_token_indices": {"w": [0]}},
+            r"names weight 'w' \(2, 4, 8\), which is not an embedding table",
+        ),
+        (
+            TiedLM(),
+            {"targets": ["hidden", "embed_tokens"], "trainable_token_indices": [3]},
+            r"'embed_tokens' is both a LoRA target and in trainable_token_indices \(PEFT "
+            r"refuses this too\); exclude it",
+        ),
+        (
+            TiedLM(),
+            {"modules_to_save": ["embed_tokens"], "trainable_token_indices": [3]},
+            r"'embed_tokens' is in modules_to_save \('embed_tokens'\), which trains the whole "
+            "table",
+        ),
+        (
+            TwoTables(),
+            {"targets": [], "trainable_token_indices": [3]},
+            r"the model looks up 2 embeddings \(pos, words\)\. Name the table",
+        ),
+        (
+            TiedLM(),
+            {"trainable_token_indices": {"embed": [3]}},
+            r"trainable_token_indices key 'embed' matches no layer or weight.*\n.*embed_tokens",
+        ),
+    ],
+    ids=[
+        "out-of-range",
+        "not-an-embedding",
+        "lora-too",
+        "modules-to-save",
+        "ambiguous",
+        "no-match",
+    ],
+)
+def test_lorafy_refuses_what_cannot_train_by_row(model, cfg, message):
+    params = model.init(KEY, IDS)["params"]
+    config = jaxlora.LoraConfig(**{"rank": 2, "targets": ["hidden"], **cfg})
+    with pytest.raises(ValueError, match=message):
+        jaxlora.lorafy(model, params, config, IDS, key=KEY)
