@@ -169,7 +169,7 @@ def test_untied_head_rows_are_its_output_columns():
 
 
 def test_save_load_adapter_and_train_checkpointer_carry_the_rows(tmp_path):
-    model, params, lora_model, lora_params = _setup(trainable_token_indices=NEW)
+    model, params, _, lora_params = _setup(trainable_token_indices=NEW)
     cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], trainable_token_indices=NEW)
     moved = _moved(lora_params)
     jaxlora.save_adapter(tmp_path / "adapter", moved, cfg)
