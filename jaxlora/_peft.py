@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxlora import _init_from_weights, _layout, _peft_files, _records
+from jaxlora import _init_from_weights, _layout, _peft_files, _peft_tokens, _records
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LoraConfig, path_matches
 from jaxlora._peft_files import PREFIX, TORCH_LEAF
 from jaxlora._peft_flax import Adapted, Layer, adapted
 from jaxlora._peft_names import ModuleMap, facts, listed, slots
-from jaxlora._tree import PyTree
+from jaxlora._tree import PyTree, params_of
 
 
 def _number(x: float) -> float | int:
@@ -335,6 +335,8 @@ def export_peft(
         head_a, head_b = _peft_files.factor_keys(head, 0, False)
         tensors[head_a], tensors[head_b] = tensors[b_key].T, tensors[a_key].T
     tensors.update(_exported_leaves(model, targets, config, module_map, who=who))
+    token_tensors, token_ids = _tokens_of(adapted_model, targets, module_map, who=who)
+    tensors.update(token_tensors)
     saved = _saved_modules(model.modules, config.modules_to_save)
     peft_config = {
         **_peft_files.CONFIG_DEFAULTS,
@@ -351,9 +353,33 @@ def export_peft(
         "target_modules": sorted(n for n, d in ranks.items() if n not in depths) or None,
         "target_parameters": sorted(depths) or None,
         "task_type": task_type,
+        "trainable_token_indices": token_ids or None,
         "use_rslora": config.rslora,
     }
     _peft_files.write(Path(directory), peft_config, tensors)
+
+
+def _tokens_of(
+    adapted_model: PyTree | nnx.Module,
+    targets: Sequence[_Target],
+    module_map: ModuleMap,
+    *,
+    who: str,
+) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """The trained token rows' tensors and ``trainable_token_indices`` (see `_peft_tokens`)."""
+    if isinstance(adapted_model, nnx.Module):
+        tree = nnx.to_pure_dict(nnx.state(adapted_model))
+    else:
+        tree = params_of(adapted_model)[0]
+    tensors, ids = _peft_tokens.exported(tree, module_map, who=who)
+    if ids and not targets:
+        raise ValueError(
+            f"{who}: these params train token rows ({sorted(ids)}) and no LoRA adapter; "
+            "PEFT's LoraConfig needs LoRA targets beside trainable_token_indices (it refuses "
+            "an empty target_modules). Adapt at least one layer, or save with "
+            "jaxlora.save_adapter."
+        )
+    return tensors, ids
 
 
 def _exported_leaves(

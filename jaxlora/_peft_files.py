@@ -86,7 +86,6 @@ _UNSUPPORTED = (
     "layers_to_transform",
     "lora_bias",
     "monteclora_config",
-    "trainable_token_indices",
     "use_bdlora",
     "use_dora",
     "use_qalora",

@@ -21,7 +21,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora import _attach, _base_checks, _config, _nnx, _peft_files, _records, _targeting
+from jaxlora import (
+    _attach,
+    _base_checks,
+    _config,
+    _nnx,
+    _peft_files,
+    _peft_tokens,
+    _records,
+    _targeting,
+    _token_records,
+)
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LAYER_WEIGHTS, LoraConfig
 from jaxlora._peft_files import CONFIG_NAME, PREFIX, TORCH_LEAF, Factors
@@ -300,6 +310,7 @@ def import_peft(
     source = f"PEFT adapter {str(path)!r}"
     peft_config = _peft_files.read_config(path)
     tensors = _peft_files.read_tensors(path)
+    token_rows, tensors = _peft_tokens.split(tensors)
     factors, leaf_tensors = _peft_files.group(tensors, path / _peft_files.WEIGHTS_NAME)
     if not factors:
         raise ValueError(f"import_peft: {source} holds no LoRA factors (lora_A / lora_B).")
@@ -320,6 +331,10 @@ def import_peft(
     leaves, unmatched_leaves = _leaves(leaf_tensors, modules, plain, peft_config)
     dtype = by_name[plans[0].sources[0]].a.dtype.name
     config = _lora_config(peft_config, plans, [spec for spec, _ in leaves], modules, dtype)
+    tokens = _peft_tokens.specs(token_rows, peft_config, index, plain, source)
+    if tokens[0]:
+        ids = {_exact(spec.name): spec.indices for spec in tokens[0]}
+        config = dataclasses.replace(config, trainable_token_indices=ids)
     unmatched += unmatched_leaves
     match = _Match(plans, by_name, peft_config, leaves, unmatched)
     if isinstance(model, nnx.Module):
@@ -327,7 +342,10 @@ def import_peft(
             unmatched, source=source, who=who, allow_unmatched=allow_unmatched
         )
         return config, _into_nnx(model, config, match, inputs, rngs, sharding)
-    return config, _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
+    adapted = _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
+    placement = sharding or _attach.default_sharding()
+    values = [jax.device_put(v, placement) for v in tokens[1]]
+    return config, _token_records.attach(adapted, tokens[0], values)
 
 
 @dataclasses.dataclass(frozen=True)

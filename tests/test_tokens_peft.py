@@ -1,0 +1,129 @@
+"""New tokens against real PEFT: ``LoraConfig(trainable_token_indices=...)`` on a Hugging
+Face ``LlamaForCausalLM`` (tied and untied head) and its linen twin from
+``experiments/models/llama.py``, exported to PEFT and imported from it, same logits."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import safetensors
+import torch
+import transformers
+
+import jaxlora
+from experiments.models.llama import LlamaConfig, LlamaForCausalLM
+from experiments.models.loading import flax_to_hf_state_dict
+
+SIZES = {
+    "vocab_size": 48,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+}
+NEW = [40, 45, 47]  # "added" tokens at the end of the vocabulary
+TOLERANCE = 1e-5
+MOVED = 0.05  # the trained rows move the logits by more than this
+IDS = np.array([[1, 40, 7, 45, 3, 47, 2], [47, 5, 40, 9, 45, 11, 6]], np.int64)
+KEY = "base_model.model.{}.token_adapter.trainable_tokens_delta"
+KEY_JAX = jax.random.key(2)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def twins(request):
+    """``(linen model, its params, the torch model with the same weights)``."""
+    config = LlamaConfig(**SIZES, tie_word_embeddings=request.param)
+    model = LlamaForCausalLM(config)
+    params = model.init(jax.random.key(0), jnp.asarray(IDS, jnp.int32))["params"]
+    hf = transformers.LlamaConfig(**SIZES, tie_word_embeddings=request.param)
+    torch.manual_seed(0)
+    twin = transformers.LlamaForCausalLM(hf).eval()
+    state = {k: torch.tensor(v) for k, v in flax_to_hf_state_dict(params).items()}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if request.param else [])
+    assert np.abs(_torch_logits(twin) - _logits(model, params)).max() <= TOLERANCE
+    return model, params, twin
+
+
+def _torch_logits(model):
+    with torch.no_grad():
+        return model(torch.from_numpy(IDS)).logits.numpy()
+
+
+def _logits(model, params, config=None):
+    ids = jnp.asarray(IDS, jnp.int32)
+    if config is None:
+        return np.asarray(model.apply({"params": params}, ids))
+    return np.asarray(jaxlora.LoraModel(model, config).apply({"params": params}, ids))
+
+
+def _moved(params, scale=0.2):
+    trainable, frozen = jaxlora.split(params)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+
+
+def test_export_loads_in_peft_with_the_same_logits(tmp_path, twins):
+    model, params, twin = twins
+    tied = "lm_head" not in params
+    indices = NEW if tied else {"embed_tokens": NEW, "lm_head": NEW[:2]}
+    cfg = jaxlora.LoraConfig(rank=2, targets=["q_proj", "v_proj"], trainable_token_indices=indices)
+    _, lora_params = jaxlora.lorafy(model, params, cfg, jnp.asarray(IDS, jnp.int32), key=KEY_JAX)
+    moved = _moved(lora_params)
+    want = _logits(model, moved, cfg)
+    assert np.abs(want - _logits(model, params)).max() > MOVED
+
+    jaxlora.export_peft(tmp_path, moved, cfg, module_map=jaxlora.peft_module_maps["llama"])
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    with safetensors.safe_open(tmp_path / "adapter_model.safetensors", "np") as f:
+        keys = {k for k in f.keys() if "token_adapter" in k}  # noqa: SIM118
+    if tied:  # PEFT ties the head to the embedding's rows itself
+        assert saved["trainable_token_indices"] == {"model.embed_tokens": NEW}
+        assert keys == {KEY.format("model.embed_tokens")}
+    else:
+        assert saved["trainable_token_indices"] == {"model.embed_tokens": NEW, "lm_head": NEW[:2]}
+        assert keys == {KEY.format("model.embed_tokens"), KEY.format("lm_head")}
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path).eval()
+    assert np.abs(_torch_logits(loaded) - want).max() <= TOLERANCE
+
+
+def test_peft_adapter_imports_with_the_same_logits(tmp_path, twins):
+    model, params, twin = twins
+    tied = "lm_head" not in params
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(twin),
+        peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["q_proj", "o_proj"],
+            trainable_token_indices=NEW if tied else {"embed_tokens": NEW, "lm_head": NEW[1:]},
+        ),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn_like(param))
+    peft_model.eval().save_pretrained(tmp_path)
+    want = _torch_logits(peft_model)
+    assert np.abs(want - _logits(model, params)).max() > MOVED
+
+    config, imported = jaxlora.import_peft(
+        tmp_path, params, module_map=jaxlora.peft_module_maps["llama"]
+    )
+    embed = imported["model"]["embed_tokens"]["tokens"]
+    assert embed.indices == tuple(NEW)
+    assert ("lm_head" in imported) is not tied
+    if not tied:
+        assert imported["lm_head"]["tokens"].indices == tuple(NEW[1:])
+    assert np.abs(_logits(model, imported, config) - want).max() <= TOLERANCE
+    merged = jaxlora.merge(imported)
+    assert np.abs(_logits(model, merged) - want).max() <= TOLERANCE
