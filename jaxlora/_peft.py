@@ -38,7 +38,7 @@ from jaxlora._config import LoraConfig, path_matches
 from jaxlora._peft_files import PREFIX, TORCH_LEAF
 from jaxlora._peft_flax import Adapted, Layer, adapted
 from jaxlora._peft_names import ModuleMap, facts, listed, slots
-from jaxlora._tree import PyTree, params_of
+from jaxlora._tree import PyTree
 
 
 def _number(x: float) -> float | int:
@@ -367,11 +367,8 @@ def _tokens_of(
     who: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
     """The trained token rows' tensors and ``trainable_token_indices`` (see `_peft_tokens`)."""
-    if isinstance(adapted_model, nnx.Module):
-        tree = nnx.to_pure_dict(nnx.state(adapted_model))
-    else:
-        tree = params_of(adapted_model)[0]
-    tensors, ids = _peft_tokens.exported(tree, module_map, who=who)
+    nodes = _peft_tokens.nodes_of(adapted_model)
+    tensors, ids = _peft_tokens.exported(nodes, module_map, who=who)
     if ids and not targets:
         raise ValueError(
             f"{who}: these params train token rows ({sorted(ids)}) and no LoRA adapter; "

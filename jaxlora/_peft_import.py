@@ -341,7 +341,9 @@ def import_peft(
         _base_checks.report_unmatched(
             unmatched, source=source, who=who, allow_unmatched=allow_unmatched
         )
-        return config, _into_nnx(model, config, match, inputs, rngs, sharding)
+        module = _into_nnx(model, config, match, inputs, rngs, sharding)
+        _peft_tokens.set_rows(module, *tokens, sharding)
+        return config, module
     adapted = _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
     placement = sharding or _attach.default_sharding()
     values = [jax.device_put(v, placement) for v in tokens[1]]

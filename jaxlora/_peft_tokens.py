@@ -13,39 +13,48 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jaxlora._config import listing
+from jaxlora._config import adapter_name, listing
 from jaxlora._peft_files import PREFIX
 from jaxlora._peft_match import Slot
 from jaxlora._peft_names import ModuleMap
 from jaxlora._token_records import TokenSpec
-from jaxlora._tokens import iter_tokens, tokens_key
-from jaxlora._tree import PyTree, subtree
+from jaxlora._tokens import TrainableTokens, iter_tokens, tokens_key
+from jaxlora._tokens_nnx import token_weights
+from jaxlora._tree import PyTree, params_of, subtree
 
 SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
-def exported(inner: PyTree, module_map: ModuleMap, *, who: str) -> tuple[dict, dict]:
-    """PEFT's tensors and ``trainable_token_indices`` (by torch name) of a linen tree."""
+def nodes_of(adapted: PyTree | nnx.Module) -> list[tuple[str, TrainableTokens]]:
+    """``(weight name, rows)`` of every weight with trained rows, linen tree or NNX module."""
+    if isinstance(adapted, nnx.Module):
+        return [(name, t.node()) for name, _, t in token_weights(adapted)]
+    return [
+        (adapter_name(module, weight), layer[tokens_key(weight)])
+        for module, weight, layer in iter_tokens(params_of(adapted)[0])
+    ]
+
+
+def exported(
+    nodes: Sequence[tuple[str, TrainableTokens]], module_map: ModuleMap, *, who: str
+) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """PEFT's tensors and ``trainable_token_indices`` (by torch name) of `nodes_of`'s rows."""
     tensors, indices = {}, {}
-    for module, weight, layer in iter_tokens(inner):
-        node = layer[tokens_key(weight)]
-        name = _torch_name(module_map, module, weight, who=who)
+    for path, node in nodes:
+        name = module_map(path)
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"{who}: module_map({path!r}) gave {name!r} for a weight with trained token "
+                "rows; PEFT keys them by one torch module name (e.g. 'model.embed_tokens')."
+            )
         tensors[f"{PREFIX}{name}{SUFFIX}"] = np.asarray(node.values)
         indices[name] = list(node.indices)
     return tensors, indices
-
-
-def _torch_name(module_map: ModuleMap, module: str, weight: str, *, who: str) -> str:
-    path = module if weight in ("embedding", "kernel") else f"{module}/{weight}"
-    name = module_map(path)
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"{who}: module_map({path!r}) gave {name!r} for a weight with trained token "
-            "rows; PEFT keys them by one torch module name (e.g. 'model.embed_tokens')."
-        )
-    return name
 
 
 def split(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
@@ -77,6 +86,25 @@ def _ids_for(name: str, configured: Any, n_modules: int, source: str) -> list[in
     return list(configured)
 
 
+def _row_axis(weight: str, shape: tuple[int, ...], rows: tuple[int, ...]) -> int:
+    if weight in ("kernel", "embedding") or len(shape) != 2 or len(rows) != 2:
+        return 1 if weight == "kernel" else 0
+    return 1 if shape[1] != rows[1] and shape[0] == rows[1] else 0
+
+
+def set_rows(
+    module: nnx.Module,
+    token_specs: Sequence[TokenSpec],
+    values: Sequence[np.ndarray],
+    sharding: jax.sharding.Sharding | None,
+) -> None:
+    """Puts the file's rows into the `TokenAdapter`s `lorafy` gave an NNX module."""
+    by_name = {spec.name: value for spec, value in zip(token_specs, values, strict=True)}
+    for name, _, adapter in token_weights(module):
+        value = jnp.asarray(by_name[name], adapter.values.dtype)
+        adapter.values[...] = value if sharding is None else jax.device_put(value, sharding)
+
+
 def specs(
     rows: Mapping[str, np.ndarray],
     peft_config: Mapping[str, Any],
@@ -87,7 +115,9 @@ def specs(
     """Where each file's rows go in the flax tree, checked against the weight's shape.
 
     A ``kernel`` is a Dense head ``(features, vocab)``: its rows are the output columns;
-    any other weight (``embedding``, a raw table) is indexed along its first axis.
+    an ``embedding`` is indexed along its first axis; any other 2-D weight (Tunix's
+    ``input_embedding`` ``(vocab, features)``, a head's ``w`` ``(features, vocab)``) along
+    the axis whose partner has the rows' width (the first if both have).
 
     Raises:
       ValueError: rows without ``trainable_token_indices``, a torch name no flax weight
@@ -116,7 +146,7 @@ def specs(
         else:
             module, _, weight = path.rpartition("/")
         shape = tuple(np.shape(subtree(plain, module)[weight]))
-        axis = 1 if weight == "kernel" else 0
+        axis = _row_axis(weight, shape, value.shape)
         ids = _ids_for(name, configured, len(rows), source)
         spec = TokenSpec(
             module, weight, tuple(ids), axis, axis == 0, shape, value.shape, value.dtype.name

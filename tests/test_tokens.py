@@ -2,6 +2,7 @@
 of an embedding train; a tied head reads the same rows; merge writes them exactly."""
 
 import re
+import warnings
 
 import chex
 import flax.linen as nn
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxlora
 from tests.support.steps import full_finetune_step
@@ -275,3 +277,68 @@ def test_lorafy_refuses_what_cannot_train_by_row(model, cfg, message):
     config = jaxlora.LoraConfig(**{"rank": 2, "targets": ["hidden"], **cfg})
     with pytest.raises(ValueError, match=message):
         jaxlora.lorafy(model, params, config, IDS, key=KEY)
+
+
+class NnxTiedLM(nnx.Module):
+    """NNX twin of `TiedLM`."""
+
+    def __init__(self, rngs):
+        self.embed_tokens = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+        self.hidden = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed_tokens(ids)
+        h = h + jnp.tanh(self.hidden(h))
+        return self.embed_tokens.attend(h)
+
+
+@pytest.mark.parametrize("inputs", [(), (IDS,)], ids=["untraced", "traced"])
+def test_nnx_rows_train_alone_and_merge_exactly(inputs):
+    base = NnxTiedLM(nnx.Rngs(0))
+    table = base.embed_tokens.embedding[...]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], trainable_token_indices=NEW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untraced: the weights outside Flax's layers
+        module = jaxlora.lorafy(nnx.clone(base), cfg, *inputs, rngs=nnx.Rngs(1))
+    state = nnx.state(module, jaxlora.TrainableParam)
+    assert sorted(x.shape for x in jax.tree.leaves(state)) == [(2, WIDTH), (3, WIDTH), (WIDTH, 2)]
+    chex.assert_trees_all_close(module(IDS), base(IDS), atol=1e-6)
+
+    optimizer = nnx.Optimizer(module, optax.adam(0.1), wrt=jaxlora.TrainableParam)
+
+    @nnx.jit
+    def train(module, optimizer):
+        def loss(module):
+            return -jnp.mean(jax.nn.log_softmax(module(IDS))[..., 0])
+
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, jaxlora.TrainableParam))(
+            module
+        )
+        optimizer.update(module, grads)
+        return value
+
+    losses = [float(train(module, optimizer)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    values = module.embed_tokens.tokens["embedding"].values[...]
+    np.testing.assert_array_equal(module.embed_tokens.base.embedding[...], table)
+    assert np.all(np.abs(np.asarray(values - table[np.array(NEW)])).max(1) > 0)
+    want = base(IDS)
+    reference = nnx.clone(base)
+    reference.embed_tokens.embedding[...] = table.at[np.array(NEW)].set(values)
+    reference.hidden = jaxlora.merge(module).hidden
+    chex.assert_trees_all_close(module(IDS), reference(IDS), atol=1e-5)
+    assert float(jnp.max(jnp.abs(module(IDS) - want))) > 0.01
+
+    merged = jaxlora.merge(module)
+    np.testing.assert_array_equal(merged.embed_tokens.embedding[np.array(NEW)], values)
+    chex.assert_trees_all_close(merged(IDS), module(IDS), atol=1e-5)
+    back = jaxlora.unmerge(merged, module)
+    np.testing.assert_array_equal(back.embed_tokens.base.embedding[...], table)
+    with pytest.raises(ValueError, match=r"'embed_tokens' of the first module still has the base"):
+        jaxlora.unmerge(_with_table(merged, table), module)
+
+
+def _with_table(module, table):
+    out = nnx.clone(module)
+    out.embed_tokens.embedding[...] = table
+    return out
