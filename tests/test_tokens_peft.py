@@ -13,10 +13,13 @@ import pytest
 import safetensors
 import torch
 import transformers
+from flax import nnx
 
 import jaxlora
 from experiments.models.llama import LlamaConfig, LlamaForCausalLM
 from experiments.models.loading import flax_to_hf_state_dict
+from tests.support import hf_twins
+from tests.support import tunix_zoo as zoo
 
 SIZES = {
     "vocab_size": 48,
@@ -127,3 +130,78 @@ def test_peft_adapter_imports_with_the_same_logits(tmp_path, twins):
     assert np.abs(_logits(model, imported, config) - want).max() <= TOLERANCE
     merged = jaxlora.merge(imported)
     assert np.abs(_logits(model, merged) - want).max() <= TOLERANCE
+
+
+TUNIX_NEW = [100, 120, 127]
+
+
+@pytest.fixture(scope="module")
+def tunix_llama():
+    built = zoo.build("llama3")
+    twin = hf_twins.llama(built)
+    assert (
+        np.abs(hf_twins.logits(twin, built.tokens) - _tunix_logits(built, None)).max() <= TOLERANCE
+    )
+    return built, twin
+
+
+@nnx.jit
+def _tunix_forward(module, tokens):
+    return module(*zoo.model_inputs(tokens))[0]
+
+
+def _tunix_logits(built, module):
+    return np.asarray(_tunix_forward(built.module if module is None else module, built.tokens))
+
+
+@pytest.mark.filterwarnings(zoo.PYTEST_WARNINGS)
+def test_tunix_llama3_rows_go_to_peft_and_back(tmp_path, tunix_llama):
+    built, twin = tunix_llama
+    cfg = jaxlora.LoraConfig(
+        rank=2,
+        targets=["q_proj", "v_proj"],
+        trainable_token_indices={"input_embedding": TUNIX_NEW, "lm_head": TUNIX_NEW[:2]},
+    )
+    module = jaxlora.lorafy(nnx.clone(built.module), cfg, *built.inputs, rngs=nnx.Rngs(0))
+    state = nnx.state(module, jaxlora.TrainableParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + 0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(module, jax.tree.unflatten(treedef, leaves))
+    want = _tunix_logits(built, module)
+    assert np.abs(want - _tunix_logits(built, None)).max() > MOVED
+    module_map = jaxlora.peft_module_maps["tunix-llama3"]
+
+    jaxlora.export_peft(tmp_path / "out", module, cfg, module_map=module_map)
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["trainable_token_indices"] == {
+        "model.embed_tokens": TUNIX_NEW,
+        "lm_head": TUNIX_NEW[:2],
+    }
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "out").eval()
+    assert np.abs(hf_twins.logits(loaded, built.tokens) - want).max() <= TOLERANCE
+
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(twin),
+        peft.LoraConfig(
+            r=2,
+            target_modules=["k_proj"],
+            trainable_token_indices={"embed_tokens": TUNIX_NEW[1:], "lm_head": TUNIX_NEW},
+        ),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn_like(param))
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    config, imported = jaxlora.import_peft(
+        tmp_path / "peft", built.module, *built.inputs, module_map=module_map
+    )
+    assert config.trainable_token_indices == {
+        "re:embedder/input_embedding": tuple(TUNIX_NEW[1:]),
+        "re:lm_head/w": tuple(TUNIX_NEW),
+    }
+    peft_logits = hf_twins.logits(peft_model, built.tokens)
+    assert np.abs(_tunix_logits(built, imported) - peft_logits).max() <= TOLERANCE
+    assert np.abs(_tunix_logits(built, jaxlora.merge(imported)) - peft_logits).max() <= TOLERANCE
