@@ -101,6 +101,12 @@ class LoraBank(nnx.Module):
                 f"LoraBank: an adapter named {name!r} is already in this bank (or the name is "
                 "reserved); remove or rename it first."
             )
+        if config.trainable_token_indices is not None:
+            raise ValueError(
+                f"LoraBank.add({name!r}): the config trains token rows "
+                "(trainable_token_indices), which a bank does not hold; adapt a module of its "
+                "own with jaxlora.lorafy instead, or leave trainable_token_indices out."
+            )
         if config.modules_to_save or config.bias != "none" or config.dropout:
             raise ValueError(
                 f"LoraBank.add({name!r}): NNX banks hold LoRA factors only, without dropout; "

@@ -342,3 +342,13 @@ def _with_table(module, table):
     out = nnx.clone(module)
     out.embed_tokens.embedding[...] = table
     return out
+
+
+def test_banks_refuse_token_rows():
+    model = TiedLM()
+    params = model.init(KEY, IDS)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], trainable_token_indices=NEW)
+    with pytest.raises(ValueError, match=r"AdapterBank.add\('a'\): the config trains token rows"):
+        jaxlora.lorafy(model, params, cfg, IDS, key=KEY, name="a")
+    with pytest.raises(ValueError, match=r"LoraBank.add\('a'\): the config trains token rows"):
+        jaxlora.lorafy(NnxTiedLM(nnx.Rngs(0)), cfg, IDS, rngs=nnx.Rngs(1), name="a")
