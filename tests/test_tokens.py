@@ -1,6 +1,7 @@
 """New tokens (``LoraConfig(trainable_token_indices=...)``, PEFT's option): only chosen rows
 of an embedding train; a tied head reads the same rows; merge writes them exactly."""
 
+import dataclasses
 import re
 import warnings
 
@@ -352,3 +353,34 @@ def test_banks_refuse_token_rows():
         jaxlora.lorafy(model, params, cfg, IDS, key=KEY, name="a")
     with pytest.raises(ValueError, match=r"LoraBank.add\('a'\): the config trains token rows"):
         jaxlora.lorafy(NnxTiedLM(nnx.Rngs(0)), cfg, IDS, rngs=nnx.Rngs(1), name="a")
+
+
+def test_with_variants_the_rows_are_kept_and_free_of_lora_dropout():
+    model = TiedLM()
+    params = model.init(KEY, IDS)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], init="pissa", trainable_token_indices=NEW)
+    _, adapted = jaxlora.lorafy(model, params, cfg, IDS, key=KEY)
+    moved = _moved(adapted, 0.1)
+    plain_cfg, plain = jaxlora.convert_to_lora(moved, params, cfg)
+    chex.assert_trees_all_equal(plain["embed_tokens"]["tokens"], moved["embed_tokens"]["tokens"])
+    chex.assert_trees_all_close(
+        jaxlora.LoraModel(model, plain_cfg).apply({"params": plain}, IDS),
+        jaxlora.LoraModel(model, cfg).apply({"params": moved}, IDS),
+        atol=1e-5,
+    )
+    # LoRA dropout acts on the LoRA input only: with the adapter's B zero, the tied head's
+    # rows give the same logits whatever the dropout key
+    cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], dropout=0.9, trainable_token_indices=NEW)
+    lora_model, adapted = jaxlora.lorafy(model, params, cfg, IDS, key=KEY)
+    rows = adapted["embed_tokens"]["tokens"]
+    adapted = {**adapted, "embed_tokens": {**adapted["embed_tokens"], "tokens": _moved_rows(rows)}}
+    outs = [
+        lora_model.apply({"params": adapted}, IDS, rngs={"dropout": jax.random.key(i)})
+        for i in range(2)
+    ]
+    chex.assert_trees_all_equal(outs[0], outs[1])
+    assert float(jnp.max(jnp.abs(outs[0] - model.apply({"params": params}, IDS)))) > 0.1
+
+
+def _moved_rows(node):
+    return dataclasses.replace(node, values=node.values + 1.0)
