@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxlora import _init_from_weights, _layout, _peft_files, _peft_tokens, _records
+from jaxlora import _init_from_weights, _layout, _peft_files, _peft_tokens, _records, _token_records
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LoraConfig, path_matches
 from jaxlora._peft_files import PREFIX, TORCH_LEAF
@@ -367,7 +367,7 @@ def _tokens_of(
     who: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
     """The trained token rows' tensors and ``trainable_token_indices`` (see `_peft_tokens`)."""
-    nodes = _peft_tokens.nodes_of(adapted_model)
+    nodes = _token_records.nodes_of(adapted_model)
     tensors, ids = _peft_tokens.exported(nodes, module_map, who=who)
     if ids and not targets:
         raise ValueError(

@@ -18,26 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora._config import adapter_name, listing
+from jaxlora._config import listing
 from jaxlora._peft_files import PREFIX
 from jaxlora._peft_match import Slot
 from jaxlora._peft_names import ModuleMap
 from jaxlora._token_records import TokenSpec
-from jaxlora._tokens import TrainableTokens, iter_tokens, tokens_key
+from jaxlora._tokens import TrainableTokens
 from jaxlora._tokens_nnx import token_weights
-from jaxlora._tree import PyTree, params_of, subtree
+from jaxlora._tree import subtree
 
 SUFFIX = ".token_adapter.trainable_tokens_delta"
-
-
-def nodes_of(adapted: PyTree | nnx.Module) -> list[tuple[str, TrainableTokens]]:
-    """``(weight name, rows)`` of every weight with trained rows, linen tree or NNX module."""
-    if isinstance(adapted, nnx.Module):
-        return [(name, t.node()) for name, _, t in token_weights(adapted)]
-    return [
-        (adapter_name(module, weight), layer[tokens_key(weight)])
-        for module, weight, layer in iter_tokens(params_of(adapted)[0])
-    ]
 
 
 def exported(

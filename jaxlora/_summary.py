@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 from flax.core import meta
 
-from jaxlora import _nnx
+from jaxlora import _nnx, _token_records
 from jaxlora._bank import AdapterBank, bank_of
 from jaxlora._linen import LoraModel
 from jaxlora._quantize import is_quantized
@@ -46,6 +46,7 @@ class Summary:
         no adapter: not targeted, an embedding not named, or a use jaxlora cannot follow.
       base: how the frozen base is stored when part of it is quantized (its formats and
         bits per weight), else "".
+      tokens: ``(weight, ids, (n_tokens, features))`` of each table with trained token rows.
     """
 
     layers: tuple[LayerSummary, ...]
@@ -53,6 +54,7 @@ class Summary:
     total_params: int
     not_adapted: tuple[tuple[str, str], ...] = ()
     base: str = ""
+    tokens: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
 
     @property
     def trainable_fraction(self) -> float:
@@ -93,6 +95,7 @@ class Summary:
                 f"  {name}: {why}" + (f" ({count} layers)" if count > 1 else "")
                 for (name, why), count in seen
             ]
+        lines += [f"token rows of {w}: ids {list(ids)}, {shape}" for w, ids, shape in self.tokens]
         if self.base:
             lines.append(self.base)
         lines.append(
@@ -153,6 +156,13 @@ def _layer_summary(path, weight, a, b, scale) -> LayerSummary:
     )
 
 
+def _tokens(adapted: PyTree | nnx.Module) -> tuple:
+    return tuple(
+        (name, node.indices, tuple(node.values.shape))
+        for name, node in _token_records.nodes_of(adapted)
+    )
+
+
 def _nnx_summary(module: nnx.Module) -> Summary:
     layers = tuple(
         _layer_summary(name, weight, adapter.lora_a, adapter.lora_b, adapter.scale)
@@ -160,7 +170,14 @@ def _nnx_summary(module: nnx.Module) -> Summary:
     )
     trainable = nnx.state(module, _nnx.TrainableParam)
     params = nnx.state(module, nnx.Param)
-    return Summary(layers, _size(trainable), _size(params), _nnx.not_adapted(module), _base(params))
+    return Summary(
+        layers,
+        _size(trainable),
+        _size(params),
+        _nnx.not_adapted(module),
+        _base(params),
+        _tokens(module),
+    )
 
 
 def _bank_summary(bank: AdapterBank) -> Summary:
@@ -205,4 +222,6 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
     )
     trainable, _ = split(inner)
     not_adapted = () if lora_model is None else lora_model.not_adapted
-    return Summary(layers, _size(trainable), _size(inner), not_adapted, _base(inner))
+    return Summary(
+        layers, _size(trainable), _size(inner), not_adapted, _base(inner), _tokens(inner)
+    )

@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from flax import nnx
 from flax.core import meta
 
 from jaxlora._config import LoraConfig, adapter_name
 from jaxlora._tokens import TrainableTokens, iter_tokens, tokens_key
+from jaxlora._tokens_nnx import token_weights
 from jaxlora._tree import PyTree, params_of, replace_at, subtree
 
 
@@ -71,6 +73,16 @@ class TokenSpec:
             shape=tuple(int(d) for d in record["shape"]),
             dtype=str(record["dtype"]),
         )
+
+
+def nodes_of(adapted: PyTree | nnx.Module) -> list[tuple[str, TrainableTokens]]:
+    """``(weight name, rows)`` of every weight with trained rows, linen tree or NNX module."""
+    if isinstance(adapted, nnx.Module):
+        return [(name, t.node()) for name, _, t in token_weights(adapted)]
+    return [
+        (adapter_name(module, weight), layer[tokens_key(weight)])
+        for module, weight, layer in iter_tokens(params_of(adapted)[0])
+    ]
 
 
 def collect(params: PyTree, config: LoraConfig, *, who: str) -> list[tuple[TokenSpec, Any]]:

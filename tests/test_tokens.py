@@ -97,7 +97,10 @@ def test_only_the_rows_train_and_hold_optimizer_state():
     state = tx.init(lora_params)
     floats = sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
     assert floats == 2 * (len(NEW) * WIDTH + 2 * (WIDTH + WIDTH))
-    assert jaxlora.summary(lora_params).trainable_params == len(NEW) * WIDTH + 4 * WIDTH
+    summary = jaxlora.summary(lora_params)
+    assert summary.trainable_params == len(NEW) * WIDTH + 4 * WIDTH
+    assert summary.tokens == (("embed_tokens", NEW, (3, WIDTH)),)
+    assert "token rows of embed_tokens: ids [3, 30, 36], (3, 8)" in str(summary)
 
     step = jaxlora.make_train_step(_lm_loss(lora_model.apply), tx, donate=False)
     before = lora_params
@@ -303,6 +306,7 @@ def test_nnx_rows_train_alone_and_merge_exactly(inputs):
         module = jaxlora.lorafy(nnx.clone(base), cfg, *inputs, rngs=nnx.Rngs(1))
     state = nnx.state(module, jaxlora.TrainableParam)
     assert sorted(x.shape for x in jax.tree.leaves(state)) == [(2, WIDTH), (3, WIDTH), (WIDTH, 2)]
+    assert jaxlora.summary(module).tokens == (("embed_tokens", NEW, (3, WIDTH)),)
     chex.assert_trees_all_close(module(IDS), base(IDS), atol=1e-6)
 
     optimizer = nnx.Optimizer(module, optax.adam(0.1), wrt=jaxlora.TrainableParam)
