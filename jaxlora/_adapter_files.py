@@ -400,9 +400,7 @@ def load_adapter(
         _token_records.check_base(params, record.tokens, source=source, who="load_adapter")
         abstract = _abstract_adapter(params, layers, leaves, sharding)
         if record.tokens:
-            abstract["tokens"] = _token_records.abstract(
-                record.tokens, sharding or _attach.default_sharding()
-            )
+            abstract["tokens"] = _token_records.abstract(params, record.tokens, sharding)
         arrays = _restore_arrays(checkpointer, path, abstract, source)
     _check_arrays(record, arrays, source)
     wanted = {spec.path for spec in load_layers}

@@ -16,8 +16,9 @@ import jax
 from flax import nnx
 from flax.core import meta
 
+from jaxlora._attach import default_sharding
 from jaxlora._config import LoraConfig, adapter_name
-from jaxlora._tokens import TrainableTokens, iter_tokens, tokens_key
+from jaxlora._tokens import TrainableTokens, iter_tokens, tokens_key, values_sharding
 from jaxlora._tokens_nnx import token_weights
 from jaxlora._tree import PyTree, params_of, replace_at, subtree
 
@@ -132,10 +133,17 @@ def check_base(params: PyTree, specs: Sequence[TokenSpec], *, source: str, who: 
 
 
 def abstract(
-    specs: Sequence[TokenSpec], sharding: jax.sharding.Sharding
+    params: PyTree, specs: Sequence[TokenSpec], sharding: jax.sharding.Sharding | None
 ) -> list[jax.ShapeDtypeStruct]:
-    """The values as restore targets, all placed on ``sharding`` (they are small)."""
-    return [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for s in specs]
+    """The values as restore targets: on ``sharding`` if given, else placed like their
+    table's features (see `_tokens.values_sharding`), else on the first local device."""
+    inner, _ = params_of(params)
+    out = []
+    for s in specs:
+        w = meta.unbox(subtree(inner, s.module)[s.weight])
+        place = sharding or values_sharding(w, s.axis) or default_sharding()
+        out.append(jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place))
+    return out
 
 
 def attach(params: PyTree, specs: Sequence[TokenSpec], values: Sequence[Any]) -> PyTree:

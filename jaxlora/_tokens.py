@@ -274,11 +274,27 @@ def _check(c: Any, ids: tuple[int, ...], who: str) -> Choice:
     return Choice(c.name, c.module, c.weight, ids, axis, c.embedding)
 
 
+def values_sharding(w: Any, axis: int) -> jax.sharding.Sharding | None:
+    """Where the rows of ``w`` along ``axis`` go: ``(n_tokens, features)`` with the features
+    sharded as the table's are (the token axis replicated), or None if ``w`` is not placed
+    with a `NamedSharding`."""
+    sharding = getattr(w, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = (*sharding.spec, None, None)[:2]
+    return jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(None, spec[1 - axis])
+    )
+
+
 def with_node(choice: Choice, layer: Mapping[str, Any], *, dtype: Any) -> dict[str, Any]:
     """The module dict ``layer`` with the node of ``choice``: its base rows in ``dtype``
-    (PEFT's initial values), placed like the weight."""
+    (PEFT's initial values), placed like the weight's features."""
     node = TrainableTokens(None, choice.indices, choice.axis, choice.looked_up)
-    values = rows(meta.unbox(layer[choice.weight]), node).astype(dtype)
+    w = meta.unbox(layer[choice.weight])
+    values = rows(w, node).astype(dtype)
+    sharding = values_sharding(w, choice.axis)
+    values = values if sharding is None else jax.device_put(values, sharding)
     return {**layer, tokens_key(choice.weight): dataclasses.replace(node, values=values)}
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxlora
 from tests.support.steps import full_finetune_step
@@ -388,3 +390,30 @@ def test_with_variants_the_rows_are_kept_and_free_of_lora_dropout():
 
 def _moved_rows(node):
     return dataclasses.replace(node, values=node.values + 1.0)
+
+
+def test_rows_of_a_sharded_table_follow_its_features_and_train_like_one_device(tmp_path):
+    mesh = jaxlora.parse_mesh("data=2,model=4")
+    model = TiedLM()
+    params = model.init(KEY, IDS)["params"]
+    sharded = jaxlora.shard_params(params, mesh, [("embed_tokens/embedding", P(None, "model"))])
+    cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], trainable_token_indices=NEW)
+    lora_model, on_mesh = jaxlora.lorafy(model, sharded, cfg, IDS, key=KEY)
+    _, single = jaxlora.lorafy(model, params, cfg, IDS, key=KEY)
+    rows = on_mesh["embed_tokens"]["tokens"].values
+    assert rows.sharding == NamedSharding(mesh, P(None, "model"))
+
+    def train(params):
+        tx = jaxlora.optimizer(optax.adam(1e-2), params)
+        step = jaxlora.make_train_step(_lm_loss(lora_model.apply), tx, donate=False)
+        state = tx.init(params)
+        for _ in range(3):
+            params, state, _ = step(params, state, IDS)
+        return params
+
+    trained = train(on_mesh)
+    chex.assert_trees_all_close(jax.device_get(trained), jax.device_get(train(single)), atol=1e-5)
+    assert trained["embed_tokens"]["tokens"].values.sharding.spec == P(None, "model")
+    jaxlora.save_adapter(tmp_path / "adapter", trained, cfg)
+    _, loaded = jaxlora.load_adapter(tmp_path / "adapter", sharded)
+    assert loaded["embed_tokens"]["tokens"].values.sharding == rows.sharding
