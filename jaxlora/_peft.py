@@ -307,6 +307,13 @@ def export_peft(
     who = "export_peft"
     model = adapted(adapted_model, who=who)
     _records.check_config([layer.spec for layer in model.layers], config, who=who)
+    nodes = _token_records.nodes_of(adapted_model)
+    if nodes and not model.layers:  # rows trained without LoRA: PEFT's TrainableTokensConfig
+        peft_config, tensors = _peft_tokens.rows_only_config(
+            nodes, module_map, base_model_name_or_path, task_type, who=who
+        )
+        _peft_files.write(Path(directory), peft_config, tensors)
+        return
     targets = _export_targets(model.layers, model.weights, module_map, who=who)
     if config.dropout and any(t.kind == layouts.PARAMETER for t in targets):
         raise ValueError(
@@ -335,7 +342,7 @@ def export_peft(
         head_a, head_b = _peft_files.factor_keys(head, 0, False)
         tensors[head_a], tensors[head_b] = tensors[b_key].T, tensors[a_key].T
     tensors.update(_exported_leaves(model, targets, config, module_map, who=who))
-    token_tensors, token_ids = _tokens_of(adapted_model, targets, module_map, who=who)
+    token_tensors, token_ids = _peft_tokens.exported(nodes, module_map, who=who)
     tensors.update(token_tensors)
     saved = _saved_modules(model.modules, config.modules_to_save)
     peft_config = {
@@ -357,26 +364,6 @@ def export_peft(
         "use_rslora": config.rslora,
     }
     _peft_files.write(Path(directory), peft_config, tensors)
-
-
-def _tokens_of(
-    adapted_model: PyTree | nnx.Module,
-    targets: Sequence[_Target],
-    module_map: ModuleMap,
-    *,
-    who: str,
-) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
-    """The trained token rows' tensors and ``trainable_token_indices`` (see `_peft_tokens`)."""
-    nodes = _token_records.nodes_of(adapted_model)
-    tensors, ids = _peft_tokens.exported(nodes, module_map, who=who)
-    if ids and not targets:
-        raise ValueError(
-            f"{who}: these params train token rows ({sorted(ids)}) and no LoRA adapter; "
-            "PEFT's LoraConfig needs LoRA targets beside trainable_token_indices (it refuses "
-            "an empty target_modules). Adapt at least one layer, or save with "
-            "jaxlora.save_adapter."
-        )
-    return tensors, ids
 
 
 def _exported_leaves(

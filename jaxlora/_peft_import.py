@@ -311,6 +311,10 @@ def import_peft(
     peft_config = _peft_files.read_config(path)
     tensors = _peft_files.read_tensors(path)
     token_rows, tensors = _peft_tokens.split(tensors)
+    if peft_config["peft_type"] == _peft_tokens.ROWS_ONLY:
+        return _rows_only(
+            model, inputs, token_rows, tensors, peft_config, module_map, source, rngs, sharding
+        )
     factors, leaf_tensors = _peft_files.group(tensors, path / _peft_files.WEIGHTS_NAME)
     if not factors:
         raise ValueError(f"import_peft: {source} holds no LoRA factors (lora_A / lora_B).")
@@ -345,9 +349,43 @@ def import_peft(
         _peft_tokens.set_rows(module, *tokens, sharding)
         return config, module
     adapted = _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
-    placement = sharding or _attach.default_sharding()
-    values = [jax.device_put(v, placement) for v in tokens[1]]
+    values = _token_records.placed(adapted, *tokens, sharding)
     return config, _token_records.attach(adapted, tokens[0], values)
+
+
+def _rows_only(
+    model: PyTree | nnx.Module,
+    inputs: tuple,
+    rows: dict[str, np.ndarray],
+    rest: Mapping[str, np.ndarray],
+    peft_config: Mapping[str, Any],
+    module_map: ModuleMap,
+    source: str,
+    rngs: nnx.Rngs | None,
+    sharding: jax.sharding.Sharding | None,
+) -> tuple[LoraConfig, PyTree | nnx.Module]:
+    """A PEFT ``TrainableTokensConfig`` adapter: token rows without LoRA (`_peft_tokens`)."""
+    if rest or not rows:
+        raise ValueError(
+            f"import_peft: {source} is a TRAINABLE_TOKENS adapter but holds "
+            f"{sorted(rest) or 'no token rows'}; expected only "
+            "'base_model.model.<module>.trainable_tokens_delta' tensors."
+        )
+    plain = without_adapters(unwrap_trainable(base_tree(model, who="import_peft")))
+    index = index_of(plain, module_map, who="import_peft")
+    rows = _peft_tokens.without_tied_copies(rows, index)
+    specs, values = _peft_tokens.specs(rows, peft_config, index, plain, source)
+    config = LoraConfig(
+        targets=[],
+        dtype=values[0].dtype.name,
+        trainable_token_indices={_exact(spec.name): spec.indices for spec in specs},
+    )
+    if isinstance(model, nnx.Module):
+        module = _adapted_copy(model, config, inputs, rngs)
+        _peft_tokens.set_rows(module, specs, values, sharding)
+        return config, module
+    placed = _token_records.placed(model, specs, values, sharding)
+    return config, _token_records.attach(model, specs, placed)
 
 
 @dataclasses.dataclass(frozen=True)

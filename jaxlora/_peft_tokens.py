@@ -1,7 +1,9 @@
 """Trained token rows in PEFT's files (``trainable_token_indices`` of a ``LoraConfig``).
 
 PEFT writes one tensor per wrapped torch module,
-``base_model.model.<module>.token_adapter.trainable_tokens_delta`` ``(n_tokens, features)``:
+``base_model.model.<module>.token_adapter.trainable_tokens_delta`` ``(n_tokens, features)``
+(``<module>.trainable_tokens_delta`` for its rows-only ``TrainableTokensConfig``,
+``peft_type: "TRAINABLE_TOKENS"``, one ``token_indices`` list for every module):
 the new rows themselves, in torch's layout, which is jaxlora's `TrainableTokens.values`
 for an embedding ``(vocab, features)`` and for a Dense head ``(features, vocab)`` (torch's
 ``Linear`` weight is ``(vocab, features)``) alike. A head tied to the embedding has no
@@ -28,6 +30,8 @@ from jaxlora._tokens_nnx import token_weights
 from jaxlora._tree import subtree
 
 SUFFIX = ".token_adapter.trainable_tokens_delta"
+ROWS_ONLY = "TRAINABLE_TOKENS"  # PEFT's peft_type of TrainableTokensConfig
+_ROWS_ONLY_SUFFIX = ".trainable_tokens_delta"
 
 
 def exported(
@@ -49,13 +53,80 @@ def exported(
 
 def split(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """``({torch module: rows}, the other tensors)`` of a PEFT file."""
-    rows = {
-        k[len(PREFIX) : -len(SUFFIX)]: v
-        for k, v in tensors.items()
-        if k.startswith(PREFIX) and k.endswith(SUFFIX)
-    }
-    rest = {k: v for k, v in tensors.items() if not k.endswith(SUFFIX)}
+    rows, rest = {}, {}
+    for k, v in tensors.items():
+        if k.startswith(PREFIX) and k.endswith(_ROWS_ONLY_SUFFIX):
+            name = k[len(PREFIX) : -len(_ROWS_ONLY_SUFFIX)]
+            rows[name.removesuffix(".token_adapter")] = v
+        else:
+            rest[k] = v
     return rows, rest
+
+
+def rows_only_config(
+    nodes: Sequence[tuple[str, TrainableTokens]],
+    module_map: ModuleMap,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+    *,
+    who: str,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """PEFT's ``TrainableTokensConfig`` file for rows trained without LoRA.
+
+    PEFT's TrainableTokensModel keeps its own copy of the rows for a head tied to the
+    embedding: when the module map names one (its ``tied``) and no flax weight has rows of
+    its own there, the embedding's rows are written for it too.
+
+    Raises:
+      ValueError: tables with different ids (PEFT's config has one list for all).
+    """
+    ids = {tuple(node.indices) for _, node in nodes}
+    if len(ids) != 1:
+        raise ValueError(
+            f"{who}: PEFT's TrainableTokensConfig (rows without LoRA) has one token_indices "
+            f"list for every module, but these tables train different ids "
+            f"{[(name, list(node.indices)) for name, node in nodes]}; give them the same ids "
+            "or save with jaxlora.save_adapter."
+        )
+    tensors, by_name = exported(nodes, module_map, who=who)
+    head, embedding = getattr(module_map, "tied", None) or (None, None)
+    if embedding in by_name and head not in by_name:
+        tensors[f"{PREFIX}{head}{SUFFIX}"] = tensors[f"{PREFIX}{embedding}{SUFFIX}"]
+        by_name[head] = by_name[embedding]
+    config = {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "init_weights": True,
+        "peft_type": ROWS_ONLY,
+        "revision": None,
+        "target_modules": sorted(by_name),
+        "task_type": task_type,
+        "token_indices": list(next(iter(ids))),
+    }
+    renamed = {k.replace(SUFFIX, _ROWS_ONLY_SUFFIX): v for k, v in tensors.items()}
+    return config, renamed
+
+
+def without_tied_copies(
+    rows: Mapping[str, np.ndarray], index: Mapping[str, Sequence[Slot]]
+) -> dict[str, np.ndarray]:
+    """``rows`` less those of a torch module no flax weight maps to that hold exactly the rows
+    of another module of the file: PEFT saves a tied head's copy of the embedding's rows
+    (jaxlora's tied head reads the embedding's)."""
+    return {
+        name: value
+        for name, value in rows.items()
+        if name in index or not any(o != name and np.array_equal(v, value) for o, v in rows.items())
+    }
+
+
+def token_ids(peft_config: Mapping[str, Any], rows: Mapping[str, np.ndarray]) -> Any:
+    """``trainable_token_indices`` as a LoRA config has it; a rows-only config's one
+    ``token_indices`` list given to each module of the file."""
+    if peft_config.get("peft_type") == ROWS_ONLY:
+        return {name: list(peft_config.get("token_indices") or ()) for name in rows}
+    return peft_config.get("trainable_token_indices")
 
 
 def _ids_for(name: str, configured: Any, n_modules: int, source: str) -> list[int]:
@@ -113,7 +184,7 @@ def specs(
       ValueError: rows without ``trainable_token_indices``, a torch name no flax weight
         maps to, or shapes or ids that do not fit the weight (each named).
     """
-    configured = peft_config.get("trainable_token_indices")
+    configured = token_ids(peft_config, rows)
     if rows and not configured:
         raise ValueError(
             f"import_peft: {source} holds trained token rows ({sorted(rows)}) but its config "

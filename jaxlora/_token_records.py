@@ -146,6 +146,17 @@ def abstract(
     return out
 
 
+def placed(
+    params: PyTree,
+    specs: Sequence[TokenSpec],
+    values: Sequence[Any],
+    sharding: jax.sharding.Sharding | None,
+) -> list[jax.Array]:
+    """Rows read from a file, placed as `abstract` says."""
+    places = abstract(params, specs, sharding)
+    return [jax.device_put(v, p.sharding) for v, p in zip(values, places, strict=True)]
+
+
 def attach(params: PyTree, specs: Sequence[TokenSpec], values: Sequence[Any]) -> PyTree:
     """``params`` with a `TrainableTokens` of the saved values beside each saved weight."""
     inner, rebuild = params_of(params)

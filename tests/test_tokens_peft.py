@@ -205,3 +205,50 @@ def test_tunix_llama3_rows_go_to_peft_and_back(tmp_path, tunix_llama):
     peft_logits = hf_twins.logits(peft_model, built.tokens)
     assert np.abs(_tunix_logits(built, imported) - peft_logits).max() <= TOLERANCE
     assert np.abs(_tunix_logits(built, jaxlora.merge(imported)) - peft_logits).max() <= TOLERANCE
+
+
+class _TiedLlamaMap:
+    """The "llama" module map, naming the torch head tied to the embedding (any callable
+    works as a module map; ``tied`` is read from it as from jaxlora's own maps)."""
+
+    tied = ("lm_head", "model.embed_tokens")
+
+    def __call__(self, path):
+        return jaxlora.peft_module_maps["llama"](path)
+
+
+# PEFT warns that its TrainableTokensModel does not tie adapters on a tied model (it saves the
+# head's copy of the rows); the logits below show both sides agree.
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+def test_rows_without_lora_are_peft_trainable_tokens_both_ways(tmp_path, twins):
+    model, params, twin = twins
+    tied = "lm_head" not in params
+    tables = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
+    cfg = jaxlora.LoraConfig(targets=[], trainable_token_indices=dict.fromkeys(tables, NEW))
+    _, lora_params = jaxlora.lorafy(model, params, cfg, jnp.asarray(IDS, jnp.int32), key=KEY_JAX)
+    moved = _moved(lora_params)
+    want = _logits(model, moved, cfg)
+    assert np.abs(want - _logits(model, params)).max() > MOVED
+    module_map = jaxlora.peft_module_maps["llama"]
+    if tied:  # PEFT keeps a copy of the rows for the tied head: name it to export them
+        module_map = _TiedLlamaMap()
+    jaxlora.export_peft(tmp_path / "out", moved, cfg, module_map=module_map)
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "TRAINABLE_TOKENS" and saved["token_indices"] == NEW
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(twin), tmp_path / "out").eval()
+    assert np.abs(_torch_logits(loaded) - want).max() <= TOLERANCE
+
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(twin), peft.TrainableTokensConfig(target_modules=tables, token_indices=NEW)
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn_like(param))
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    config, imported = jaxlora.import_peft(tmp_path / "peft", params, module_map=module_map)
+    assert config.targets == () and set(config.trainable_token_indices) == {
+        f"re:{'model/' if t == 'embed_tokens' else ''}{t}" for t in tables
+    }
+    assert np.abs(_logits(model, imported, config) - _torch_logits(peft_model)).max() <= TOLERANCE
