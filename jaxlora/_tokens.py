@@ -235,18 +235,19 @@ def choose(
     for choice in chosen.values():
         if choice.name in lora:
             raise ValueError(
-                f"{who}: weight {choice.name!r} is both a LoRA target and in "
-                "trainable_token_indices (PEFT refuses this too); exclude it from targets "
-                "(exclude=[...]) or drop it from trainable_token_indices."
+                f"{who}: weight {choice.name!r} "
+                "is both a LoRA target and in trainable_token_indices "
+                "(PEFT refuses this too); exclude it from targets (exclude=[...]) or drop it "
+                "from trainable_token_indices."
             )
         parts = choice.module.split("/")
         prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
         clash = [p for p in modules_to_save if any(path_matches(m, p) for m in prefixes)]
         if clash:
             raise ValueError(
-                f"{who}: weight {choice.name!r} is in modules_to_save ({clash[0]!r}), which "
-                "trains the whole table, and in trainable_token_indices (PEFT refuses this "
-                "too); keep one of the two."
+                f"{who}: weight {choice.name!r} is in modules_to_save ({clash[0]!r}), "
+                "which trains the whole table, "
+                "and in trainable_token_indices (PEFT refuses this too); keep one of the two."
             )
     return list(chosen.values())
 
@@ -258,9 +259,10 @@ def _check(c: Any, ids: tuple[int, ...], who: str) -> Choice:
         )
     if len(c.shape) != 2 or sorted(c.roles) != ["in", "out"] or c.conv:
         raise ValueError(
-            f"{who}: trainable_token_indices names weight {c.name!r} {c.shape}, which is not "
-            "an embedding table (vocab, features) nor a Dense kernel (features, vocab); "
-            "name the embedding (or an untied output head) instead."
+            f"{who}: trainable_token_indices names weight {c.name!r} {c.shape}, "
+            "which is not an embedding table (vocab, features) "
+            "nor a Dense kernel (features, vocab); name the embedding (or an untied output "
+            "head) instead."
         )
     axis = c.roles.index("in" if c.embedding else "out")
     size = c.shape[axis]

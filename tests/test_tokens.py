@@ -186,7 +186,10 @@ def test_save_load_adapter_and_train_checkpointer_carry_the_rows(tmp_path):
     chex.assert_trees_all_equal(loaded, moved)
     wider = model.init(KEY, IDS)["params"]  # a vocabulary that was not resized
     small = {**wider, "embed_tokens": {"embedding": wider["embed_tokens"]["embedding"][:30]}}
-    with pytest.raises(ValueError, match=r"rows \[3, 30, 36\] of weight 'embed_tokens' \(37, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"rows \[3, 30, 36\] of weight 'embed_tokens' \(37, 8\), but these params have shape",
+    ):
         jaxlora.load_adapter(tmp_path / "adapter", small)
     with pytest.raises(ValueError, match="'embed_tokens' has trained token rows but the config"):
         jaxlora.save_adapter(
@@ -249,14 +252,12 @@ def test_config_refuses_bad_ids(indices, message):
         (
             TiedLM(),
             {"targets": ["hidden", "embed_tokens"], "trainable_token_indices": [3]},
-            r"'embed_tokens' is both a LoRA target and in trainable_token_indices \(PEFT "
-            r"refuses this too\); exclude it",
+            "'embed_tokens' is both a LoRA target and in trainable_token_indices",
         ),
         (
             TiedLM(),
             {"modules_to_save": ["embed_tokens"], "trainable_token_indices": [3]},
-            r"'embed_tokens' is in modules_to_save \('embed_tokens'\), which trains the whole "
-            "table",
+            r"is in modules_to_save \('embed_tokens'\), which trains the whole table",
         ),
         (
             TwoTables(),
