@@ -33,8 +33,11 @@ from jaxlora import (
 from jaxlora._config import LoraConfig, listing
 from jaxlora._tree import LoraAdapter, PyTree, path_str
 
-_FORMAT, _VERSION = "jaxlora.adapter", 2
-_READABLE = (1, _VERSION)  # version 1 records carry no checksums
+# Version 1 records carry no checksums; version 3 ones carry parts version 2 lacks (token
+# rows), written only when present, so that an older jaxlora refuses such a file instead
+# of loading it without them.
+_FORMAT, _VERSION = "jaxlora.adapter", 3
+_READABLE = (1, 2, _VERSION)
 _ARRAYS, _RECORD = "arrays", "record"
 
 
@@ -74,7 +77,9 @@ def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
 
 
 def _check_finite(
-    layers: list[tuple[_records.LayerSpec, Any, Any]], leaves: list[tuple[_records.LeafSpec, Any]]
+    layers: list[tuple[_records.LayerSpec, Any, Any]],
+    leaves: list[tuple[_records.LeafSpec, Any]],
+    tokens: list[tuple[Any, Any]],
 ) -> None:
     named = [
         *(
@@ -83,6 +88,7 @@ def _check_finite(
             for factor, x in (("A", a), ("B", b))
         ),
         *((f"trainable leaf {spec.path!r}", x) for spec, x in leaves),
+        *((f"token rows of {spec.name!r}", x) for spec, x in tokens),
     ]
     bad = _nonfinite(named)
     if bad:
@@ -138,10 +144,10 @@ def save_adapter(
     layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
     tokens = _token_records.collect(params, config, who="save_adapter")
     if not allow_nonfinite:
-        _check_finite(layers, leaves)
+        _check_finite(layers, leaves, tokens)
     record = {
         "format": _FORMAT,
-        "version": _VERSION,
+        "version": _VERSION if tokens else 2,
         "config": config.to_dict(),
         "layers": [spec.to_json() for spec, _, _ in layers],
         "trainable": [spec.to_json() for spec, _ in leaves],
@@ -253,7 +259,7 @@ def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Re
 
 
 def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
-    """Raises unless the restored arrays hash as they did when saved (version 2 records)."""
+    """Raises unless the restored arrays hash as they did when saved (version 2 and 3 records)."""
     if record.array_hashes is None:
         return
     restored = _array_hashes(

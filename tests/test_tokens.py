@@ -196,12 +196,33 @@ def test_save_load_adapter_and_train_checkpointer_carry_the_rows(tmp_path):
             tmp_path / "other", moved, jaxlora.LoraConfig(rank=2, targets=["hidden"])
         )
 
+    diverged = {**moved, "embed_tokens": {**moved["embed_tokens"]}}
+    rows = diverged["embed_tokens"]["tokens"]
+    diverged["embed_tokens"]["tokens"] = dataclasses.replace(rows, values=rows.values * jnp.nan)
+    with pytest.raises(ValueError, match=r"NaN or inf:\n  - token rows of 'embed_tokens'"):
+        jaxlora.save_adapter(tmp_path / "diverged", diverged, cfg)
+
     tx = jaxlora.optimizer(optax.adam(1e-2), moved)
     opt_state = tx.init(moved)
     with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False) as ckpt:
         ckpt.save(1, moved, opt_state, KEY)
         resumed = ckpt.restore_latest(lora_params, tx.init(lora_params))
     chex.assert_trees_all_equal((resumed.params, resumed.opt_state), (moved, opt_state))
+
+
+def test_an_adapter_with_rows_is_refused_by_a_jaxlora_that_cannot_read_them(tmp_path, monkeypatch):
+    _, params, _, lora_params = _setup(trainable_token_indices=NEW)
+    cfg = jaxlora.LoraConfig(rank=2, targets=["hidden"], trainable_token_indices=NEW)
+    jaxlora.save_adapter(tmp_path / "rows", lora_params, cfg)
+    _, _, _, plain_params = _setup()
+    jaxlora.save_adapter(
+        tmp_path / "plain", plain_params, jaxlora.LoraConfig(rank=2, targets=["hidden"])
+    )
+    # A jaxlora from before token rows reads versions 1 and 2 only.
+    monkeypatch.setattr("jaxlora._adapter_files._READABLE", (1, 2))
+    jaxlora.load_adapter(tmp_path / "plain", params)  # LoRA alone: still version 2
+    with pytest.raises(ValueError, match="has format version 3; this jaxlora reads"):
+        jaxlora.load_adapter(tmp_path / "rows", params)
 
 
 class Einsum3D(nn.Module):
