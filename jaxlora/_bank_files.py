@@ -94,6 +94,13 @@ def load_bank(
     if (root / _INDEX).is_file():
         found = {n: root / n for n in json.loads((root / _INDEX).read_text())["adapters"]}
     elif peft:
+        if nnx_bank is not None:
+            raise ValueError(
+                f"load_bank: {root} holds PEFT adapters {list(peft)}; an NNX LoraBank loads "
+                "directories written by jaxlora.save_bank only. Import each with "
+                "jaxlora.import_peft(path, module, *inputs), or load them into a linen "
+                "AdapterBank."
+            )
         if module_map is None:
             raise ValueError(
                 f"load_bank: {root} holds PEFT adapters {list(peft)}; pass module_map= "

@@ -71,9 +71,14 @@ class LoraBank(nnx.Module):
     Attributes:
       base: the original module, unchanged (its weights held once).
       adapters: ``nnx.Dict`` name -> ``nnx.List`` of `WeightAdapter`, one per adapted weight.
+      leaves: ``nnx.Dict`` name -> ``nnx.List`` of `TrainableParam`: the adapter's own
+        copies of the base leaves it trains whole (``modules_to_save``, biases), chosen
+        by its id in place of the base's.
+      dropout: the ``nnx.Dropout`` whose rngs and ``train()``/``eval()`` mode drive the
+        adapters' LoRA dropout (None: no adapter has dropout).
 
     Train one adapter with an NNX filter on its path, e.g.
-    ``nnx.Optimizer(bank, tx, wrt=nnx.All(jaxlora.LoraParam, nnx.PathContains("a")))``.
+    ``nnx.Optimizer(bank, tx, wrt=nnx.All(jaxlora.TrainableParam, nnx.PathContains("a")))``.
 
     Example:
       >>> bank = jaxlora.LoraBank(model)

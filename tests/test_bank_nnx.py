@@ -225,7 +225,10 @@ def test_files_combination_and_summary_reuse_linens(tmp_path):
     assert [fresh.config(n) for n in fresh.names] == [bank.config(n) for n in bank.names]
     with pytest.raises(ValueError, match="load_bank: adapter 'saved'"):
         jaxlora.load_bank(tmp_path / "bank", jaxlora.LoraBank(models.NnxModel(nnx.Rngs(9))))
-    # the same files load into linen's bank, onto the module's params as a tree
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="an NNX LoraBank loads directories written by jaxlora"):
+        jaxlora.load_bank(tmp_path / "peft", fresh)
     # combining: "cat" is exactly the weighted sum of the updates, "svd" at full rank too
     with pytest.raises(ValueError, match="'saved' trains whole modules"):
         jaxlora.add_weighted_adapter(bank, ["saved", "c"], [1, 1], "x", "cat")
