@@ -45,7 +45,9 @@ def base_tree(module: nnx.Module) -> dict[str, Any]:
     return _str_keys(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
-def holding(weight: nnx.Variable, a: jax.Array, b: jax.Array, scale: float, delta_eq: str):
+def holding(
+    weight: nnx.Variable, a: jax.Array, b: jax.Array, scale: float, delta_eq: str
+) -> WeightAdapter:
     """A `WeightAdapter` of ``weight`` holding the given factors (loaded or combined)."""
     a_labels, b_labels, kernel = _layout.delta_labels(delta_eq)
     stack = weight.ndim - len(kernel)
