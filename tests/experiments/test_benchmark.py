@@ -169,7 +169,7 @@ def test_mixed_adapter_rows():
     """K adapters on one base, each example using its own: forward and training rows, PEFT's
     mixed-batch forward beside them, and switching adapters."""
     impls = "fwd-lora,jaxlora-mixed,jaxlora,jaxlora-mixed-train,torch-peft-fwd,torch-peft-mixed"
-    rows = benchmark_rows("--impls", impls, "--settings", "qv", "--adapters", "1,3")
+    rows = benchmark_rows("--impls", impls, "--settings", "qv", "--adapters", "1,3", timeout=300)
     by_job = {(r["impl"], r["adapters"]): r for r in rows}
     mixed = ("jaxlora-mixed", "jaxlora-mixed-train", "torch-peft-mixed")
     assert set(by_job) == {
