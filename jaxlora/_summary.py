@@ -14,6 +14,8 @@ from flax.core import meta
 
 from jaxlora import _nnx, _token_records
 from jaxlora._bank import AdapterBank, bank_of
+from jaxlora._bank_nnx import LoraBank
+from jaxlora._bank_nnx_trees import as_adapter_bank
 from jaxlora._linen import LoraModel
 from jaxlora._quantize import is_quantized
 from jaxlora._tree import PyTree, adapter_at, iter_adapters, split
@@ -197,7 +199,8 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
 
     Args:
       adapted: an adapted linen tree (params collection or variables dict), an
-        `AdapterBank` (one row per adapter and layer, grouped by layer) or an NNX module.
+        `AdapterBank` or NNX `LoraBank` (one row per adapter and layer, grouped by
+        layer) or an NNX module.
       lora_model: linen: the `LoraModel` from `lorafy`, to list the weights seen and not
         adapted (NNX modules carry that list themselves).
 
@@ -205,6 +208,8 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
       A `Summary`; ``print(summary)`` shows a table like PEFT's
       ``print_trainable_parameters``, per layer.
     """
+    if isinstance(adapted, LoraBank):
+        return _bank_summary(as_adapter_bank(adapted))
     if isinstance(adapted, nnx.Module):
         return _nnx_summary(adapted)
     inner, _ = bank_of(adapted)
