@@ -45,8 +45,13 @@ from jaxlora._tree import (
 
 
 def _own(node: Any) -> Any:
-    """Only the adapter's own leaves of an adapted tree (its factors and `Trainable` leaves)."""
-    if isinstance(node, LoraAdapter | Trainable):
+    """Only the adapter's own leaves of an adapted tree (its factors and `Trainable` leaves).
+
+    `Trainable` leaves are copied: they start as the base's arrays, and two adapters
+    sharing one buffer could not both be donated to a train step."""
+    if isinstance(node, Trainable):
+        return jax.tree.map(jnp.copy, node)
+    if isinstance(node, LoraAdapter):
         return node
     if not isinstance(node, Mapping):
         return None

@@ -346,6 +346,25 @@ def test_summary_lists_the_adapters_of_each_layer(tiny):
     assert lines[2].split()[:3] == ["b", "block_*/attn/query", "2"]
 
 
+def test_adapters_made_with_the_same_head_train_with_donated_buffers(heads):
+    model, _, bank, x = heads
+    bank_model = None
+    for i, name in enumerate(("h", "g")):
+        bank_model, bank = jaxlora.lorafy(
+            model, bank.base if i == 0 else bank, HEADS["head"], x, key=KEY, name=name
+        )
+
+    def loss_fn(bank, batch):
+        return jnp.mean(_row_losses(bank_model, bank, *batch))
+
+    tx = jaxlora.optimizer(optax.adam(1e-2), bank)
+    step = jaxlora.make_train_step(loss_fn, tx)  # donates the adapters' buffers
+    target = jnp.ones((4, 32))
+    trained, _, _ = step(bank, tx.init(bank), (x, target, bank.ids(["h", "g", "g", "h"])))
+    heads = [trained.adapters[n]["dense_2"]["kernel"].value for n in ("h", "g")]
+    assert not np.allclose(heads[0], heads[1])  # each head moved with its own rows
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_adapters_with_their_own_head_switch_by_id_and_mix_per_row(heads, jit):
     model, bank_model, bank, x = heads
