@@ -80,8 +80,11 @@ def _nbytes(tree: PyTree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _check_same_base(name: str, base: PyTree, given: PyTree) -> None:
-    """Refuses an adapter made on another base than the bank's, naming what differs."""
+def _check_same_base(name: str, base: PyTree, given: PyTree, replaced: frozenset[str]) -> None:
+    """Refuses an adapter made on another base than the bank's, naming what differs.
+
+    The leaves at ``replaced`` (the adapter's own ``modules_to_save`` copies and biases)
+    may hold other values, not another shape."""
     ours = dict(jax.tree_util.tree_leaves_with_path(base))
     theirs = dict(jax.tree_util.tree_leaves_with_path(given))
     differences = [f"{path_str(p)}: not in this bank's base" for p in theirs.keys() - ours]
@@ -94,7 +97,7 @@ def _check_same_base(name: str, base: PyTree, given: PyTree) -> None:
             differences.append(
                 f"{path_str(p)}: {y.shape} {y.dtype}, the bank has {x.shape} {x.dtype}"
             )
-        elif not bool(jnp.array_equal(x, y)):
+        elif path_str(p) not in replaced and not bool(jnp.array_equal(x, y)):
             differences.append(f"{path_str(p)}: other values")
     if differences:
         raise ValueError(
@@ -216,10 +219,12 @@ class AdapterBank:
                 f"AdapterBank.add({name!r}): these params hold no LoRA adapter; pass the tree "
                 "that jaxlora.lorafy, load_adapter or import_peft returned."
             )
-        _check_same_base(name, self.base, unwrap_trainable(without_adapters(inner)))
+        own = _own(inner)
+        replaced = frozenset("/".join(p) for p in _replaced(own))
+        _check_same_base(name, self.base, unwrap_trainable(without_adapters(inner)), replaced)
         return AdapterBank(
             self.base,
-            {**self.adapters, name: _own(inner)},
+            {**self.adapters, name: own},
             {**self._configs, name: config},
             self.frozen,
         )

@@ -379,6 +379,20 @@ def test_adapters_with_their_own_head_switch_by_id_and_mix_per_row(heads, jit):
         chex.assert_trees_all_close(got[row], _alone(model, bank, name, x)[row], atol=1e-5)
 
 
+def test_adapters_with_trained_heads_save_and_load_as_a_bank(heads, tmp_path):
+    model, bank_model, bank, x = heads  # the heads differ from the base's (shifted)
+    jaxlora.save_bank(tmp_path / "bank", bank)
+    loaded = jaxlora.load_bank(tmp_path / "bank", bank.base)
+    ids = bank.ids(["head", "plain", None, "head"])
+    chex.assert_trees_all_close(
+        bank_model.apply({"params": loaded}, x, adapter=ids),
+        bank_model.apply({"params": bank}, x, adapter=ids),
+    )
+    other = jax.tree.map(lambda w: w + 1, bank.base)
+    with pytest.raises(ValueError, match=r"adapter 'head'.*another base.*dense_0"):
+        jaxlora.load_bank(tmp_path / "bank", other)
+
+
 def test_whole_leaves_per_row_where_rows_are_lost_are_refused():
     class Pooled(nn.Module):  # the head's bias meets a value summed over the batch
         @nn.compact
