@@ -280,15 +280,21 @@ def _eval(
 
 def _eval_eqn(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list]:
     name = eqn.primitive.name
-    if _row_leaves.any_row_wise(invals) and name not in _INLINED:
+    row_wise = _row_leaves.any_row_wise(invals)  # a mixed batch's per-row leaf (_row_leaves)
+    if row_wise and name not in _INLINED:
         if any(v is not None for v in views):
             _row_leaves.refuse(invals, f"{name} takes it together with a LoRA-adapted weight")
         if name in _REMAT or name in ("scan", "while", "cond"):
             _row_leaves.refuse(invals, f"it is used inside {name}")
+        sub = next((eqn.params[k] for k in _rows.CALLS if k in eqn.params), None)
+        if sub is not None:  # custom_jvp/vjp functions (relu, ...): their primal, inline
+            return _eval(
+                walk, getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), invals, views
+            )
         use = None if walk.rows is None else walk.rows.get(id(eqn))
         outs = _row_leaves.bind(eqn, invals, use, walk.batch, _bind_any)
         return outs, [None] * len(outs)
-    if all(v is None for v in views) and not _lazy_weights.any_lazy(invals):
+    if all(v is None for v in views) and not _lazy_weights.any_lazy(invals) and not row_wise:
         outs = _bind(eqn, invals)
         return outs, [None] * len(outs)
     if name in _uses.CONTRACTIONS:

@@ -51,7 +51,7 @@ _ELEMENTWISE_NAMES = """abs acos acosh add and asin asinh atan atan2 atanh cbrt 
     shift_right_logical population_count sharding_constraint reshard mesh_cast pvary name
     optimization_barrier"""
 _ELEMENTWISE = frozenset(_ELEMENTWISE_NAMES.split())
-_CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")  # the params holding a call's jaxpr
 _REDUCTION_NAMES = """reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or
     reduce_xor argmax
     argmin"""
@@ -236,7 +236,7 @@ class _Analysis:
             return self.scan(eqn, ins)
         if name in ("while", "cond"):
             return [_Lost(f"{name} is not followed by jaxlora's row tracking")] * len(eqn.outvars)
-        sub = next((p[k] for k in _CALLS if k in p), None)
+        sub = next((p[k] for k in CALLS if k in p), None)
         if sub is not None:
             inner = getattr(sub, "jaxpr", sub)
             return self.run(inner, ins)

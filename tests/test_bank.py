@@ -380,7 +380,7 @@ def test_adapters_with_their_own_head_switch_by_id_and_mix_per_row(heads, jit):
 
 
 def test_adapters_with_trained_heads_save_and_load_as_a_bank(heads, tmp_path):
-    model, bank_model, bank, x = heads  # the heads differ from the base's (shifted)
+    _, bank_model, bank, x = heads  # the heads differ from the base's (shifted)
     jaxlora.save_bank(tmp_path / "bank", bank)
     loaded = jaxlora.load_bank(tmp_path / "bank", bank.base)
     ids = bank.ids(["head", "plain", None, "head"])
@@ -391,6 +391,27 @@ def test_adapters_with_trained_heads_save_and_load_as_a_bank(heads, tmp_path):
     other = jax.tree.map(lambda w: w + 1, bank.base)
     with pytest.raises(ValueError, match=r"(?s)adapter 'head'.*another base.*'dense_0'"):
         jaxlora.load_bank(tmp_path / "bank", other)
+
+
+def test_a_saved_leaf_through_a_custom_jvp_function_mixes_per_row():
+    class Gate(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return h * jax.nn.relu(self.param("g", nn.initializers.normal(1.0), (8,)))
+
+    class Gated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Gate(name="gate")(nn.Dense(8, name="body")(x))
+
+    model, x = Gated(), jax.random.normal(KEY, (4, 16))
+    params = model.init(KEY, x)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["body"], modules_to_save=["gate"])
+    bank_model, bank = _bank(model, params, x, {"h": cfg, "g": cfg})
+    names = ["h", "g", None, "g"]
+    got = bank_model.apply({"params": bank}, x, adapter=bank.ids(names))
+    for row, name in enumerate(names):
+        chex.assert_trees_all_close(got[row], _alone(model, bank, name, x)[row], atol=1e-6)
 
 
 def test_whole_leaves_per_row_where_rows_are_lost_are_refused():
