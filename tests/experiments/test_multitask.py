@@ -68,7 +68,7 @@ def test_minilm_two_classification_adapters_from_one_mixed_stream(tmp_path):
     _, config, body, _ = load_hf_model(minilm_path())
     base = init_classification_params(config, body, num_labels=2, key=jax.random.key(0))
     bank = jaxlora.load_bank(tmp_path / "adapters", base)
-    heads = [bank.select(n)["classifier"]["kernel"] for n in ("sentiment", "subjectivity")]
+    heads = [bank.select(n)["classifier"]["kernel"].value for n in ("sentiment", "subjectivity")]
     assert not np.allclose(heads[0], heads[1])  # each task trained its own head
     config, _ = jaxlora.load_adapter(tmp_path / "adapters" / "sentiment", base)  # alone too
     assert config.modules_to_save == ("classifier",)
