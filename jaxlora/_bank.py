@@ -45,8 +45,13 @@ from jaxlora._tree import (
 
 
 def _own(node: Any) -> Any:
-    """Only the adapter's own leaves of an adapted tree (its factors and `Trainable` leaves)."""
-    if isinstance(node, LoraAdapter | Trainable):
+    """Only the adapter's own leaves of an adapted tree (its factors and `Trainable` leaves).
+
+    `Trainable` leaves are copied: they start as the base's arrays, and two adapters
+    sharing one buffer could not both be donated to a train step."""
+    if isinstance(node, Trainable):
+        return jax.tree.map(jnp.copy, node)
+    if isinstance(node, LoraAdapter):
         return node
     if not isinstance(node, Mapping):
         return None
@@ -75,8 +80,11 @@ def _nbytes(tree: PyTree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _check_same_base(name: str, base: PyTree, given: PyTree) -> None:
-    """Refuses an adapter made on another base than the bank's, naming what differs."""
+def _check_same_base(name: str, base: PyTree, given: PyTree, replaced: frozenset[str]) -> None:
+    """Refuses an adapter made on another base than the bank's, naming what differs.
+
+    The leaves at ``replaced`` (the adapter's own ``modules_to_save`` copies and biases)
+    may hold other values, not another shape."""
     ours = dict(jax.tree_util.tree_leaves_with_path(base))
     theirs = dict(jax.tree_util.tree_leaves_with_path(given))
     differences = [f"{path_str(p)}: not in this bank's base" for p in theirs.keys() - ours]
@@ -89,7 +97,7 @@ def _check_same_base(name: str, base: PyTree, given: PyTree) -> None:
             differences.append(
                 f"{path_str(p)}: {y.shape} {y.dtype}, the bank has {x.shape} {x.dtype}"
             )
-        elif not bool(jnp.array_equal(x, y)):
+        elif path_str(p) not in replaced and not bool(jnp.array_equal(x, y)):
             differences.append(f"{path_str(p)}: other values")
     if differences:
         raise ValueError(
@@ -218,10 +226,12 @@ class AdapterBank:
                 f"AdapterBank.add({name!r}): these params hold no LoRA adapter; pass the tree "
                 "that jaxlora.lorafy, load_adapter or import_peft returned."
             )
-        _check_same_base(name, self.base, unwrap_trainable(without_adapters(inner)))
+        own = _own(inner)
+        replaced = frozenset("/".join(p) for p in _replaced(own))
+        _check_same_base(name, self.base, unwrap_trainable(without_adapters(inner)), replaced)
         return AdapterBank(
             self.base,
-            {**self.adapters, name: _own(inner)},
+            {**self.adapters, name: own},
             {**self._configs, name: config},
             self.frozen,
         )
@@ -270,33 +280,31 @@ def bank_of(variables: Any) -> tuple[Any, Any]:
     return params_of(variables)
 
 
-def _with_replaced(bank: AdapterBank, adapter: jax.Array | None) -> PyTree:
-    """The base with each leaf some adapter replaces (``modules_to_save``) chosen by id."""
+def _leaf_stacks(bank: AdapterBank) -> dict[tuple[str, ...], jax.Array]:
+    """Per leaf some adapter replaces (``modules_to_save``, biases): its value for each id,
+    stacked (the base's at id 0 and for the adapters that keep it)."""
     variants: dict[tuple[str, ...], dict[int, Any]] = {}
     for i, own in enumerate(bank.adapters.values(), start=1):
         for path, value in _replaced(own).items():
             variants.setdefault(path, {})[i] = value
-    if variants and adapter is None:
-        names = sorted("/".join(p) for p in variants)
-        raise ValueError(
-            "BankModel.apply: a batch mixing adapters cannot use adapters that train whole "
-            f"leaves (modules_to_save or biases): {names[:3]}. Pass one adapter id, or run "
-            "each adapter's rows on its own."
-        )
-    base = bank.base
+    stacks = {}
     for path, by_id in variants.items():
-        node = base
-        for k in path[:-1]:
+        node = bank.base
+        for k in path:
             node = node[k]
-        stored = node[path[-1]]
-        w = meta.unbox(stored)
+        w = meta.unbox(node)
         options = [meta.unbox(by_id.get(i, w)) for i in range(1, len(bank.names) + 1)]
-        stack = jnp.stack([w, *options])
-        chosen = _bank_run.pick(stack, adapter)
+        stacks[path] = jnp.stack([w, *options])
+    return stacks
+
+
+def _with_picked(base: PyTree, stacks: Mapping[tuple[str, ...], jax.Array], adapter: Any) -> PyTree:
+    """The base with each replaced leaf taken from its stack at the one id ``adapter``."""
+    for path, stack in stacks.items():
         base = replace_at(
             base,
             "/".join(path[:-1]),
-            lambda d, s=stored, c=chosen, k=path[-1]: {**d, k: rebox(s, c)},
+            lambda d, k=path[-1], s=stack: {**d, k: rebox(d[k], _bank_run.pick(s, adapter))},
         )
     return base
 
@@ -346,8 +354,23 @@ class BankModel:
             for own in bank.adapters.values()
         ]
         stacked = {root + p: f for p, f in _bank_run.stack(per_adapter, bank.names).items()}
-        base = rebuild(_with_replaced(bank, ids if ids.ndim == 0 else None))
-        return _bank_run.run(self.model.apply, base, stacked, ids, args, kwargs, configs, key)
+        stacks = _leaf_stacks(bank)
+        if ids.ndim == 0:  # one adapter: its copies replace the base's leaves
+            base, stacks = _with_picked(bank.base, stacks, ids), {}
+        else:  # each row its own copies
+            base = bank.base
+        leaf_stacks = {root + "/".join(p): s for p, s in stacks.items()}
+        return _bank_run.run(
+            self.model.apply,
+            rebuild(base),
+            stacked,
+            ids,
+            args,
+            kwargs,
+            configs,
+            key,
+            leaf_stacks=leaf_stacks,
+        )
 
 
 def merge(bank: AdapterBank, names: str | Sequence[str], dtype: Any = jnp.bfloat16) -> PyTree:

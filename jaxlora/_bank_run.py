@@ -154,8 +154,14 @@ def run(
     configs: Sequence[LoraConfig],
     key: jax.Array | None,
     applied: dict[str, int] | None = None,
+    leaf_stacks: Mapping[str, jax.Array] | None = None,
 ) -> Any:
-    """``fn(weights, *args, **kwargs)`` with the adapter(s) ``ids`` selects (`_rewrite.call`)."""
+    """``fn(weights, *args, **kwargs)`` with the adapter(s) ``ids`` selects (`_rewrite.call`).
+
+    ``leaf_stacks`` (path -> each id's value of a weight some adapter trains in full,
+    stacked) give a mixed batch's rows their own copies (`_row_leaves`); with one id,
+    ``weights`` must already hold that id's copies.
+    """
     rates = (0.0, *(c.dropout for c in configs))
     if ids.ndim == 0:
         if key is not None and len(set(rates[1:])) > 1:
@@ -170,6 +176,15 @@ def run(
         )
     mixed = _mixed.MixedRows(ids, rates)
     factors = {p: dataclasses.replace(f, mixed=mixed) for p, f in stacked.items()}
+    row_leaves = {p: pick(s, ids) for p, s in (leaf_stacks or {}).items()}
     return _rewrite.call(
-        fn, weights, factors, args, kwargs, key=key, batch_rows=ids.shape[0], applied=applied
+        fn,
+        weights,
+        factors,
+        args,
+        kwargs,
+        key=key,
+        batch_rows=ids.shape[0],
+        applied=applied,
+        row_leaves=row_leaves,
     )

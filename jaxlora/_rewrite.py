@@ -31,7 +31,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora import _lazy_weights, _mixed, _rows, _uses
+from jaxlora import _lazy_weights, _mixed, _row_leaves, _rows, _uses
 from jaxlora._views import Factors, Unsupported, View
 
 _PASS_THROUGH = frozenset(
@@ -75,6 +75,7 @@ class _Walk:
     key: jax.Array | None = None
     counter: int = 0
     rows: Mapping[int, _rows.UseRows] | None = None  # a mixed batch's rows at each use
+    batch: int = 0  # a mixed batch's number of rows
 
     def problem(self, view: View, what: str) -> None:
         self.seen[view.weight].problems.append(what)
@@ -279,7 +280,21 @@ def _eval(
 
 def _eval_eqn(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list]:
     name = eqn.primitive.name
-    if all(v is None for v in views) and not _lazy_weights.any_lazy(invals):
+    row_wise = _row_leaves.any_row_wise(invals)  # a mixed batch's per-row leaf (_row_leaves)
+    if row_wise and name not in _INLINED:
+        if any(v is not None for v in views):
+            _row_leaves.refuse(invals, f"{name} takes it together with a LoRA-adapted weight")
+        if name in _REMAT or name in ("scan", "while", "cond"):
+            _row_leaves.refuse(invals, f"it is used inside {name}")
+        sub = next((eqn.params[k] for k in _rows.CALLS if k in eqn.params), None)
+        if sub is not None:  # custom_jvp/vjp functions (relu, ...): their primal, inline
+            return _eval(
+                walk, getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), invals, views
+            )
+        use = None if walk.rows is None else walk.rows.get(id(eqn))
+        outs = _row_leaves.bind(eqn, invals, use, walk.batch, _bind_any)
+        return outs, [None] * len(outs)
+    if all(v is None for v in views) and not _lazy_weights.any_lazy(invals) and not row_wise:
         outs = _bind(eqn, invals)
         return outs, [None] * len(outs)
     if name in _uses.CONTRACTIONS:
@@ -390,6 +405,7 @@ def call(
     key: jax.Array | None = None,
     applied: dict[str, int] | None = None,
     batch_rows: int | None = None,
+    row_leaves: Mapping[str, jax.Array] | None = None,
 ) -> Any:
     """``fn(weights, *args, **kwargs)`` with each adapter added where its weight is used.
 
@@ -403,6 +419,8 @@ def call(
       applied: if given, each adapter's number of uses in this call is added to it.
       batch_rows: for a batch mixing adapters (factors with `_mixed.MixedRows`), its number
         of rows: the inputs whose leading axis has that size hold the rows there.
+      row_leaves: for a batch mixing adapters, weight path -> ``(batch_rows, *shape)``:
+        the weights that differ per row, each row's own value (`_row_leaves`).
 
     Returns:
       What ``fn`` returns.
@@ -412,6 +430,9 @@ def call(
     closed, inputs, out_tree, n_weights = _trace(fn, weights, args, kwargs)
     inputs[:n_weights] = _lazy_weights.lazy_leaves(stored)
     paths = weight_paths(weights)
+    for i, p in enumerate(paths):
+        if p in (row_leaves or {}):
+            inputs[i] = _row_leaves.RowWise(p, row_leaves[p])
     leaves = jax.tree.leaves(weights)
     views: list[View | None] = [
         View.of(p, x.shape, adapters[p]) if p in adapters else None
@@ -423,8 +444,10 @@ def call(
     if batch_rows is not None:
         arg_rows = _rows.input_rows([x.shape for x in inputs[n_weights:]], batch_rows)
         rows = _rows.analyse(closed.jaxpr, [None] * n_weights + arg_rows, batch_rows)
-    walk = _Walk(seen, dropout=dropout, key=key, rows=rows)
+    walk = _Walk(seen, dropout=dropout, key=key, rows=rows, batch=batch_rows or 0)
     outs, _ = _eval(walk, closed.jaxpr, closed.consts, inputs, views)
+    if _row_leaves.any_row_wise(outs):
+        _row_leaves.refuse(outs, "the model returns it without applying it to the batch")
     outs = [_lazy_weights.returned(x) for x in outs]
     for path, s in seen.items():
         if s.problems:

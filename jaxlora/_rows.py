@@ -51,7 +51,7 @@ _ELEMENTWISE_NAMES = """abs acos acosh add and asin asinh atan atan2 atanh cbrt 
     shift_right_logical population_count sharding_constraint reshard mesh_cast pvary name
     optimization_barrier"""
 _ELEMENTWISE = frozenset(_ELEMENTWISE_NAMES.split())
-_CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")  # the params holding a call's jaxpr
 _REDUCTION_NAMES = """reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or
     reduce_xor argmax
     argmin"""
@@ -61,7 +61,7 @@ _CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"
 
 @dataclasses.dataclass(frozen=True)
 class UseRows:
-    """The rows of one contraction's operands and of its output."""
+    """The rows of one operation's operands and of its output."""
 
     operands: tuple[RowInfo, ...]
     out: RowInfo
@@ -236,15 +236,14 @@ class _Analysis:
             return self.scan(eqn, ins)
         if name in ("while", "cond"):
             return [_Lost(f"{name} is not followed by jaxlora's row tracking")] * len(eqn.outvars)
-        sub = next((p[k] for k in _CALLS if k in p), None)
+        sub = next((p[k] for k in CALLS if k in p), None)
         if sub is not None:
             inner = getattr(sub, "jaxpr", sub)
             return self.run(inner, ins)
         outs = _simple(eqn, ins, shapes, self.batch)
-        if name in ("dot_general", "ragged_dot_general", "conv_general_dilated", "gather"):
-            if name in ("ragged_dot_general", "conv_general_dilated"):
-                outs = [self._other(eqn, ins)]
-            self._note(eqn, UseRows(tuple(ins), outs[0]))
+        if name in ("ragged_dot_general", "conv_general_dilated"):
+            outs = [self._other(eqn, ins)]
+        self._note(eqn, UseRows(tuple(ins), outs[0]))
         scope = str(eqn.source_info.name_stack)
         if scope and not any(isinstance(i, _Lost) for i in ins):  # say where rows got lost
             outs = [_Lost(f"{o.why} (in {scope})") if isinstance(o, _Lost) else o for o in outs]
@@ -298,7 +297,10 @@ class _Analysis:
 
 
 def analyse(jaxpr: Any, inputs: Sequence[RowInfo], batch: int) -> Mapping[int, UseRows]:
-    """The rows at every contraction or lookup of ``jaxpr``, keyed by ``id(eqn)``.
+    """The rows at every operation of ``jaxpr`` that takes them, keyed by ``id(eqn)``.
+
+    Contractions and lookups of adapted weights read them (`_mixed`), and so does every
+    operation on a leaf that differs per row (`_row_leaves`).
 
     Args:
       jaxpr: the (open) jaxpr of the model's function.
@@ -306,7 +308,8 @@ def analyse(jaxpr: Any, inputs: Sequence[RowInfo], batch: int) -> Mapping[int, U
       batch: the number of rows.
 
     Returns:
-      ``{id(eqn): UseRows}`` for the equations of ``jaxpr`` and every jaxpr inside it.
+      ``{id(eqn): UseRows}`` for the equations of ``jaxpr`` and every jaxpr inside it
+      (those with no input depending on the rows are left out).
     """
     analysis = _Analysis(batch)
     analysis.run(jaxpr, inputs)

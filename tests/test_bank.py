@@ -158,15 +158,36 @@ def test_mixed_batch_through_nn_scan_and_remat():
 
 def _row_losses(bank_model, bank, x, y, ids):
     out = bank_model.apply({"params": bank}, x, adapter=ids)
-    return jnp.sum((out - y) ** 2, axis=(1, 2))
+    return jnp.sum((out - y) ** 2, axis=tuple(range(1, out.ndim)))
 
 
-def test_one_mixed_step_equals_the_per_adapter_steps(tiny):
-    _, _, bank_model, bank = tiny
-    bank = bank.remove("c")
-    names = ["a", "b", "b", "a"]
+HEADS = {  # adapters that train whole leaves: a head of their own (modules_to_save), biases
+    "head": jaxlora.LoraConfig(rank=4, targets=["dense_0"], modules_to_save=["dense_2"]),
+    "plain": jaxlora.LoraConfig(rank=2, targets=["dense_1"], bias="lora_only"),
+}
+
+
+@pytest.fixture(scope="module")
+def heads():
+    model = models.MLP()
+    x = jax.random.normal(KEY, (4, 16))
+    params = model.init(KEY, x)["params"]
+    bank_model, bank = _bank(model, params, x, HEADS)
+    return model, bank_model, bank, x
+
+
+@pytest.mark.parametrize("setup", ["lora", "whole_leaves"])
+def test_one_mixed_step_equals_the_per_adapter_steps(tiny, heads, setup):
+    if setup == "lora":
+        _, _, bank_model, bank = tiny
+        bank, x, names = bank.remove("c"), IDS, ["a", "b", "b", "a"]
+    else:
+        _, bank_model, bank, x = heads
+        names = ["head", "plain", "plain", "head"]
     ids = bank.ids(names)
-    target = jax.random.normal(jax.random.key(7), (4, 8, 64))
+    target = jax.random.normal(
+        jax.random.key(7), bank_model.model.apply({"params": bank.base}, x).shape
+    )
     n = len(names)
 
     def loss_fn(bank, batch):
@@ -175,21 +196,25 @@ def test_one_mixed_step_equals_the_per_adapter_steps(tiny):
 
     tx = jaxlora.optimizer(optax.adam(1e-2), bank)
     step = jaxlora.make_train_step(loss_fn, tx, donate=False)
-    mixed, _, mixed_loss = step(bank, tx.init(bank), (IDS, target, ids))
+    mixed, _, mixed_loss = step(bank, tx.init(bank), (x, target, ids))
 
     total = 0.0
-    for name in ("a", "b"):
+    for name in bank.names:
         rows = np.flatnonzero(np.asarray(names) == name)
         only = bank.train_only(name)
         tx_one = jaxlora.optimizer(optax.adam(1e-2), only)
         step_one = jaxlora.make_train_step(loss_fn, tx_one, donate=False)
-        batch = (IDS[rows], target[rows], ids[rows])
+        batch = (x[rows], target[rows], ids[rows])
         trained, _, loss = step_one(only, tx_one.init(only), batch)
         total += float(loss)
         chex.assert_trees_all_close(trained.adapters[name], mixed.adapters[name], atol=1e-6)
-        other = "b" if name == "a" else "a"  # frozen: bit-identical
+        (other,) = set(bank.names) - {name}  # frozen: bit-identical
         chex.assert_trees_all_equal(trained.adapters[other], bank.adapters[other])
     np.testing.assert_allclose(float(mixed_loss), total, rtol=1e-6)
+    if setup == "whole_leaves":  # the head and the biases moved, the base's stayed
+        moved = jax.tree.map(lambda a, b: not np.allclose(a, b), mixed.adapters, bank.adapters)
+        assert all(jax.tree.leaves(moved))
+        chex.assert_trees_all_equal(mixed.base, bank.base)
 
 
 def test_lora_dropout_per_adapter_in_a_mixed_batch(tiny):
@@ -321,18 +346,84 @@ def test_summary_lists_the_adapters_of_each_layer(tiny):
     assert lines[2].split()[:3] == ["b", "block_*/attn/query", "2"]
 
 
-def test_adapters_with_their_own_head_switch_by_id_and_refuse_mixing():
-    model = models.MLP()
-    x = jax.random.normal(KEY, (4, 16))
-    params = model.init(KEY, x)["params"]
-    configs = {
-        "head": jaxlora.LoraConfig(rank=4, targets=["dense_0"], modules_to_save=["dense_2"]),
-        "plain": jaxlora.LoraConfig(rank=2, targets=["dense_1"], bias="lora_only"),
-    }
-    bank_model, bank = _bank(model, params, x, configs)
-    run = jax.jit(lambda b, x, i: bank_model.apply({"params": b}, x, adapter=i))
+def test_adapters_made_with_the_same_head_train_with_donated_buffers(heads):
+    model, _, bank, x = heads
+    bank_model = None
+    for i, name in enumerate(("h", "g")):
+        bank_model, bank = jaxlora.lorafy(
+            model, bank.base if i == 0 else bank, HEADS["head"], x, key=KEY, name=name
+        )
+
+    def loss_fn(bank, batch):
+        return jnp.mean(_row_losses(bank_model, bank, *batch))
+
+    tx = jaxlora.optimizer(optax.adam(1e-2), bank)
+    step = jaxlora.make_train_step(loss_fn, tx)  # donates the adapters' buffers
+    target = jnp.ones((4, 32))
+    trained, _, _ = step(bank, tx.init(bank), (x, target, bank.ids(["h", "g", "g", "h"])))
+    heads = [trained.adapters[n]["dense_2"]["kernel"].value for n in ("h", "g")]
+    assert not np.allclose(heads[0], heads[1])  # each head moved with its own rows
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_adapters_with_their_own_head_switch_by_id_and_mix_per_row(heads, jit):
+    model, bank_model, bank, x = heads
+    run = lambda b, x, i: bank_model.apply({"params": b}, x, adapter=i)  # noqa: E731
+    run = jax.jit(run) if jit else run
     for name in (None, "head", "plain"):
         want = _alone(model, bank, name, x)
         chex.assert_trees_all_close(run(bank, x, bank.index(name or "__base__")), want, atol=1e-5)
-    with pytest.raises(ValueError, match=r"cannot use adapters that train whole leaves"):
-        bank_model.apply({"params": bank}, x, adapter=bank.ids(["head", "plain"] * 2))
+    names = ["head", "plain", None, "head"]
+    got = run(bank, x, bank.ids(names))
+    for row, name in enumerate(names):
+        chex.assert_trees_all_close(got[row], _alone(model, bank, name, x)[row], atol=1e-5)
+
+
+def test_adapters_with_trained_heads_save_and_load_as_a_bank(heads, tmp_path):
+    _, bank_model, bank, x = heads  # the heads differ from the base's (shifted)
+    jaxlora.save_bank(tmp_path / "bank", bank)
+    loaded = jaxlora.load_bank(tmp_path / "bank", bank.base)
+    ids = bank.ids(["head", "plain", None, "head"])
+    chex.assert_trees_all_close(
+        bank_model.apply({"params": loaded}, x, adapter=ids),
+        bank_model.apply({"params": bank}, x, adapter=ids),
+    )
+    other = jax.tree.map(lambda w: w + 1, bank.base)
+    with pytest.raises(ValueError, match=r"(?s)adapter 'head'.*another base.*'dense_0'"):
+        jaxlora.load_bank(tmp_path / "bank", other)
+
+
+def test_a_saved_leaf_through_a_custom_jvp_function_mixes_per_row():
+    class Gate(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return h * jax.nn.relu(self.param("g", nn.initializers.normal(1.0), (8,)))
+
+    class Gated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Gate(name="gate")(nn.Dense(8, name="body")(x))
+
+    model, x = Gated(), jax.random.normal(KEY, (4, 16))
+    params = model.init(KEY, x)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["body"], modules_to_save=["gate"])
+    bank_model, bank = _bank(model, params, x, {"h": cfg, "g": cfg})
+    names = ["h", "g", None, "g"]
+    got = bank_model.apply({"params": bank}, x, adapter=bank.ids(names))
+    for row, name in enumerate(names):
+        chex.assert_trees_all_close(got[row], _alone(model, bank, name, x)[row], atol=1e-6)
+
+
+def test_whole_leaves_per_row_where_rows_are_lost_are_refused():
+    class Pooled(nn.Module):  # the head's bias meets a value summed over the batch
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(8, name="body")(x)
+            return nn.Dense(2, name="head")(jnp.sum(h, axis=0, keepdims=True)) + h[:, :2]
+
+    model, x = Pooled(), jax.random.normal(KEY, (4, 16))
+    params = model.init(KEY, x)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["body"], modules_to_save=["head"])
+    bank_model, bank = _bank(model, params, x, {"h": cfg, "g": cfg})
+    with pytest.raises(ValueError, match=r"its own copy of 'params/head/kernel'.*reduce_sum"):
+        bank_model.apply({"params": bank}, x, adapter=bank.ids(["h", "g", "h", None]))

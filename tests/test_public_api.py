@@ -27,7 +27,8 @@ def test_version_is_the_package_version():
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
     commands = re.search(r"```bash\n(.*?)\n```", README, re.S).group(1).splitlines()
-    assert len(commands) == 2
+    assert len(commands) == 3  # the two, then the multi-task job
+    assert "python experiments/multitask.py" in commands[2]
     assert commands[0].endswith("python experiments/finetune.py")
     assert "pytest" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -70,6 +70,25 @@ def test_plot_rows_and_duplicate_texts_are_dropped(splits):
     assert all(t and t == t.strip() for t in texts)
 
 
+def test_subjectivity_is_plots_against_as_many_reviews_split_by_movie(splits):
+    train, dev = data.load_subjectivity(dev_fraction=0.1, seed=0)
+    texts = train.texts + dev.texts
+    labels = np.concatenate([train.labels, dev.labels])
+    assert len(texts) == len(set(texts)) == 2 * int(np.sum(labels == 0))
+    assert not set(train.movies) & set(dev.movies)
+    reviews = set(splits[0].texts + splits[1].texts)
+    assert {t for t, y in zip(texts, labels, strict=True) if y == 1} <= reviews
+    assert not {t for t, y in zip(texts, labels, strict=True) if y == 0} & reviews
+    assert data.load_subjectivity(dev_fraction=0.1, seed=0)[1].texts == dev.texts
+
+
+def test_debates_transcript_is_one_speaker_line_per_statement():
+    text = data.load_debates()
+    assert text.startswith("QUIJANO: Good evening.")
+    turns = {who: text.count(f"\n{who}: ") for who in ("CLINTON", "TRUMP", "PENCE", "KAINE")}
+    assert all(n > 50 for n in turns.values()), turns
+
+
 def test_unknown_category_is_an_error(tmp_path):
     path = tmp_path / "bad.csv.bz2"
     with bz2.open(path, "wt", encoding="utf-8", newline="") as f:

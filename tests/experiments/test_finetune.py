@@ -7,37 +7,21 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
+from safetensors.numpy import load_file
 
 import jaxlora
-from experiments import data, finetune, tasks
+from experiments import finetune, tasks
 from experiments.models.bert import init_classification_params
-from experiments.models.llama import LlamaConfig, LlamaForCausalLM
-from experiments.models.loading import flax_to_hf_state_dict, load_hf_model, minilm_path
+from experiments.models.loading import load_hf_model, minilm_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "experiments" / "finetune.py"
 TINY_BUDGET = ["--steps", "4", "--batch-size", "4", "--max-eval-examples", "8", "--eval-every", "2"]
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": True,
-    "eos_token_id": 0,
-}
 
 
 def run_script(*flags: str) -> subprocess.CompletedProcess:
@@ -151,22 +135,6 @@ def test_resume_is_bit_identical(minilm_run, tmp_path):
         json.loads((d / "results.json").read_text())["history"] for d in (uninterrupted, output_dir)
     ]
     assert history[0] == history[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A random Llama as a Hugging Face directory, with a word-level tokenizer for Hamlet."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    config = LlamaConfig.from_dict(TINY_LLAMA)
-    params = LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    save_file(flax_to_hf_state_dict(params["params"]), str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
-    words = Counter(data.load_hamlet().split()).most_common(TINY_LLAMA["vocab_size"] - 1)
-    vocab = {"<unk>": 0, **{word: i + 1 for i, (word, _) in enumerate(words)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path
 
 
 def test_local_llama_directory_trains_on_hamlet(tiny_llama_dir, tmp_path):
