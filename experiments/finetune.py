@@ -80,8 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add(
         "--quantize",
-        choices=("none", "int8", "nf4"),
-        help="store the frozen base quantized, each Dense kernel as it is read (QLoRA; none)",
+        choices=("none", "int8", "nf4", "gguf"),
+        help="store the frozen base quantized, each Dense kernel as it is read (QLoRA; none); "
+        "gguf: keep a .gguf model's own Q4_1/Q8_0 blocks, kernels and embedding",
     )
     add(
         "--variant",
@@ -455,6 +456,7 @@ def results_of(
 
 
 def _quantize_format(setting: str) -> str | None:
+    """What the loader stores quantized (``"gguf"``: the file's blocks), None for float."""
     return None if setting == "none" else setting
 
 
@@ -507,7 +509,8 @@ def make_method(task: tasks.Task, run: dict[str, Any], key: jax.Array) -> traini
         alpha=run["alpha"],
         targets=run["targets"],
         modules_to_save=task.modules_to_save,
-        quantize=_quantize_format(run["quantize"]),
+        # the loader stored the kernels; "gguf" blocks are read, not computed by lorafy
+        quantize=None if run["quantize"] == "gguf" else _quantize_format(run["quantize"]),
         init=variant if variant in ("pissa", "olora") else "kaiming",
     )
     return training.lora_method(task, config, tx, run["seq_len"], key, run["skip_nonfinite"])

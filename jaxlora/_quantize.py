@@ -1,4 +1,5 @@
-"""Quantized storage of a frozen weight: NF4 (QLoRA's 4-bit NormalFloat) and int8.
+"""Quantized storage of a frozen weight: NF4 (QLoRA's 4-bit NormalFloat), int8, and a GGUF
+file's own blocks.
 
 A `QuantizedArray` stands in for a dense weight of ``shape``: every array it holds has the
 weight's rank, so the weight's `PartitionSpec` shards its codes and scales too (the
@@ -15,6 +16,9 @@ are those of the same slice of the weight).
   axis): 4.13 bits per weight instead of 4.5.
 - ``int8``: one absmax scale per output channel (reduced over the input axes),
   ``round(127 · w / absmax)``.
+- ``q4_1``, ``q8_0``: llama.cpp's blocks of 32 read from a GGUF file as they are
+  (`from_gguf`; the layouts are `_gguf_blocks`'): no dense copy of the weight is made to
+  store them.
 
 Why not Qwix's ``QArray`` (``qwix._src.core.qarray``), read for this: its NF4 values are a
 ``jnp.uint4`` array of the weight's shape, which XLA:CPU stores one per byte (8 bits per
@@ -33,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _gguf_blocks
+
 NF4, INT8 = "nf4", "int8"
-FORMATS = (NF4, INT8)
+FORMATS = (NF4, INT8)  # what `quantize` computes; `from_gguf` reads _gguf_blocks.FORMATS
 NF4_BLOCK = 64  # QLoRA's block of weights per absmax
 DQ_GROUP = 256  # QLoRA's block of absmax values per second-level scale
 
@@ -70,16 +76,18 @@ class QuantizedArray:
     """A frozen weight stored quantized; `dequantize` gives the dense weight back.
 
     Attributes:
-      codes: nf4: uint8, the weight's shape with the block axis halved (two codes a byte);
-        int8: int8, the weight's shape.
-      scales: one per block (nf4, block axis ``/ 64``) or per output channel (int8,
-        input axes 1): float32, or uint8 codes with double quantization.
+      codes: nf4, q4_1: uint8, the weight's shape with the block axis halved (two codes a
+        byte); int8, q8_0: int8, the weight's shape.
+      scales: one per block (nf4: block axis ``/ 64``; q4_1, q8_0: ``/ 32``, float16) or
+        per output channel (int8, input axes 1): float32, or uint8 codes with double
+        quantization.
       scale_min, scale_step: double quantization: the float32 grid of each group of
         scales (the scales' last axis ``/ group``); None otherwise.
-      format: ``"nf4"`` or ``"int8"``; static.
+      format: ``"nf4"``, ``"int8"``, ``"q4_1"`` or ``"q8_0"``; static.
       shape: the dense weight's shape; static.
       dtype: the dense weight's dtype name (what `dequantize` returns); static.
-      axis: nf4: the block axis (an input axis of the weight); int8: -1; static.
+      axis: nf4, q4_1, q8_0: the block axis (an input axis of the weight); int8: -1; static.
+      offsets: q4_1: each block's minimum (float16, like ``scales``); None otherwise.
     """
 
     codes: jax.Array
@@ -90,6 +98,7 @@ class QuantizedArray:
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     dtype: str = dataclasses.field(metadata={"static": True})
     axis: int = dataclasses.field(metadata={"static": True})
+    offsets: jax.Array | None = None
 
     @property
     def ndim(self) -> int:
@@ -125,7 +134,15 @@ class QuantizedArray:
 
         nf4: half the widest gap between NF4 values times the block's absmax, plus half a
         step of a double-quantized absmax; int8: half a step, ``absmax / 254``.
+
+        Raises:
+          ValueError: for GGUF blocks, whose weights before quantization are not known.
         """
+        if self.format in _gguf_blocks.FORMATS:
+            raise ValueError(
+                f"error_bound: a {self.format} weight was read from a GGUF file: its blocks "
+                "are the weight, there is no original to bound the error against."
+            )
         scales = _dequantize_scales(self)
         if self.format == INT8:
             return jnp.broadcast_to(scales / 254, self.shape)
@@ -136,7 +153,9 @@ class QuantizedArray:
         return jnp.repeat(bound, NF4_BLOCK, axis=self.axis)
 
     def describe(self) -> str:
-        """``"nf4 (double-quantized scales)"``, ``"int8"``, ..."""
+        """``"nf4 (double-quantized scales)"``, ``"int8"``, ``"q4_1 (GGUF blocks)"``, ..."""
+        if self.format in _gguf_blocks.FORMATS:
+            return f"{self.format} (GGUF blocks)"
         return f"{self.format} (double-quantized scales)" if self.double_quant else self.format
 
 
@@ -270,6 +289,8 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
       An array of ``q.shape``.
     """
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+    if q.format in _gguf_blocks.FORMATS:
+        return _gguf_blocks.dequantize(q.format, q.codes, q.scales, q.offsets, q.axis).astype(dtype)
     scales = _dequantize_scales(q)
     if q.format == INT8:
         return (q.codes.astype(jnp.float32) * (scales / 127)).astype(dtype)
@@ -279,3 +300,56 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     values = jnp.take(jnp.asarray(NF4_VALUES), codes.astype(jnp.int32))
     w = _blocked(values, axis, NF4_BLOCK) * jnp.expand_dims(scales, axis + 1)
     return _unblocked(w, axis).astype(dtype)
+
+
+def from_gguf(
+    data: np.ndarray, tensor_type: Any, *, transpose: bool = False, dtype: Any = jnp.float32
+) -> QuantizedArray:
+    """A GGUF tensor kept in its own quantized blocks (``Q4_1`` or ``Q8_0``), never dense.
+
+    Args:
+      data: the tensor's bytes, uint8 ``(*rows, row_bytes)``: ``tensor.data`` of a
+        ``gguf.GGUFReader`` tensor (rows of blocks of 32 along its last dense axis; a
+        linear layer's is PyTorch's ``(out, in)``). Rows may be reordered before (a
+        permutation of output channels keeps every block whole).
+      tensor_type: ``tensor.tensor_type`` (a ``gguf.GGMLQuantizationType``) or its name.
+      transpose: swap the last two axes (a Flax kernel ``(in, out)`` from ``(out, in)``):
+        the codes and scales are transposed, the bytes of each block kept.
+      dtype: the dtype `dequantize` returns by default; the values are float32 (those of
+        ``gguf.quants.dequantize``, bit for bit) rounded to it.
+
+    Returns:
+      The weight, dense shape ``(*rows, cols)`` (or its last two axes swapped), its
+      blocks along the ``cols`` axis; 5 bits per weight (q4_1) or 8.5 (q8_0).
+
+    Raises:
+      ValueError: a tensor type other than Q4_1 and Q8_0 (F32/F16 tensors are dense:
+        ``gguf.quants.dequantize`` them), or data not laid out in its blocks.
+
+    Example:
+      >>> t = gguf.GGUFReader(path).tensors[2]  # blk.0.ffn_up.weight, Q4_1 (1536, 576)
+      >>> kernel = jaxlora.from_gguf(t.data, t.tensor_type, transpose=True)  # (576, 1536)
+    """
+    format = _gguf_blocks.format_of(tensor_type)
+    if format is None:
+        name = getattr(tensor_type, "name", tensor_type)
+        raise ValueError(
+            f"from_gguf: tensor type {name} is not one jaxlora keeps quantized (only "
+            f"{', '.join(f.upper() for f in _gguf_blocks.FORMATS)}); load it dense with "
+            "gguf.quants.dequantize(tensor.data, tensor.tensor_type), or quantize it with "
+            'jaxlora.quantize(w, "nf4", ...).'
+        )
+    codes, scales, offsets = _gguf_blocks.read(np.asarray(data), format)
+    axis = codes.ndim - 1
+    shape = (*codes.shape[:-1], scales.shape[-1] * _gguf_blocks.BLOCK)
+    if transpose:
+        codes, scales = np.swapaxes(codes, -1, -2), np.swapaxes(scales, -1, -2)
+        offsets = None if offsets is None else np.swapaxes(offsets, -1, -2)
+        axis, shape = axis - 1, (*shape[:-2], shape[-1], shape[-2])
+    arrays = [
+        None if x is None else jnp.asarray(np.ascontiguousarray(x))
+        for x in (codes, scales, offsets)
+    ]
+    return QuantizedArray(
+        arrays[0], arrays[1], None, None, format, shape, jnp.dtype(dtype).name, axis, arrays[2]
+    )

@@ -22,6 +22,7 @@ from experiments import data, finetune, tasks
 from experiments.models.bert import init_classification_params
 from experiments.models.llama import LlamaConfig, LlamaForCausalLM
 from experiments.models.loading import flax_to_hf_state_dict, load_hf_model, minilm_path
+from tests.support.gguf_files import smollm2_first_layers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "experiments" / "finetune.py"
@@ -345,8 +346,32 @@ def test_quantized_base_is_loaded_quantized_and_reported(tiny_llama_dir, tmp_pat
     assert set(peft_tensors(tmp_path / "int8")) == set(peft_tensors(tmp_path / "none"))
 
 
+def test_gguf_blocks_kept_as_the_base(tmp_path):
+    small = smollm2_first_layers(tmp_path / "smollm2-2.gguf", layers=2)
+    budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--max-eval-examples", "4"]
+    out = tmp_path / "gguf"
+    assert (
+        finetune.main(
+            ["--model", str(small), *budget, "--quantize", "gguf", "--output-dir", str(out)]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["quantize"] == results["settings"]["quantize"] == "gguf"
+    # 14 Q4_1 kernels (5 bits a weight) and the Q8_0 embedding (8.5): nothing stored float but
+    # the norms, so the base is the file's tensor bytes
+    kernels, embedding = 2 * 576 * (2 * 576 + 2 * 192 + 3 * 1536), 49152 * 576
+    assert results["quantized_bits_per_weight"] == pytest.approx(
+        (5 * kernels + 8.5 * embedding) / (kernels + embedding)
+    )
+    assert results["base_param_bytes"] == kernels * 5 // 8 + embedding * 17 // 16 + 5 * 576 * 4
+    assert results["after"]["loss"] < results["before"]["loss"]
+
+
 def test_quantize_refusals(capsys, tiny_llama_dir, tmp_path):
     output = ["--output-dir", str(tmp_path / "run"), "--seq-len", "16"]
+    err = one_error_line(capsys, "--model", str(tiny_llama_dir), *output, "--quantize", "gguf")
+    assert "use --quantize nf4 (or int8) for it, or load a .gguf file" in err
     err = one_error_line(capsys, "--model", str(tiny_llama_dir), *output, "--quantize", "nf4")
     assert "not a multiple of the block size 64" in err and "/kernel' (32, 64)" in err
     err = one_error_line(capsys, "--full-finetune", "--quantize", "int8", *output)
