@@ -400,6 +400,7 @@ def results_of(
     saved: Path,
     outputs: dict[str, Path],
     metric: str,
+    loading: dict[str, float],
 ) -> dict[str, Any]:
     """Everything ``results.json`` records.
 
@@ -411,6 +412,8 @@ def results_of(
         saved: The trained weights (the adapter, or the full weights) whose size to report.
         outputs: Every file or directory the run leaves, by what it is.
         metric: The task's headline metric.
+        loading: ``rss_before_load_mb`` (resident memory before the model was read) and
+            ``load_peak_rss_mb`` (peak resident memory once it was).
 
     Returns:
         The results.
@@ -440,6 +443,7 @@ def results_of(
         "steps_timed": max(len(times) - 1, 0),
         "skipped_steps": None if method.skipped is None else method.skipped(state.opt_state),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **loading,
         "saved_path": str(saved),
         "saved_bytes": report.directory_bytes(saved),
         "outputs": {name: str(path) for name, path in outputs.items()},
@@ -453,6 +457,15 @@ def results_of(
         "samples": state.history["samples"],
         "history": {"train_loss": state.history["train_loss"], "eval": evals},
     }
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MiB (Linux ``/proc/self/statm``; else 0)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _quantize_format(setting: str) -> str | None:
@@ -538,7 +551,9 @@ def run(args: argparse.Namespace) -> int:
     feed = training.batch_feeder(mesh)
     known = {**(recorded or {}), **given}
     quantize = _quantize_format(known.get("quantize", "none"))
+    loading = {"rss_before_load_mb": current_rss_mb()}
     pretrained = tasks.load_pretrained(known.get("model", DEFAULT_MODEL), quantize)
+    loading["load_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     data_name = known.get("data", tasks.DEFAULT_DATA[pretrained.family])
     method_name = known.get("method") or known.get("variant", "lora")
     output_dir = args.output_dir or Path("runs") / f"{pretrained.name}-{data_name}-{method_name}"
@@ -593,7 +608,9 @@ def run(args: argparse.Namespace) -> int:
             **weights,
         }
         saved = next(iter(weights.values()))
-        results = results_of(run_settings, method, state, times, saved, outputs, task.metric)
+        results = results_of(
+            run_settings, method, state, times, saved, outputs, task.metric, loading
+        )
         report.write_json(outputs["results"], results)
         report.plot_curves(outputs["curves"], results["history"], task.metric, results["title"])
         for when, text in results["samples"].items():

@@ -239,6 +239,36 @@ def test_adapter_checkpoint_holds_no_codes_and_loads_onto_another_storage(tmp_pa
         jaxlora.load_adapter(tmp_path / "a", _strip_adapters(other_q))
 
 
+def test_train_checkpointer_resumes_exactly_on_a_quantized_base(tmp_path):
+    _, _, lora_model, lora_params = _lm("nf4", dropout=0.1)
+
+    def loss_fn(params, ids, rng):
+        logits = lora_model.apply({"params": params}, ids, rngs={"dropout": rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(loss_fn, tx, donate=False)
+
+    def train(params, opt_state, start, stop):
+        for i in range(start, stop):
+            params, opt_state, _ = step(params, opt_state, (IDS + i) % 64, jax.random.key(i))
+        return params, opt_state
+
+    params, opt_state = train(lora_params, tx.init(lora_params), 0, 2)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(2, params, opt_state, KEY, {"position": 2})
+    saved = sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
+    assert saved < 300_000  # adapters and their Adam moments; the codes alone are 100 KB
+    expected = train(params, opt_state, 2, 4)
+    # a fresh process: the base quantized again from the float weights, then resumed
+    _, _, _, fresh = _lm("nf4", dropout=0.1)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        resumed = ckpt.restore_latest(fresh, tx.init(fresh))
+    assert resumed.step == 2 and resumed.data_state == {"position": 2}
+    chex.assert_trees_all_equal(jaxlora.split(resumed.params)[1], jaxlora.split(fresh)[1])
+    chex.assert_trees_all_equal(train(resumed.params, resumed.opt_state, 2, 4), expected)
+
+
 def test_summary_counts_dense_parameters():
     _, params, _, lora_params = _lm("nf4")
     s = jaxlora.summary(lora_params)

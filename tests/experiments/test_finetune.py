@@ -154,20 +154,28 @@ def test_resume_is_bit_identical(minilm_run, tmp_path):
     assert history[0] == history[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A random Llama as a Hugging Face directory, with a word-level tokenizer for Hamlet."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    config = LlamaConfig.from_dict(TINY_LLAMA)
-    params = LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+def write_tiny_llama(path: Path, **config: int) -> Path:
+    """A random Llama (`TINY_LLAMA`, updated by ``config``) as a Hugging Face directory, with a
+    word-level tokenizer for Hamlet."""
+    config = {**TINY_LLAMA, **config}
+    path.mkdir(exist_ok=True)
+    params = LlamaForCausalLM(LlamaConfig.from_dict(config)).init(
+        jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
+    )
     save_file(flax_to_hf_state_dict(params["params"]), str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
-    words = Counter(data.load_hamlet().split()).most_common(TINY_LLAMA["vocab_size"] - 1)
+    (path / "config.json").write_text(json.dumps(config))
+    words = Counter(data.load_hamlet().split()).most_common(config["vocab_size"] - 1)
     vocab = {"<unk>": 0, **{word: i + 1 for i, (word, _) in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(path / "tokenizer.json"))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A random Llama as a Hugging Face directory, with a word-level tokenizer for Hamlet."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def test_local_llama_directory_trains_on_hamlet(tiny_llama_dir, tmp_path):
@@ -346,6 +354,24 @@ def test_quantized_base_is_loaded_quantized_and_reported(tiny_llama_dir, tmp_pat
     assert set(peft_tensors(tmp_path / "int8")) == set(peft_tensors(tmp_path / "none"))
 
 
+def test_nf4_base_sharded_over_a_data_model_mesh_trains_like_one_device(tmp_path):
+    # every input axis a multiple of nf4's block of 64; 8 fake devices (conftest)
+    model = write_tiny_llama(tmp_path / "llama64", hidden_size=64, intermediate_size=128)
+    budget = ["--steps", "2", "--batch-size", "4", "--seq-len", "16", "--max-eval-examples", "8"]
+    flags = ["--model", str(model), *budget, "--quantize", "nf4"]
+    mesh = tmp_path / "mesh"
+    assert finetune.main([*flags, "--mesh", "data=2,model=4", "--output-dir", str(mesh)]) == 0
+    assert finetune.main([*flags, "--output-dir", str(tmp_path / "one")]) == 0
+    sharded, one = (
+        json.loads((tmp_path / r / "results.json").read_text()) for r in ("mesh", "one")
+    )
+    assert len(sharded["machine"]["devices"]) == 8
+    assert sharded["base_param_bytes"] == one["base_param_bytes"]
+    losses = [[loss for _, loss in r["history"]["train_loss"]] for r in (sharded, one)]
+    np.testing.assert_allclose(*losses, rtol=1e-5)
+    np.testing.assert_allclose(sharded["after"]["loss"], one["after"]["loss"], rtol=1e-5)
+
+
 def test_gguf_blocks_kept_as_the_base(tmp_path):
     small = smollm2_first_layers(tmp_path / "smollm2-2.gguf", layers=2)
     budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--max-eval-examples", "4"]
@@ -366,6 +392,7 @@ def test_gguf_blocks_kept_as_the_base(tmp_path):
     )
     assert results["base_param_bytes"] == kernels * 5 // 8 + embedding * 17 // 16 + 5 * 576 * 4
     assert results["after"]["loss"] < results["before"]["loss"]
+    assert 0 < results["rss_before_load_mb"] < results["load_peak_rss_mb"] <= results["peak_rss_mb"]
 
 
 def test_quantize_refusals(capsys, tiny_llama_dir, tmp_path):
