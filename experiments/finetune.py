@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add(
         "--quantize",
-        choices=("none", "int8", "nf4", "gguf"),
+        choices=("none", "int8", "nf4", "fp8", "gguf"),
         help="store the frozen base quantized, each Dense kernel as it is read (QLoRA; none); "
         "gguf: keep a .gguf model's own Q4_1/Q8_0 blocks, kernels and embedding",
     )

@@ -1,5 +1,5 @@
-"""Quantized storage of a frozen weight: NF4 (QLoRA's 4-bit NormalFloat), int8, and a GGUF
-file's own blocks.
+"""Quantized storage of a frozen weight: NF4 (QLoRA's 4-bit NormalFloat), int8, fp8, and a
+GGUF file's own blocks.
 
 A `QuantizedArray` stands in for a dense weight of ``shape``: every array it holds has the
 weight's rank, so the weight's `PartitionSpec` shards its codes and scales too (the
@@ -16,6 +16,8 @@ are those of the same slice of the weight).
   axis): 4.13 bits per weight instead of 4.5.
 - ``int8``: one absmax scale per output channel (reduced over the input axes),
   ``round(127 · w / absmax)``.
+- ``fp8``: float8 e4m3 (``float8_e4m3fn``) values of ``448 · w / absmax``, one absmax per
+  output channel as int8 has it.
 - ``q4_1``, ``q8_0``: llama.cpp's blocks of 32 read from a GGUF file as they are
   (`from_gguf`; the layouts are `_gguf_blocks`'): no dense copy of the weight is made to
   store them.
@@ -39,8 +41,8 @@ import numpy as np
 
 from jaxlora import _gguf_blocks
 
-NF4, INT8 = "nf4", "int8"
-FORMATS = (NF4, INT8)  # what `quantize` computes; `from_gguf` reads _gguf_blocks.FORMATS
+NF4, INT8, FP8 = "nf4", "int8", "fp8"
+FORMATS = (NF4, INT8, FP8)  # what `quantize` computes; `from_gguf` reads _gguf_blocks.FORMATS
 NF4_BLOCK = 64  # QLoRA's block of weights per absmax
 DQ_GROUP = 256  # QLoRA's block of absmax values per second-level scale
 
@@ -77,16 +79,17 @@ class QuantizedArray:
 
     Attributes:
       codes: nf4, q4_1: uint8, the weight's shape with the block axis halved (two codes a
-        byte); int8, q8_0: int8, the weight's shape.
+        byte); int8, q8_0: int8, the weight's shape; fp8: float8_e4m3fn, the weight's shape.
       scales: one per block (nf4: block axis ``/ 64``; q4_1, q8_0: ``/ 32``, float16) or
-        per output channel (int8, input axes 1): float32, or uint8 codes with double
+        per output channel (int8, fp8: input axes 1): float32, or uint8 codes with double
         quantization.
       scale_min, scale_step: double quantization: the float32 grid of each group of
         scales (the scales' last axis ``/ group``); None otherwise.
-      format: ``"nf4"``, ``"int8"``, ``"q4_1"`` or ``"q8_0"``; static.
+      format: ``"nf4"``, ``"int8"``, ``"fp8"``, ``"q4_1"`` or ``"q8_0"``; static.
       shape: the dense weight's shape; static.
       dtype: the dense weight's dtype name (what `dequantize` returns); static.
-      axis: nf4, q4_1, q8_0: the block axis (an input axis of the weight); int8: -1; static.
+      axis: nf4, q4_1, q8_0: the block axis (an input axis of the weight); int8, fp8: -1;
+        static.
       offsets: q4_1: each block's minimum (float16, like ``scales``); None otherwise.
     """
 
@@ -133,7 +136,9 @@ class QuantizedArray:
         """The largest ``|w - dequantize(self)|`` possible, per element of the dense weight.
 
         nf4: half the widest gap between NF4 values times the block's absmax, plus half a
-        step of a double-quantized absmax; int8: half a step, ``absmax / 254``.
+        step of a double-quantized absmax; int8: half a step, ``absmax / 254``; fp8: half
+        a step of e4m3 at the stored value (1/16 of it; 2⁻¹⁰ below the normal range),
+        times ``absmax / 448``.
 
         Raises:
           ValueError: for GGUF blocks, whose weights before quantization are not known.
@@ -146,6 +151,9 @@ class QuantizedArray:
         scales = _dequantize_scales(self)
         if self.format == INT8:
             return jnp.broadcast_to(scales / 254, self.shape)
+        if self.format == FP8:
+            stored = jnp.abs(self.codes.astype(jnp.float32))
+            return jnp.maximum(stored / 16, 2.0**-10) * scales / _FP8_MAX
         bound = scales * NF4_MAX_STEP
         if self.double_quant:
             group = self.scales.shape[-1] // self.scale_step.shape[-1]
@@ -216,11 +224,24 @@ def _nf4(w: jax.Array, axis: int, double_quant: bool) -> tuple:
     return packed, scales, None, None
 
 
+def _absmax(w: jax.Array, contracted: tuple[int, ...]) -> jax.Array:
+    """Per output channel (reduced over the input axes), 1 where a channel is all zeros."""
+    absmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=contracted, keepdims=True)
+    return jnp.where(absmax > 0, absmax, 1.0)
+
+
 def _int8(w: jax.Array, contracted: tuple[int, ...]) -> tuple:
-    w = w.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(w), axis=contracted, keepdims=True)
-    absmax = jnp.where(absmax > 0, absmax, 1.0)
-    return jnp.round(w / absmax * 127).astype(jnp.int8), absmax, None, None
+    absmax = _absmax(w, contracted)
+    return jnp.round(w.astype(jnp.float32) / absmax * 127).astype(jnp.int8), absmax, None, None
+
+
+_FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448: e4m3fn has no infinity
+
+
+def _fp8(w: jax.Array, contracted: tuple[int, ...]) -> tuple:
+    absmax = _absmax(w, contracted)
+    codes = (w.astype(jnp.float32) / absmax * _FP8_MAX).astype(jnp.float8_e4m3fn)
+    return codes, absmax, None, None
 
 
 def quantize(
@@ -236,7 +257,7 @@ def quantize(
 
     Args:
       w: the weight, any float dtype.
-      format: ``"nf4"`` or ``"int8"``.
+      format: ``"nf4"``, ``"int8"`` or ``"fp8"``.
       contracted: the weight's axes that meet the input (nf4 blocks run along the last).
       double_quant: nf4: quantize the block scales too (8 bits, groups of up to 256).
       name: the weight's path, for error messages.
@@ -270,8 +291,9 @@ def quantize(
 def _quantized(format: str, contracted: tuple, double_quant: bool, out_shardings: Any):
     def fn(w):
         shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
-        if format == INT8:
-            return QuantizedArray(*_int8(w, contracted), INT8, shape, dtype, -1)
+        if format in (INT8, FP8):
+            per_channel = _int8 if format == INT8 else _fp8
+            return QuantizedArray(*per_channel(w, contracted), format, shape, dtype, -1)
         axis = contracted[-1]
         return QuantizedArray(*_nf4(w, axis, double_quant), NF4, shape, dtype, axis)
 
@@ -294,6 +316,8 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     scales = _dequantize_scales(q)
     if q.format == INT8:
         return (q.codes.astype(jnp.float32) * (scales / 127)).astype(dtype)
+    if q.format == FP8:
+        return (q.codes.astype(jnp.float32) * (scales / _FP8_MAX)).astype(dtype)
     axis = q.axis
     hi, lo = q.codes >> 4, q.codes & 0xF
     codes = _unblocked(jnp.stack([hi, lo], axis=axis + 1), axis)

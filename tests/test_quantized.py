@@ -79,7 +79,12 @@ def test_nf4_values_are_qloras_table_as_qwix_has_it():
 
 @pytest.mark.parametrize(
     ("fmt", "double_quant", "dtype"),
-    [("nf4", True, jnp.float32), ("nf4", False, jnp.bfloat16), ("int8", True, jnp.float32)],
+    [
+        ("nf4", True, jnp.float32),
+        ("nf4", False, jnp.bfloat16),
+        ("int8", True, jnp.float32),
+        ("fp8", True, jnp.float32),
+    ],
 )
 def test_dequantized_error_within_the_formats_bound(fmt, double_quant, dtype):
     w = _weight((3, 128, 80), dtype) * jnp.linspace(0.1, 3, 80, dtype=dtype)
@@ -99,13 +104,17 @@ def test_stored_bytes_against_bfloat16():
     assert abs(nf4.bits_per_weight - 4.129) < 0.01
     assert jaxlora.quantize(w, "nf4", (0,), double_quant=False).bits_per_weight == 4.5
     assert int8.nbytes <= 0.51 * w.nbytes
+    fp8 = jaxlora.quantize(w, "fp8", (0,))
+    assert fp8.codes.dtype == jnp.float8_e4m3fn and fp8.nbytes == int8.nbytes
 
 
 # --- the adapted model on a quantized base ----------------------------------------------
 
 
 # eager (no jit) nf4 dispatches every dequantizing op one by one: slow, and int8 covers it
-@pytest.mark.parametrize(("fmt", "jit"), [("nf4", True), ("int8", True), ("int8", False)])
+@pytest.mark.parametrize(
+    ("fmt", "jit"), [("nf4", True), ("int8", True), ("int8", False), ("fp8", True)]
+)
 def test_identity_at_init_equals_the_quantized_base(fmt, jit):
     model, _, lora_model, lora_params = _lm(fmt)
     kernel = lora_params["block_0"]["attn"]["query"]["kernel"]

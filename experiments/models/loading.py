@@ -53,7 +53,7 @@ _GGUF_BLOCK_TO_HF = {
 _GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 3, 4
 _KEPT_BLOCKS = (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
 _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-_COMPUTED = ("nf4", "int8")  # quantize= formats computed from float weights as they are read
+_COMPUTED = ("nf4", "int8", "fp8")  # quantize= formats computed from float weights as they are read
 GGUF = "gguf"  # quantize=: keep a GGUF file's own Q4_1 / Q8_0 blocks
 
 
