@@ -29,6 +29,9 @@ written with its own einsum modules) and its mixture-of-experts variant."""
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01
 
+SWITCHES = 10
+"""Adapter switches timed per child by the rows that report ``switch_ms``."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -89,6 +92,10 @@ class Measurement:
         gflops: XLA's FLOP count of the compiled step, in GFLOP (``None`` outside JAX).
         base_param_bytes: Bytes of the model's own parameters as stored, adapters left out
             (a quantized base counts its codes and scales; ``None`` where not measured).
+        switch_times_s: Wall time of each of ``SWITCHES`` adapter switches: selecting the
+            next adapter plus the first forward pass after it (``None`` where not measured).
+        compilations: XLA compilations from the first forward pass of the switching
+            function through all switches (JAX rows that switch; one per structure: 1).
     """
 
     times_s: list[float]
@@ -98,6 +105,8 @@ class Measurement:
     opt_state_scalars: int | None = None
     gflops: float | None = None
     base_param_bytes: int | None = None
+    switch_times_s: list[float] | None = None
+    compilations: int | None = None
 
 
 def csv_of(choices: Sequence[str] | None) -> Callable[[str], tuple[str, ...]]:
@@ -180,6 +189,31 @@ def time_calls(call: Callable[[], Any], w: Workload) -> list[float]:
         call()
         times.append(time.perf_counter() - start)
     return times[w.warmup :]
+
+
+def adapter_ids(w: Workload) -> np.ndarray:
+    """Which adapter each example of the batch uses in the mixed-adapter rows: ``(batch,)``
+    int32 in ``1..K`` (``K = int(w.adapters)``), drawn uniformly, the same for every framework."""
+    return np.random.default_rng(100).integers(1, int(w.adapters) + 1, w.batch, dtype=np.int32)
+
+
+def time_switches(switch_to: Callable[[int], Any], count: int) -> list[float]:
+    """Times ``SWITCHES`` adapter switches, round robin over ``count`` adapters.
+
+    Args:
+        switch_to: Selects adapter ``i`` (``0..count-1``) and runs one forward pass with it,
+            blocking until its output is ready.
+        count: How many adapters there are to switch among.
+
+    Returns:
+        Wall times in seconds, one per switch; the first switch selects adapter ``1 % count``.
+    """
+    times = []
+    for i in range(1, SWITCHES + 1):
+        start = time.perf_counter()
+        switch_to(i % count)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def stored_bytes(arrays: Iterable[Any]) -> int:

@@ -6,15 +6,25 @@ rows fail (the harness reports the import error as an error row).
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
 import jaxlora
 from experiments import gpt2
-from experiments.bench_common import TARGETS, Measurement, Workload, stored_bytes, time_calls
+from experiments.bench_common import (
+    TARGETS,
+    Measurement,
+    Workload,
+    adapter_ids,
+    stored_bytes,
+    time_calls,
+    time_switches,
+)
 from experiments.bench_jax import (
     FunctionalRun,
     adamw,
@@ -108,10 +118,47 @@ def run_train_nnx(setting: str, w: Workload) -> Measurement:
     return measure_nnx(model, jaxlora.TrainableParam, w, adapters=jaxlora.LoraParam)
 
 
+# jax._src.dispatch.BACKEND_COMPILE_EVENT: recorded once per XLA compilation
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def switching(forward_with: Callable[[int], Any], count: int) -> tuple[list[float], int]:
+    """Times adapter switches (`time_switches`) and counts the XLA compilations meanwhile.
+
+    Args:
+        forward_with: Selects adapter ``i`` and returns the jitted forward pass's output.
+        count: How many adapters there are.
+
+    Returns:
+        ``(switch times, compilations)``; the count covers the first call (adapter 0, which
+        compiles) and every switch after it, so one compilation per structure gives 1.
+    """
+    compiled = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == COMPILE_EVENT:
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(forward_with(0))
+        times = time_switches(lambda i: jax.block_until_ready(forward_with(i)), count)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return times, len(compiled)
+
+
 def run_forward_unmerged(setting: str, w: Workload) -> Measurement:
-    """``fwd-lora``: forward pass with the adapters applied on the fly."""
-    _, lora_model, lora_params = lorafy_linen(setting, w)
-    return measure_forward(lora_model, lora_params, w)
+    """``fwd-lora``: forward pass with the adapters applied on the fly; switching between two
+    adapters of one bank as plain adapted trees (``bank.select`` + the jitted forward)."""
+    model, lora_model, lora_params = lorafy_linen(setting, w)
+    measurement = measure_forward(lora_model, lora_params, w)
+    config, (tokens, _) = lora_config(setting, w), device_batch(w)
+    bank = jaxlora.AdapterBank.from_adapted("t0", lora_params, config)
+    _, bank = jaxlora.lorafy(model, bank, config, tokens, key=jax.random.key(2), name="t1")
+    forward = jax.jit(lambda p, tokens: lora_model.apply({"params": p}, tokens))
+    times, compilations = switching(lambda i: forward(bank.select(bank.names[i]), tokens), 2)
+    return dataclasses.replace(measurement, switch_times_s=times, compilations=compilations)
 
 
 def run_forward_merged(setting: str, w: Workload) -> Measurement:
@@ -134,19 +181,29 @@ def mixed_bank(setting: str, w: Workload) -> tuple[Any, Any, jax.Array]:
         bank_model, bank = jaxlora.lorafy(
             model, bank, lora_config(setting, w), tokens, key=jax.random.key(1 + i), name=f"t{i}"
         )
-    ids = jax.random.randint(jax.random.key(100), (w.batch,), 1, k + 1)
-    return bank_model, bank, ids
+    return bank_model, bank, jnp.asarray(adapter_ids(w))
 
 
 def run_forward_mixed(setting: str, w: Workload) -> Measurement:
-    """``jaxlora-mixed``: one forward pass of a batch whose examples use their own adapters."""
+    """``jaxlora-mixed``: one forward pass of a batch whose examples use their own adapters;
+    switching the whole batch from adapter to adapter by one int id (``bank.index``)."""
     bank_model, bank, ids = mixed_bank(setting, w)
     forward = jax.jit(lambda b, tokens: bank_model.apply({"params": b}, tokens, adapter=ids))
     tokens, _ = device_batch(w)
     gflops = xla_gflops(forward, bank, tokens)
     times = time_calls(lambda: forward(bank, tokens).block_until_ready(), w)
-    base = bank.nbytes()["base"]
-    return Measurement(times, param_count(bank), gflops=gflops, base_param_bytes=base)
+    one = jax.jit(lambda b, tokens, i: bank_model.apply({"params": b}, tokens, adapter=i))
+    switch_times, compilations = switching(
+        lambda i: one(bank, tokens, bank.index(bank.names[i])), len(bank.names)
+    )
+    return Measurement(
+        times,
+        param_count(bank),
+        gflops=gflops,
+        base_param_bytes=bank.nbytes()["base"],
+        switch_times_s=switch_times,
+        compilations=compilations,
+    )
 
 
 def linen_mixed(setting: str, w: Workload) -> FunctionalRun:

@@ -1,4 +1,6 @@
-"""PyTorch runners: PEFT LoRA (``torch-peft``), full fine-tuning (``torch-full``), the floor.
+"""PyTorch runners: PEFT LoRA (``torch-peft``), full fine-tuning (``torch-full``), the floor,
+PEFT's forward pass with one adapter (``torch-peft-fwd``) and with a batch mixing K adapters
+(``torch-peft-mixed``, PEFT's ``adapter_names=``).
 
 Eager mode with ``torch.optim.AdamW`` defaults (no ``torch.compile``, no fused optimizer), as a
 PEFT user would run it. ``torch.set_num_threads`` is set to the CPU count XLA uses.
@@ -19,9 +21,11 @@ from experiments.bench_common import (
     WEIGHT_DECAY,
     Measurement,
     Workload,
+    adapter_ids,
     array_counts,
     cpu_count,
     time_calls,
+    time_switches,
     token_batch,
 )
 from experiments.gpt2_torch import GPT2
@@ -37,10 +41,14 @@ def build_model(setting: str, w: Workload) -> nn.Module:
             param.requires_grad_(name.startswith(f"{FLOOR_PARAM}."))
     if setting not in TARGETS:
         return model
-    config = peft.LoraConfig(
+    return peft.get_peft_model(model, lora_config(setting, w))
+
+
+def lora_config(setting: str, w: Workload) -> peft.LoraConfig:
+    """PEFT's config of the LoRA ``setting`` (``"qv"`` or ``"all"``)."""
+    return peft.LoraConfig(
         r=w.rank, lora_alpha=w.alpha, target_modules=list(TARGETS[setting]), lora_dropout=0.0
     )
-    return peft.get_peft_model(model, config)
 
 
 def training(
@@ -78,4 +86,44 @@ def run(setting: str, w: Workload) -> Measurement:
     )
 
 
-RUNNERS = {"torch-peft": run, "torch-full": run, "torch-floor": run}
+def run_forward(setting: str, w: Workload) -> Measurement:
+    """``torch-peft-fwd``: the eager forward pass of the PEFT model with one adapter."""
+    torch.set_num_threads(cpu_count())
+    model = build_model(setting, w).eval()
+    tokens = torch.from_numpy(token_batch(w)[0]).long()
+    with torch.inference_mode():
+        times = time_calls(lambda: model(tokens), w)
+    return Measurement(times, total_params=sum(p.numel() for p in model.parameters()))
+
+
+def run_forward_mixed(setting: str, w: Workload) -> Measurement:
+    """``torch-peft-mixed``: PEFT's mixed-batch forward (``adapter_names=``, one adapter per
+    example, the ids of ``adapter_ids``) on a model holding K adapters; switching the whole
+    batch from adapter to adapter with ``set_adapter``."""
+    torch.set_num_threads(cpu_count())
+    model = build_model(setting, w)
+    names = ["default", *(f"t{i}" for i in range(1, int(w.adapters)))]
+    for name in names[1:]:
+        model.add_adapter(name, lora_config(setting, w))
+    model.eval()
+    tokens = torch.from_numpy(token_batch(w)[0]).long()
+    per_row = [names[i - 1] for i in adapter_ids(w)]
+
+    def switch_to(i: int) -> None:
+        model.set_adapter(names[i])
+        model(tokens)
+
+    with torch.inference_mode():
+        times = time_calls(lambda: model(tokens, adapter_names=per_row), w)
+        switch_times = time_switches(switch_to, len(names))
+    total = sum(p.numel() for p in model.parameters())
+    return Measurement(times, total_params=total, switch_times_s=switch_times)
+
+
+RUNNERS = {
+    "torch-peft": run,
+    "torch-full": run,
+    "torch-floor": run,
+    "torch-peft-fwd": run_forward,
+    "torch-peft-mixed": run_forward_mixed,
+}

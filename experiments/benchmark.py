@@ -10,6 +10,8 @@ Run from the repository root::
         --settings qv,all                                     # QLoRA; Qwix as a peer
     python -m experiments.benchmark --impls fwd-lora,jaxlora-mixed,jaxlora,jaxlora-mixed-train \
         --settings all --adapters 1,4,16                      # many adapters, mixed batches
+    python -m experiments.benchmark --impls fwd-lora,jaxlora-mixed,torch-peft-fwd,torch-peft-mixed \
+        --settings all --adapters 1,4,16                      # mixed batches against PEFT's
     python -m experiments.benchmark --model gpt2,gpt2-einsum,gpt2-moe \
         --impls jax-full,jax-floor,jaxlora --settings all,full,frozen   # custom layers, MoE
 
@@ -58,8 +60,19 @@ Row fields (``--json``):
         ``jaxlora-mixed-train``: training step, each example of the batch using one of K
         adapters drawn uniformly, K from ``--adapters``): K, and the median over the median
         of the single-adapter row of the same kind and setting (``fwd-lora``, ``jaxlora``);
-        ``None`` elsewhere. Mixed rows are no one's peer.
+        ``None`` elsewhere. Mixed rows are no one's peer. ``torch-peft-mixed`` is PEFT's
+        mixed-batch forward (``adapter_names=``), its single row ``torch-peft-fwd``.
+    ratio_to_mixed_peer: ``jaxlora-mixed``: median over the median of ``torch-peft-mixed``
+        at the same K (same ids per example); ``None`` elsewhere.
         All ratios compare rows of the same model.
+    switch_ms: Median time of a switch to another adapter: selecting it plus the first
+        forward pass after it, ``SWITCHES`` switches round robin per child (pooled).
+        ``fwd-lora``: ``bank.select(name)`` of a bank of two adapters into the jitted
+        forward; ``jaxlora-mixed``: one int id (``bank.index``) into the jitted bank
+        forward, among its K adapters; ``torch-peft-mixed``: ``set_adapter`` + forward.
+    compilations: JAX rows with ``switch_ms``: XLA compilations from the switching
+        function's first call through all switches (max over repetitions); one
+        compilation per structure gives 1.
     threads: CPUs available to XLA, and the value given to ``torch.set_num_threads``.
     reps_ok, error: Successful repetitions; the first failure's message, if any.
 """
@@ -108,6 +121,9 @@ class Impl:
             (``ratio_to_fastest_peer``) only of rows storing the base alike.
         single: For a mixed-adapter implementation, the single-adapter one of the same
             kind (``ratio_to_single`` divides by it); it runs once per ``--adapters`` K.
+        mixed_peer: For a mixed-adapter implementation, the other framework's one it is
+            compared with at the same K (``ratio_to_mixed_peer``).
+        switch: How its child switches adapters for ``switch_ms`` (empty: it does not).
     """
 
     kind: str
@@ -118,6 +134,8 @@ class Impl:
     models: tuple[str, ...] = ("gpt2",)
     base: str = "float32"
     single: str | None = None
+    mixed_peer: str | None = None
+    switch: str = ""
 
 
 class Job(NamedTuple):
@@ -133,8 +151,8 @@ _LORA, _FULL, _FLOOR = tuple(TARGETS), ("full",), (FROZEN,)
 _JAX, _JAXLORA = "experiments.bench_jax", "experiments.bench_jaxlora"
 
 
-def _torch(kind: str, settings: tuple[str, ...]) -> Impl:
-    return Impl(kind, settings, "experiments.bench_torch", "torch", ("torch", "peft"))
+def _torch(kind: str, settings: tuple[str, ...], **fields: Any) -> Impl:
+    return Impl(kind, settings, "experiments.bench_torch", "torch", ("torch", "peft"), **fields)
 
 
 def _linen(kind: str, settings: tuple[str, ...], module: str) -> Impl:
@@ -155,10 +173,19 @@ IMPLS = {
     "torch-full": _torch("train", _FULL),
     "torch-floor": _torch("train", _FLOOR),
     "fwd-base": _linen("infer", _FULL, _JAX),
-    "fwd-lora": _linen("infer", _LORA, _JAXLORA),
+    "fwd-lora": Impl("infer", _LORA, _JAXLORA, models=MODELS, switch="bank.select"),
     "fwd-merged": _linen("infer", _LORA, _JAXLORA),
-    "jaxlora-mixed": Impl("infer", _LORA, _JAXLORA, single="fwd-lora"),
+    "jaxlora-mixed": Impl(
+        "infer",
+        _LORA,
+        _JAXLORA,
+        single="fwd-lora",
+        mixed_peer="torch-peft-mixed",
+        switch="one int id",
+    ),
     "jaxlora-mixed-train": Impl("train", _LORA, _JAXLORA, single="jaxlora"),
+    "torch-peft-fwd": _torch("infer", _LORA),
+    "torch-peft-mixed": _torch("infer", _LORA, single="torch-peft-fwd", switch="set_adapter"),
 }
 BASELINES = {"train": "jax-full", "infer": "fwd-base"}
 FLOORS = {"jax": "jax-floor", "torch": "torch-floor"}
@@ -175,6 +202,7 @@ MERGED_TOLERANCE = 0.02  # fwd-merged should be within 2% of fwd-base
 EINSUM_TOLERANCE = 0.05  # jaxlora on gpt2-einsum should be within 5% of jaxlora on gpt2
 MOE_TARGET = 0.75  # jaxlora on gpt2-moe should take at most 0.75x of jax-full on gpt2-moe
 MIXED_TARGETS = {("infer", 16): 1.3, ("train", 4): 1.3}  # at most x the single-adapter row
+MIXED_PEER_TARGETS = {("infer", 16): 1.0}  # at most x the mixed peer (PEFT) at the same K
 ERROR_CHARS = 300  # error messages in rows are cut to this length
 
 
@@ -299,6 +327,8 @@ def aggregate(job: Job, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     times = [t for r in ok for t in r["times_s"]]
+    switches = [t for r in ok for t in r.get("switch_times_s") or ()]
+    compilations = [r["compilations"] for r in ok if r.get("compilations") is not None]
     first = ok[0] if ok else {}
     return {
         "impl": job.impl,
@@ -311,9 +341,20 @@ def aggregate(job: Job, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "rep_medians_s": [statistics.median(r["times_s"]) for r in ok],
         "peak_rss_mb": max((r["peak_rss_mb"] for r in ok), default=None),
         **{key: first.get(key) for key in MEASURED_ONCE},
+        "switch_ms": statistics.median(switches) * 1e3 if switches else None,
+        "compilations": max(compilations, default=None),
         "reps_ok": len(ok),
         "error": errors[0] if errors else None,
     }
+
+
+RATIOS = (
+    "ratio_to_full",
+    "ratio_to_fastest_peer",
+    "ratio_to_floor",
+    "ratio_to_single",
+    "ratio_to_mixed_peer",
+)
 
 
 def ratio(median: float, others: Sequence[float]) -> float | None:
@@ -322,12 +363,10 @@ def ratio(median: float, others: Sequence[float]) -> float | None:
 
 
 def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """``ratio_to_full``, ``ratio_to_fastest_peer``, ``ratio_to_floor`` of ``row`` among ``ok``."""
+    """The `RATIOS` of ``row`` among the measured rows ``ok``."""
     median = row["step_time_median_s"]
     if median is None:
-        return dict.fromkeys(
-            ("ratio_to_full", "ratio_to_fastest_peer", "ratio_to_floor", "ratio_to_single")
-        )
+        return dict.fromkeys(RATIOS)
     same_kind = [r for r in ok if r["kind"] == row["kind"] and r["model"] == row["model"]]
 
     def medians_of(impl: str | None) -> list[float]:
@@ -347,12 +386,20 @@ def row_ratios(row: dict[str, Any], ok: Sequence[dict[str, Any]]) -> dict[str, f
         for r in same_kind
         if r["impl"] == IMPLS[row["impl"]].single and r["setting"] == row["setting"]
     ]
+    mixed_peer = [
+        r["step_time_median_s"]
+        for r in same_kind
+        if r["impl"] == IMPLS[row["impl"]].mixed_peer
+        and r["setting"] == row["setting"]
+        and r["adapters"] == row["adapters"]
+    ]
     floor = FLOORS[IMPLS[row["impl"]].framework] if row["kind"] == "train" else None
     return {
         "ratio_to_full": ratio(median, medians_of(BASELINES[row["kind"]])),
         "ratio_to_fastest_peer": ratio(median, peers),
         "ratio_to_floor": ratio(median, medians_of(floor)),
         "ratio_to_single": ratio(median, single),
+        "ratio_to_mixed_peer": ratio(median, mixed_peer),
     }
 
 
@@ -368,12 +415,15 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) -> list[str]:
-    """Markdown lines of a result table; times in milliseconds; an "x floor" column if asked."""
+    """Markdown lines of a result table; times in milliseconds; an "x floor" column if asked,
+    "switch ms" and "compilations" columns if a row switched adapters."""
     ratios = ["ratio_to_full", "ratio_to_fastest_peer"] + (["ratio_to_floor"] if floors else [])
     ratio_titles = [f"x {baseline}", "x fastest peer"] + (["x floor"] if floors else [])
+    switched = any(r.get("switch_ms") is not None for r in rows)
     titles = ["impl", "setting", "median ms", "min ms", *ratio_titles, "GFLOP", "peak RSS MB"]
     titles += ["base MB"]
     titles += ["trainable", "total", "opt-state floats"]
+    titles += ["switch ms", "compilations"] if switched else []
     lines = ["| " + " | ".join(titles) + " |", "|---|---|" + "--:|" * (len(titles) - 2)]
     for r in rows:
         if r["step_time_median_s"] is None:
@@ -392,6 +442,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], baseline: str, floors: bool) 
             fmt(r["total_params"], ","),
             fmt(r["opt_state_floats"], ","),
         ]
+        if switched:
+            cells += [fmt(r.get("switch_ms"), ".1f"), fmt(r.get("compilations"), "d")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -410,21 +462,51 @@ def merged_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _verdict(value: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    return f" (target: at most {target}: {'ok' if value <= target else 'MISSED'})"
+
+
 def mixed_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per mixed-adapter row: its time over the single-adapter row's, against the
-    target where the issue sets one (forward at K=16, training step at K=4)."""
+    """One line per mixed-adapter row: its time over the single-adapter row's, and over
+    the mixed peer's at the same K, against the targets the issue sets jaxlora (forward at
+    K=16: ≤ 1.3x single, ≤ 1.0x PEFT's; training step at K=4: ≤ 1.3x single)."""
     lines = []
     for r in rows:
-        if r.get("adapters") and r["ratio_to_single"] is not None:
-            target = MIXED_TARGETS.get((r["kind"], r["adapters"]))
-            verdict = ""
-            if target is not None:
-                ok = "ok" if r["ratio_to_single"] <= target else "MISSED"
-                verdict = f" (target: at most {target}: {ok})"
+        if not r.get("adapters"):
+            continue
+        impl, k = IMPLS[r["impl"]], r["adapters"]
+        if r["ratio_to_single"] is not None:
+            target = MIXED_TARGETS.get((r["kind"], k)) if impl.framework == "jax" else None
+            verdict = _verdict(r["ratio_to_single"], target)
             lines.append(
-                f"{r['impl']} {r['setting']} K={r['adapters']} / {IMPLS[r['impl']].single}: "
+                f"{r['impl']} {r['setting']} K={k} / {impl.single}: "
                 f"{r['ratio_to_single']:.3f}{verdict}"
             )
+        if r["ratio_to_mixed_peer"] is not None:
+            verdict = _verdict(r["ratio_to_mixed_peer"], MIXED_PEER_TARGETS.get((r["kind"], k)))
+            lines.append(
+                f"{r['impl']} {r['setting']} K={k} / {impl.mixed_peer} K={k}: "
+                f"{r['ratio_to_mixed_peer']:.3f}{verdict}"
+            )
+    return lines
+
+
+def switch_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per row that switched adapters: how, the median switch, the compilations."""
+    lines = []
+    for r in rows:
+        if r.get("switch_ms") is None:
+            continue
+        k = f" K={r['adapters']}" if r.get("adapters") else ""
+        compiled = ""
+        if r["compilations"] is not None:
+            compiled = f", {r['compilations']} compilation(s) from the first call on"
+        lines.append(
+            f"switch {r['impl']} {r['setting']}{k} ({IMPLS[r['impl']].switch} + first "
+            f"forward): {r['switch_ms']:.1f} ms{compiled}"
+        )
     return lines
 
 
@@ -475,7 +557,8 @@ def report(rows: Sequence[dict[str, Any]], w: Workload, notes: Sequence[str]) ->
                 table_lines = markdown_table(table, BASELINES[kind], floors=kind == "train")
                 title += f", {model}" if len(models) > 1 else ""
                 lines += [f"## {title}", "", *table_lines, ""]
-    return "\n".join(lines + merged_lines(rows) + model_lines(rows) + mixed_lines(rows))
+    targets = merged_lines(rows) + model_lines(rows) + mixed_lines(rows) + switch_lines(rows)
+    return "\n".join(lines + targets)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from jaxlora._peft_names import peft_module_map, peft_module_maps
 from jaxlora._placement import adapter_partition_specs, shard_params
 from jaxlora._quantize import QuantizedArray, dequantize, from_gguf, quantize
 from jaxlora._summary import LayerSummary, Summary, summary
+from jaxlora._tokens import TrainableTokens
 from jaxlora._train import make_train_step, optimizer
 from jaxlora._train_checkpoint import ResumeState, TrainCheckpointer
 from jaxlora._tree import LoraAdapter, Trainable, combine, split, trainable_mask
@@ -40,6 +41,7 @@ __all__ = [
     "TrainCheckpointer",
     "Trainable",
     "TrainableParam",
+    "TrainableTokens",
     "WeightAdapter",
     "adapter_partition_specs",
     "add_weighted_adapter",

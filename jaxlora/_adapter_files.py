@@ -20,12 +20,24 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxlora import _attach, _files, _fingerprint, _init_from_weights, _io_errors
-from jaxlora._config import LoraConfig
+from jaxlora import (
+    _attach,
+    _base_checks,
+    _files,
+    _fingerprint,
+    _init_from_weights,
+    _io_errors,
+    _records,
+    _token_records,
+)
+from jaxlora._config import LoraConfig, listing
 from jaxlora._tree import LoraAdapter, PyTree, path_str
 
-_FORMAT, _VERSION = "jaxlora.adapter", 2
-_READABLE = (1, _VERSION)  # version 1 records carry no checksums
+# Version 1 records carry no checksums; version 3 ones carry parts version 2 lacks (token
+# rows), written only when present, so that an older jaxlora refuses such a file instead
+# of loading it without them.
+_FORMAT, _VERSION = "jaxlora.adapter", 3
+_READABLE = (1, 2, _VERSION)
 _ARRAYS, _RECORD = "arrays", "record"
 
 
@@ -49,7 +61,7 @@ def _shapes(tree: PyTree) -> dict[str, str]:
     }
 
 
-def _differences(saved: PyTree, expected: PyTree) -> list[str]:
+def shape_differences(saved: PyTree, expected: PyTree) -> list[str]:
     saved, expected = _shapes(saved), _shapes(expected)
     return [
         f"{k}: saved {saved.get(k, 'nothing')}, expected {expected.get(k, 'nothing')}"
@@ -65,7 +77,9 @@ def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
 
 
 def _check_finite(
-    layers: list[tuple[_attach.LayerSpec, Any, Any]], leaves: list[tuple[_attach.LeafSpec, Any]]
+    layers: list[tuple[_records.LayerSpec, Any, Any]],
+    leaves: list[tuple[_records.LeafSpec, Any]],
+    tokens: list[tuple[Any, Any]],
 ) -> None:
     named = [
         *(
@@ -74,11 +88,12 @@ def _check_finite(
             for factor, x in (("A", a), ("B", b))
         ),
         *((f"trainable leaf {spec.path!r}", x) for spec, x in leaves),
+        *((f"token rows of {spec.name!r}", x) for spec, x in tokens),
     ]
     bad = _nonfinite(named)
     if bad:
         raise ValueError(
-            f"save_adapter: these arrays hold NaN or inf:{_attach.listing(bad)}\nThe run "
+            f"save_adapter: these arrays hold NaN or inf:{listing(bad)}\nThe run "
             "diverged (a non-finite loss or gradient); the adapter would output NaN. Save an "
             "earlier state, or train with jaxlora.make_train_step(..., skip_nonfinite=True); "
             "pass allow_nonfinite=True to save it anyway."
@@ -123,26 +138,33 @@ def save_adapter(
       >>> jaxlora.save_adapter("runs/adapter", lora_params, cfg)
       >>> cfg, lora_params = jaxlora.load_adapter("runs/adapter", base_params)
     """
-    layers, leaves = _attach.collect(params, who="save_adapter")
-    _attach.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
-    specs = _attach.fingerprinted(params, [spec for spec, _, _ in layers])
+    layers, leaves = _records.collect(params, who="save_adapter")
+    _records.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
+    specs = _base_checks.fingerprinted(params, [spec for spec, _, _ in layers])
     layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
+    tokens = _token_records.collect(params, config, who="save_adapter")
     if not allow_nonfinite:
-        _check_finite(layers, leaves)
+        _check_finite(layers, leaves, tokens)
     record = {
         "format": _FORMAT,
-        "version": _VERSION,
+        "version": _VERSION if tokens else 2,
         "config": config.to_dict(),
         "layers": [spec.to_json() for spec, _, _ in layers],
         "trainable": [spec.to_json() for spec, _ in leaves],
         "array_hashes": _array_hashes(
-            [(a, b) for _, a, b in layers], [value for _, value in leaves]
+            [(a, b) for _, a, b in layers],
+            [value for _, value in leaves],
+            [values for _, values in tokens],
         ),
     }
+    if tokens:
+        record["tokens"] = [spec.to_json() for spec, _ in tokens]
     record["checksum"] = _record_checksum(record)
     arrays: dict[str, Any] = {"adapters": [{"a": a, "b": b} for _, a, b in layers]}
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
+    if tokens:
+        arrays["tokens"] = [values for _, values in tokens]
     target = Path(directory)
     _files.check_parent(target, who="save_adapter")
     if target.exists() and not target.is_dir():
@@ -174,12 +196,17 @@ def _record_checksum(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _array_hashes(factors: list[tuple[Any, Any]], leaves: list[Any]) -> dict[str, list[Any]]:
+def _array_hashes(
+    factors: list[tuple[Any, Any]], leaves: list[Any], tokens: list[Any]
+) -> dict[str, list[Any]]:
     """`_fingerprint.content_hash` of every saved array, as the record keeps them."""
-    return {
+    hashes = {
         "adapters": [[_fingerprint.content_hash(x) for x in pair] for pair in factors],
         "trainable": [_fingerprint.content_hash(x) for x in leaves],
     }
+    if tokens:
+        hashes["tokens"] = [_fingerprint.content_hash(x) for x in tokens]
+    return hashes
 
 
 def _damaged(source: str, what: str) -> ValueError:
@@ -190,9 +217,10 @@ def _damaged(source: str, what: str) -> ValueError:
 
 class _Record(NamedTuple):
     config: LoraConfig
-    layers: list[_attach.LayerSpec]
-    leaves: list[_attach.LeafSpec]
+    layers: list[_records.LayerSpec]
+    leaves: list[_records.LeafSpec]
     array_hashes: dict[str, list[Any]] | None  # None for version 1
+    tokens: list[_token_records.TokenSpec]
 
 
 def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Record:
@@ -221,38 +249,42 @@ def _read_record(checkpointer: ocp.Checkpointer, path: Path, source: str) -> _Re
         raise _damaged(source, "its record has lost its checksum")
     try:
         config = LoraConfig(**record["config"])
-        layers = [_attach.LayerSpec.from_json(r) for r in record["layers"]]
-        leaves = [_attach.LeafSpec.from_json(r) for r in record["trainable"]]
+        layers = [_records.LayerSpec.from_json(r) for r in record["layers"]]
+        leaves = [_records.LeafSpec.from_json(r) for r in record["trainable"]]
+        tokens = [_token_records.TokenSpec.from_json(r) for r in record.get("tokens", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: the record of {source} is malformed ({e}).") from e
-    return _Record(config, layers, leaves, record.get("array_hashes") if version != 1 else None)
+    hashes = record.get("array_hashes") if version != 1 else None
+    return _Record(config, layers, leaves, hashes, tokens)
 
 
 def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
-    """Raises unless the restored arrays hash as they did when saved (version 2 records)."""
+    """Raises unless the restored arrays hash as they did when saved (version 2 and 3 records)."""
     if record.array_hashes is None:
         return
     restored = _array_hashes(
-        [(f["a"], f["b"]) for f in arrays["adapters"]], arrays.get("trainable", [])
+        [(f["a"], f["b"]) for f in arrays["adapters"]],
+        arrays.get("trainable", []),
+        arrays.get("tokens", []),
     )
     names = [
         *(f"layer {s.path!r}: {f}" for s in record.layers for f in ("A", "B")),
         *(f"trainable leaf {leaf.path!r}" for leaf in record.leaves),
+        *(f"token rows of {t.name!r}" for t in record.tokens),
     ]
     saved = [*(h for pair in record.array_hashes["adapters"] for h in pair)]
-    saved += record.array_hashes["trainable"]
+    saved += record.array_hashes["trainable"] + record.array_hashes.get("tokens", [])
     now = [*(h for pair in restored["adapters"] for h in pair), *restored["trainable"]]
+    now += restored.get("tokens", [])
     bad = [n for n, s, r in zip(names, saved, now, strict=True) if s != r]
     if bad:
-        raise _damaged(
-            source, f"these arrays differ from the ones saved (checksum):{_attach.listing(bad)}"
-        )
+        raise _damaged(source, f"these arrays differ from the ones saved (checksum):{listing(bad)}")
 
 
 def _abstract_adapter(
     params: PyTree,
-    layers: list[_attach.LayerSpec],
-    leaves: list[_attach.LeafSpec],
+    layers: list[_records.LayerSpec],
+    leaves: list[_records.LeafSpec],
     sharding: jax.sharding.Sharding | None,
 ) -> dict[str, Any]:
     """The ``arrays`` item as ShapeDtypeStructs placed where the base says (or ``sharding``)."""
@@ -281,7 +313,7 @@ def _restore_arrays(
 ) -> dict[str, Any]:
     try:
         stored = checkpointer.metadata(path).item_metadata[_ARRAYS]
-        differences = _differences(stored, abstract)
+        differences = shape_differences(stored, abstract)
         if not differences:
             args = ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(abstract)})
             return checkpointer.restore(path, args=args)[_ARRAYS]
@@ -292,7 +324,7 @@ def _restore_arrays(
         ) from e
     raise ValueError(
         f"load_adapter: {source} is corrupt: its arrays disagree with its record:"
-        f"{_attach.listing(differences)}\nRe-save it."
+        f"{listing(differences)}\nRe-save it."
     )
 
 
@@ -353,7 +385,7 @@ def load_adapter(
     with _adapter_checkpointer() as checkpointer:
         record = _read_record(checkpointer, path, source)
         config, layers, leaves = record.config, record.layers, record.leaves
-        load_layers, load_leaves = _attach.plan(
+        load_layers, load_leaves = _base_checks.plan(
             params,
             layers,
             leaves,
@@ -363,7 +395,7 @@ def load_adapter(
         )
         # PiSSA/OLoRA adapters were trained on the residual: recompute it from the base
         params = _attach.to_residual(params, load_layers, config.init)
-        _attach.check_base(
+        _base_checks.check_base(
             params,
             load_layers,
             source=source,
@@ -371,7 +403,10 @@ def load_adapter(
             allow_other_base=allow_other_base,
             hint=_residual_hint(config),
         )
+        _token_records.check_base(params, record.tokens, source=source, who="load_adapter")
         abstract = _abstract_adapter(params, layers, leaves, sharding)
+        if record.tokens:
+            abstract["tokens"] = _token_records.abstract(params, record.tokens, sharding)
         arrays = _restore_arrays(checkpointer, path, abstract, source)
     _check_arrays(record, arrays, source)
     wanted = {spec.path for spec in load_layers}
@@ -386,7 +421,8 @@ def load_adapter(
         for leaf, value in zip(leaves, arrays.get("trainable", []), strict=True)
         if leaf.path in wanted
     }
-    return config, _attach.attach(params, adapters, trainable)
+    adapted = _attach.attach(params, adapters, trainable)
+    return config, _token_records.attach(adapted, record.tokens, arrays.get("tokens", []))
 
 
 def _residual_hint(config: LoraConfig) -> str:

@@ -205,6 +205,13 @@ class AdapterBank:
                 f"AdapterBank: an adapter named {name!r} is already in this bank; remove or "
                 "rename it first (bank.remove(name), bank.rename(name, new))."
             )
+        if config.trainable_token_indices is not None:
+            raise ValueError(
+                f"AdapterBank.add({name!r}): the config trains token rows "
+                "(trainable_token_indices), which a bank does not hold (they would be "
+                "dropped); keep this adapter as its own adapted tree (save_adapter, "
+                "export_peft), or leave trainable_token_indices out."
+            )
         inner, _ = params_of(adapted)
         if not has_adapters(inner):
             raise ValueError(

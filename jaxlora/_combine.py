@@ -23,6 +23,8 @@ from flax.core import meta
 
 from jaxlora import _layout
 from jaxlora._bank import AdapterBank, _replaced
+from jaxlora._bank_nnx import LoraBank
+from jaxlora._bank_nnx_trees import as_adapter_bank, put_tree
 from jaxlora._config import LoraConfig
 from jaxlora._tree import LoraAdapter, adapter_key, iter_adapters, rebox
 
@@ -99,8 +101,10 @@ def _svd(parts: list[tuple[float, LoraAdapter]], rank: int) -> tuple[Any, Any]:
     )
     matrix = delta.reshape(*lead, *stack_shape, math.prod(in_shape), math.prod(out_shape))
     u, s, vh = jnp.linalg.svd(matrix, full_matrices=False)
-    a = u[..., :rank].reshape(*lead, *stack_shape, *in_shape, rank)
-    b = (s[..., :rank, None] * vh[..., :rank, :]).reshape(*lead, *stack_shape, rank, *out_shape)
+    # a rank above min(fan_in, fan_out) keeps every singular value and pads with zeros
+    a = _pad_rank(u[..., :rank], u.ndim - 1, rank).reshape(*lead, *stack_shape, *in_shape, rank)
+    b = _pad_rank(s[..., :rank, None] * vh[..., :rank, :], vh.ndim - 2, rank)
+    b = b.reshape(*lead, *stack_shape, rank, *out_shape)
     return a.astype(a0.dtype), b.astype(b0.dtype)
 
 
@@ -112,17 +116,18 @@ def _set(tree: dict, module: str, key: str, value: Any) -> None:
 
 
 def add_weighted_adapter(
-    bank: AdapterBank,
+    bank: AdapterBank | LoraBank,
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
     combination_type: str = "svd",
     svd_rank: int | None = None,
-) -> AdapterBank:
+) -> AdapterBank | LoraBank:
     """A bank with a new adapter combining others, as PEFT's ``add_weighted_adapter``.
 
     Args:
-      bank: an `AdapterBank` (linen).
+      bank: an `AdapterBank` (linen; a new bank is returned) or an NNX `LoraBank` (the
+        adapter is added in place and the bank returned).
       adapters: names of the adapters to combine.
       weights: one weight per adapter (negative allowed).
       adapter_name: the new adapter's name.
@@ -137,6 +142,13 @@ def add_weighted_adapter(
     Example:
       >>> bank = jaxlora.add_weighted_adapter(bank, ["a", "b"], [0.7, 0.3], "ab", "cat")
     """
+    if isinstance(bank, LoraBank):
+        view = as_adapter_bank(bank)
+        new = add_weighted_adapter(
+            view, adapters, weights, adapter_name, combination_type, svd_rank
+        )
+        put_tree(bank, adapter_name, new.select(adapter_name), new.config(adapter_name))
+        return bank
     how, rank, name = combination_type, svd_rank, adapter_name
     if how not in HOW:
         raise ValueError(f"add_weighted_adapter: combination_type={how!r}; use one of {HOW}.")

@@ -58,6 +58,11 @@ def format_paths(items: Sequence[str], *, limit: int = 40, bullet: str = "") -> 
     return "\n".join(lines)
 
 
+def listing(items: Sequence[str]) -> str:
+    """A newline, then a bulleted, truncated listing of ``items``, for error messages."""
+    return "\n" + format_paths(items, limit=20, bullet="- ")
+
+
 def _any_match(paths: str | Sequence[str], pattern: str) -> bool:
     return any(path_matches(p, pattern) for p in _as_tuple(paths))
 
@@ -166,6 +171,11 @@ class LoraConfig:
       quantize_exclude: patterns of weights kept in float (e.g. ``["lm_head"]``).
       double_quant: nf4: store the block scales in 8 bits too (QLoRA's double
         quantization, 4.13 bits per weight instead of 4.5).
+      trainable_token_indices: train only these rows of an embedding (new tokens), as
+        PEFT's option of the same name: a list of ids for the model's input embedding
+        (the one table it looks up), or ``{pattern: ids}`` per weight (``{"embed_tokens":
+        [...], "lm_head": [...]}`` for an untied head). A tied head uses the same rows.
+        With ``targets=[]`` only the rows train.
     """
 
     rank: int = 8
@@ -184,6 +194,7 @@ class LoraConfig:
     quantize: Literal["nf4", "int8", "fp8"] | None = None
     quantize_exclude: Sequence[str] = ()
     double_quant: bool = True
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -209,6 +220,7 @@ class LoraConfig:
             {p: _check_alpha(f"alpha_pattern[{p!r}]", a) for p, a in self.alpha_pattern.items()},
         )
         set_(self, "dropout", _check_dropout(self.dropout))
+        set_(self, "trainable_token_indices", _token_indices(self.trainable_token_indices))
         if self.init not in _INITS and not _init_from_weights.check_init(self.init):
             raise ValueError(
                 f"LoraConfig: unknown init={self.init!r}; use one of {_INITS}, "
@@ -230,7 +242,7 @@ class LoraConfig:
                 'does not quantize the residual. Use init="kaiming" with quantize, or '
                 "quantize=None with this init."
             )
-        if not self.targets:
+        if not self.targets and self.trainable_token_indices is None:
             raise ValueError('LoraConfig: targets is empty; name layers or use "all-linear".')
         patterns = (*self.targets, *self.exclude, *self.quantize_exclude)
         for pattern in (*patterns, *self.rank_pattern, *self.alpha_pattern):
@@ -253,6 +265,13 @@ class LoraConfig:
         return (ALL_LINEAR in self.targets and is_linear) or any(
             _any_match(path, p) for p in self.targets if p != ALL_LINEAR
         )
+
+    def token_table(self) -> dict[str | None, tuple[int, ...]]:
+        """``trainable_token_indices`` as ``{pattern: ids}``, the key None for a plain list."""
+        value = self.trainable_token_indices
+        if value is None:
+            return {}
+        return {None: value} if isinstance(value, tuple) else dict(value)
 
     def rank_for(self, path: str | Sequence[str]) -> int:
         """The adapter rank of the layer at ``path`` (or paths, see `selects`)."""
@@ -278,6 +297,54 @@ class LoraConfig:
         """A JSON-serialisable dict; `LoraConfig(**d)` rebuilds the config."""
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _token_indices(indices: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    """``trainable_token_indices`` checked and normalised: a tuple of ids (the model's input
+    embedding), ``{pattern: ids}``, or None when not given.
+
+    Raises:
+      ValueError: an id that is not a non-negative int, a repeated id, an empty list.
+    """
+    if indices is None:
+        return None
+    table = dict(indices) if isinstance(indices, Mapping) else {None: indices}
+    if not table:
+        raise ValueError(
+            "LoraConfig: trainable_token_indices is an empty dict; give the ids per embedding, "
+            "e.g. {'embed_tokens': [32000, 32001]}, or a list for the input embedding."
+        )
+    out = {}
+    for layer, ids in table.items():
+        where = "trainable_token_indices" + ("" if layer is None else f"[{layer!r}]")
+        if layer is not None and not isinstance(layer, str):
+            raise TypeError(
+                f"LoraConfig: trainable_token_indices has key {layer!r}; keys are layer "
+                "patterns like 'embed_tokens'."
+            )
+        ids = list(ids) if hasattr(ids, "tolist") else ids  # a numpy array of ids
+        if isinstance(ids, str) or not isinstance(ids, Sequence) or not len(ids):
+            raise ValueError(
+                f"LoraConfig: {where}={ids!r} must be a non-empty list of token ids, e.g. "
+                "[32000, 32001]."
+            )
+        bad = [i for i in ids if not _is_id(i)]
+        if bad:
+            raise ValueError(
+                f"LoraConfig: {where} holds {bad!r}, which are not token ids (non-negative ints)."
+            )
+        ids = tuple(int(i) for i in ids)
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(
+                f"LoraConfig: {where} repeats token ids {repeated}; list each id once."
+            )
+        out[layer] = ids
+    return out.get(None, out)
+
+
+def _is_id(i: Any) -> bool:
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool) and int(i) >= 0
 
 
 def _is_number(x: Any) -> bool:

@@ -16,7 +16,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import _attach, _init_from_weights, _layout, _nnx, _sharding
+from jaxlora import (
+    _attach,
+    _base_checks,
+    _init_from_weights,
+    _layout,
+    _nnx,
+    _records,
+    _sharding,
+    _token_records,
+)
 from jaxlora._config import LoraConfig
 from jaxlora._nnx_wrappers import LoraLayer, LoraParam
 from jaxlora._tree import LoraAdapter, PyTree, params_of, subtree
@@ -87,9 +96,9 @@ def convert_to_lora(
         )
     if isinstance(adapted, nnx.Module):
         return plain_config(config), _convert_nnx(adapted, base, config.init)
-    layers, leaves = _attach.collect(adapted, who="convert_to_lora")
-    _attach.check_config([spec for spec, _, _ in layers], config, who="convert_to_lora")
-    _attach.plan(
+    layers, leaves = _records.collect(adapted, who="convert_to_lora")
+    _records.check_config([spec for spec, _, _ in layers], config, who="convert_to_lora")
+    _base_checks.plan(
         base,
         [spec for spec, _, _ in layers],
         [spec for spec, _ in leaves],
@@ -100,12 +109,16 @@ def convert_to_lora(
     inner, adapted_inner = params_of(base)[0], params_of(adapted)[0]
     adapters = {}
     for spec, a, b in layers:
-        weight = _attach.unmark(subtree(inner, spec.module)[spec.weight_key])
-        frozen = _attach.unmark(subtree(adapted_inner, spec.module)[spec.weight_key])
+        weight = _records.unmark(subtree(inner, spec.module)[spec.weight_key])
+        frozen = _records.unmark(subtree(adapted_inner, spec.module)[spec.weight_key])
         a2, b2 = _doubled(spec.path, weight, frozen, a, b, spec.delta_eq, spec.scale, config.init)
         adapters[spec] = LoraAdapter(a=a2, b=b2, scale=spec.scale, delta_eq=spec.delta_eq)
     trainable = {spec.path: value for spec, value in leaves}
-    return plain_config(config), _attach.attach(base, adapters, trainable)
+    plain = _attach.attach(base, adapters, trainable)
+    # trained token rows replace rows of the untouched base as they are: kept
+    tokens = _token_records.collect(adapted, config, who="convert_to_lora")
+    plain = _token_records.attach(plain, [s for s, _ in tokens], [v for _, v in tokens])
+    return plain_config(config), plain
 
 
 def _convert_nnx(adapted: nnx.Module, base: nnx.Module, init: str) -> nnx.Module:

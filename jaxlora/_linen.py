@@ -21,7 +21,14 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _init_from_weights, _quantized_base, _rewrite, _sharding, _targeting
+from jaxlora import (
+    _init_from_weights,
+    _quantized_base,
+    _rewrite,
+    _sharding,
+    _targeting,
+    _tokens,
+)
 from jaxlora._config import LoraConfig, format_paths, path_matches
 from jaxlora._tree import (
     LoraAdapter,
@@ -186,10 +193,18 @@ def lorafy(
         adapted = replace_at(
             adapted, c.module, functools.partial(_with_adapter, c.weight, adapter, value)
         )
+    quantized = _quantized_base.chosen(config, found)
+    for t in _tokens.choose(
+        config.token_table(), found, [c.name for c in selected], config.modules_to_save
+    ):
+        _tokens.check_not_quantized(t, quantized)
+        adapted = replace_at(
+            adapted, t.module, functools.partial(_tokens.with_node, t, dtype=config.dtype)
+        )
     adapted = _mark_full_training(adapted, config, [c.module for c in selected])
     adapted = _quantized_base.quantize_weights(
         adapted,
-        _quantized_base.chosen(config, found),
+        quantized,
         config.quantize,
         double_quant=config.double_quant,
     )

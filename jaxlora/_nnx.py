@@ -18,7 +18,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import _init_from_weights, _layout, _quantize, _quantized_base, _rewrite, _targeting
+from jaxlora import (
+    _init_from_weights,
+    _layout,
+    _quantize,
+    _quantized_base,
+    _rewrite,
+    _targeting,
+    _tokens,
+    _tokens_nnx,
+)
 from jaxlora._config import LoraConfig, adapter_name, format_paths, path_matches
 from jaxlora._nnx_wrappers import (
     APPLIED_USES,
@@ -142,6 +151,12 @@ def lorafy(
     _init_from_weights.check_layers(
         config.init, [(c.name, c.embedding, c.conv) for c in selected], who="lorafy"
     )
+    rows: dict[str, list[_tokens.Choice]] = {}
+    for t in _tokens.choose(
+        config.token_table(), found, [c.name for c in selected], config.modules_to_save
+    ):
+        _tokens.check_not_quantized(t, _quantized_base.chosen(config, found))
+        rows.setdefault(t.module, []).append(t)
     quantized = _quantize_weights(module, config, found)
     key = rngs.params()
     owners: dict[str, list[_targeting.Candidate]] = {}
@@ -164,12 +179,14 @@ def lorafy(
         _set_child(module, path, wrapper)
     # deepest first: a wrapped module inside another wrapped one is replaced in its parent
     # before that parent is wrapped in turn
-    for owner, cands in sorted(owners.items(), key=lambda item: -item[0].count("/")):
+    for owner in sorted(owners.keys() | rows.keys(), key=lambda p: -p.count("/")):
+        cands = owners.get(owner, [])
+        names = [c.name for c in cands] + [t.name for t in rows.get(owner, [])]
         path = _path_of(module, owner)
         base = _child(module, path)
         if not isinstance(base, nnx.Module) or not path:
             raise ValueError(
-                f"lorafy: weights {[c.name for c in cands]} are held by "
+                f"lorafy: weights {names} are held by "
                 f"{type(base).__name__} at {owner or 'the root'!r}, which jaxlora cannot "
                 "wrap; exclude them."
             )
@@ -185,16 +202,26 @@ def lorafy(
             )
             for c in cands
         }
-        _set_child(module, path, LoraModule(base, adapters, config=config, rngs=rngs, path=owner))
+        tokens = {
+            t.weight: _tokens_nnx.TokenAdapter(getattr(base, t.weight), t, dtype=config.dtype)
+            for t in rows.get(owner, [])
+        }
+        wrapper = LoraModule(base, adapters, config=config, rngs=rngs, path=owner, tokens=tokens)
+        _set_child(module, path, wrapper)
     adapted_layers = {c.module for c in selected if c.module in builtin}
-    for owner in sorted(set(quantized) - adapted_layers - set(owners), key=lambda p: -p.count("/")):
+    plain = set(quantized) - adapted_layers - set(owners) - set(rows)
+    for owner in sorted(plain, key=lambda p: -p.count("/")):
         # a layer stored quantized and not adapted reads its weights through the rewrite too
         path = _path_of(module, owner)
         _set_child(
             module, path, LoraModule(_child(module, path), {}, config=config, rngs=rngs, path=owner)
         )
-    if owners:
-        _check_every_use_applied(module, inputs, kwargs, [c for cs in owners.values() for c in cs])
+    token_names = {t.name for ts in rows.values() for t in ts}
+    wrapped = [c for cs in owners.values() for c in cs] + [
+        c for c in found if c.name in token_names
+    ]
+    if wrapped and (inputs or kwargs):
+        _check_every_use_applied(module, inputs, kwargs, wrapped)
     _mark_full_training(module, config)
     module.jaxlora_not_adapted = tuple(_targeting.not_adapted(found, selected).items())
     return module
@@ -365,6 +392,7 @@ def merge(module: nnx.Module, dtype: Any = jnp.bfloat16) -> nnx.Module:
             "merge: this module holds no LoRA layers. Pass the module adapted by jaxlora.lorafy."
         )
     _fold(merged, +1.0, dtype)
+    _tokens_nnx.merge_rows(merged)
     for path, wrapper in wrappers:
         _set_child(merged, path, wrapper.base)
     for _, layer in nnx.iter_modules(merged):
@@ -420,4 +448,5 @@ def unmerge(merged: nnx.Module, adapted: nnx.Module) -> nnx.Module:
                 "output of jaxlora.merge(adapted)."
             )
     _fold(out, -1.0)
+    _tokens_nnx.restore_rows(out, adapted)
     return out

@@ -213,6 +213,7 @@ class LoraModule(nnx.Module):
     Attributes:
       base: the original module.
       adapters: ``nnx.Dict`` weight name -> `WeightAdapter`.
+      tokens: ``nnx.Dict`` weight name -> its trained token rows (a `_tokens_nnx.TokenAdapter`).
     """
 
     def __init__(
@@ -223,9 +224,11 @@ class LoraModule(nnx.Module):
         config: LoraConfig,
         rngs: nnx.Rngs,
         path: str = "",
+        tokens: dict[str, nnx.Module] | None = None,
     ):
         self.base = base
         self.adapters = nnx.Dict(adapters)
+        self.tokens = nnx.Dict(tokens or {})
         self.jaxlora_path = path
         self.dropout = (
             nnx.Dropout(config.dropout, rng_collection=config.dropout_rng, rngs=rngs)
@@ -238,7 +241,13 @@ class LoraModule(nnx.Module):
         return self.call_method("__call__", *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("base", "adapters", "dropout", "jaxlora_path"):
+        if name.startswith("_") or name in (
+            "base",
+            "adapters",
+            "tokens",
+            "dropout",
+            "jaxlora_path",
+        ):
             raise AttributeError(name)
         attr = getattr(self.base, name)
         if inspect.ismethod(attr) and attr.__self__ is self.base:
@@ -265,6 +274,7 @@ class LoraModule(nnx.Module):
             )
             for weight, adapter in self.adapters.items()
         }
+        factors.update({w: t.factors(getattr(self.base, w)) for w, t in self.tokens.items()})
         out = rewritten_call(
             self.base,
             method,

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxlora import _attach, _init_from_weights, _layout, _peft_files
+from jaxlora import _init_from_weights, _layout, _peft_files, _peft_tokens, _records, _token_records
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LoraConfig, path_matches
 from jaxlora._peft_files import PREFIX, TORCH_LEAF
@@ -306,7 +306,14 @@ def export_peft(
     """
     who = "export_peft"
     model = adapted(adapted_model, who=who)
-    _attach.check_config([layer.spec for layer in model.layers], config, who=who)
+    _records.check_config([layer.spec for layer in model.layers], config, who=who)
+    nodes = _token_records.nodes_of(adapted_model)
+    if nodes and not model.layers:  # rows trained without LoRA: PEFT's TrainableTokensConfig
+        peft_config, tensors = _peft_tokens.rows_only_config(
+            nodes, module_map, base_model_name_or_path, task_type, who=who
+        )
+        _peft_files.write(Path(directory), peft_config, tensors)
+        return
     targets = _export_targets(model.layers, model.weights, module_map, who=who)
     if config.dropout and any(t.kind == layouts.PARAMETER for t in targets):
         raise ValueError(
@@ -335,6 +342,8 @@ def export_peft(
         head_a, head_b = _peft_files.factor_keys(head, 0, False)
         tensors[head_a], tensors[head_b] = tensors[b_key].T, tensors[a_key].T
     tensors.update(_exported_leaves(model, targets, config, module_map, who=who))
+    token_tensors, token_ids = _peft_tokens.exported(nodes, module_map, who=who)
+    tensors.update(token_tensors)
     saved = _saved_modules(model.modules, config.modules_to_save)
     peft_config = {
         **_peft_files.CONFIG_DEFAULTS,
@@ -351,6 +360,7 @@ def export_peft(
         "target_modules": sorted(n for n, d in ranks.items() if n not in depths) or None,
         "target_parameters": sorted(depths) or None,
         "task_type": task_type,
+        "trainable_token_indices": token_ids or None,
         "use_rslora": config.rslora,
     }
     _peft_files.write(Path(directory), peft_config, tensors)

@@ -86,7 +86,6 @@ _UNSUPPORTED = (
     "layers_to_transform",
     "lora_bias",
     "monteclora_config",
-    "trainable_token_indices",
     "use_bdlora",
     "use_dora",
     "use_qalora",
@@ -246,9 +245,14 @@ def read_config(path: Path) -> dict[str, Any]:
         peft_config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"import_peft: {file} is not valid JSON ({e}).") from e
-    if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
-        found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
-        raise ValueError(f"import_peft: {file} has peft_type {found!r}; only LORA is supported.")
+    found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+    if found == "TRAINABLE_TOKENS":  # token rows without LoRA (`_peft_tokens`)
+        return peft_config
+    if found != "LORA":
+        raise ValueError(
+            f"import_peft: {file} has peft_type {found!r}; only LORA and TRAINABLE_TOKENS are "
+            "supported."
+        )
     on = [k for k in _UNSUPPORTED if peft_config.get(k)]
     if on:
         raise ValueError(

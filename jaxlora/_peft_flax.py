@@ -1,6 +1,6 @@
 """The flax side of PEFT interop: a linen params tree or an NNX module, read the same way.
 
-`adapted` lists an adapted model's adapters (as `_attach.LayerSpec` plus factors) and its
+`adapted` lists an adapted model's adapters (as `_records.LayerSpec` plus factors) and its
 fully trained leaves; `base_tree` gives the plain weights of a model as a nested dict, for
 matching a PEFT file against; `set_nnx` puts imported factors and leaves into an NNX
 module adapted by `lorafy`.
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora import _attach, _nnx
+from jaxlora import _attach, _nnx, _records
 from jaxlora._config import adapter_name
 from jaxlora._distributed import to_host
 from jaxlora._tree import PyTree, module_paths, params_of, unwrap_trainable, without_adapters
@@ -28,7 +28,7 @@ _WRAPPERS = (_nnx.LoraLayer, _nnx.LoraModule)
 class Layer:
     """One adapter as exported: its record, factors (host arrays) and whether it is a conv."""
 
-    spec: _attach.LayerSpec
+    spec: _records.LayerSpec
     a: np.ndarray
     b: np.ndarray
     conv: bool = False
@@ -46,7 +46,7 @@ class Adapted:
     """
 
     layers: list[Layer]
-    leaves: list[tuple[_attach.LeafSpec, np.ndarray]]
+    leaves: list[tuple[_records.LeafSpec, np.ndarray]]
     modules: list[str]
     weights: list[str]
 
@@ -74,7 +74,7 @@ def adapted(model: PyTree | nnx.Module, *, who: str) -> Adapted:
     """The adapters and trained leaves of an adapted linen tree or NNX module."""
     if isinstance(model, nnx.Module):
         return _adapted_nnx(model, who=who)
-    layers, leaves = _attach.collect(model, who=who)
+    layers, leaves = _records.collect(model, who=who)
     inner = params_of(model)[0]
     return Adapted(
         layers=[Layer(spec, to_host(a), to_host(b)) for spec, a, b in layers],
@@ -113,7 +113,7 @@ def _adapted_nnx(module: nnx.Module, *, who: str) -> Adapted:
     for path, wrapper in wrappers.items():
         for key, weight, adapter in _layer_weights(wrapper):
             a, b = to_host(adapter.lora_a[...]), to_host(adapter.lora_b[...])
-            spec = _attach.LayerSpec(
+            spec = _records.LayerSpec(
                 path=adapter_name(_unwrapped(path, wrappers), key),
                 weight_key=key,
                 kernel_shape=tuple(weight.shape),
@@ -135,7 +135,7 @@ def _adapted_nnx(module: nnx.Module, *, who: str) -> Adapted:
         weights.append(adapter_name(module_path, key))
         if isinstance(var, _nnx.TrainableParam):
             value = to_host(var[...])
-            leaves.append((_attach.LeafSpec(path, value.shape, value.dtype.name), value))
+            leaves.append((_records.LeafSpec(path, value.shape, value.dtype.name), value))
     modules = [_unwrapped(_path(p), wrappers) for p, _ in nnx.iter_modules(module) if p]
     return Adapted(layers, leaves, list(dict.fromkeys(modules)), weights)
 

@@ -21,7 +21,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora import _attach, _nnx, _peft_files, _targeting
+from jaxlora import (
+    _attach,
+    _base_checks,
+    _config,
+    _nnx,
+    _peft_files,
+    _peft_tokens,
+    _records,
+    _targeting,
+    _token_records,
+)
 from jaxlora import _peft_layouts as layouts
 from jaxlora._config import LAYER_WEIGHTS, LoraConfig
 from jaxlora._peft_files import CONFIG_NAME, PREFIX, TORCH_LEAF, Factors
@@ -115,7 +125,7 @@ def _factors(
 def _linen_weight(plan: Plan, inner: Mapping[str, Any]) -> _Weight:
     """The layout of a linen weight: from its adapter if it has one, else from its kind."""
     node = subtree(inner, plan.module)
-    shape = tuple(_attach.unmark(node[plan.weight_key]).shape)
+    shape = tuple(_records.unmark(node[plan.weight_key]).shape)
     existing = node.get(adapter_key(plan.weight_key))
     if isinstance(existing, LoraAdapter):
         roles = _targeting.roles_of(existing.delta_eq, len(shape))
@@ -140,7 +150,7 @@ def _flax_leaf(module: Mapping[str, Any], torch_leaf: str) -> str | None:
 
 def _leaf(
     name: str, torch_leaf: str, value: np.ndarray, path: str, node: Any
-) -> tuple[_attach.LeafSpec, np.ndarray]:
+) -> tuple[_records.LeafSpec, np.ndarray]:
     """A fully trained flax leaf from a PEFT tensor (kernels transposed, base dtype kept)."""
     leaf = _flax_leaf(node, torch_leaf) if isinstance(node, Mapping) else None
     if leaf is None:
@@ -149,7 +159,7 @@ def _leaf(
             f"{path!r} has no single leaf among "
             f"{[k for k, v in TORCH_LEAF.items() if v == torch_leaf]}; check module_map."
         )
-    base = _attach.unmark(node[leaf])
+    base = _records.unmark(node[leaf])
     array = value.T if leaf == "kernel" else value
     if array.shape != base.shape:
         raise ValueError(
@@ -158,7 +168,7 @@ def _leaf(
             + (", stored transposed from torch's (out, in)" if leaf == "kernel" else "")
             + ". The adapter was trained for another base."
         )
-    spec = _attach.LeafSpec(f"{path}/{leaf}", tuple(base.shape), jax.numpy.dtype(base.dtype).name)
+    spec = _records.LeafSpec(f"{path}/{leaf}", tuple(base.shape), jax.numpy.dtype(base.dtype).name)
     return spec, array.astype(base.dtype)
 
 
@@ -167,7 +177,7 @@ def _leaves(
     modules: Mapping[str, str],
     plain: Mapping[str, Any],
     peft_config: Mapping[str, Any],
-) -> tuple[list[tuple[_attach.LeafSpec, np.ndarray]], list[str]]:
+) -> tuple[list[tuple[_records.LeafSpec, np.ndarray]], list[str]]:
     """The fully trained leaves of the file, and what does not match (both ways)."""
     leaves, unmatched = [], []
     biases = peft_config.get("bias", "none") != "none"
@@ -203,7 +213,7 @@ def _exact(path: str) -> str:
 def _lora_config(
     peft_config: Mapping[str, Any],
     plans: Sequence[Plan],
-    leaves: Sequence[_attach.LeafSpec],
+    leaves: Sequence[_records.LeafSpec],
     modules: Mapping[str, str],
     dtype: str,
 ) -> LoraConfig:
@@ -300,6 +310,11 @@ def import_peft(
     source = f"PEFT adapter {str(path)!r}"
     peft_config = _peft_files.read_config(path)
     tensors = _peft_files.read_tensors(path)
+    token_rows, tensors = _peft_tokens.split(tensors)
+    if peft_config["peft_type"] == _peft_tokens.ROWS_ONLY:
+        return _rows_only(
+            model, inputs, token_rows, tensors, peft_config, module_map, source, rngs, sharding
+        )
     factors, leaf_tensors = _peft_files.group(tensors, path / _peft_files.WEIGHTS_NAME)
     if not factors:
         raise ValueError(f"import_peft: {source} holds no LoRA factors (lora_A / lora_B).")
@@ -313,19 +328,64 @@ def import_peft(
         raise ValueError(
             f"import_peft: no LoRA factor of {source} matches a layer of these params, so "
             f"there is nothing to load (allow_unmatched=True loads a part, not none):"
-            f"{_attach.listing(unmatched)}\nCheck module_map: it must send the flax "
+            f"{_config.listing(unmatched)}\nCheck module_map: it must send the flax "
             "layer paths to the torch module names in the file."
         )
     modules = {n: e[0].path for n, e in index.items() if e[0].block is None and e[0].parts == 1}
     leaves, unmatched_leaves = _leaves(leaf_tensors, modules, plain, peft_config)
     dtype = by_name[plans[0].sources[0]].a.dtype.name
     config = _lora_config(peft_config, plans, [spec for spec, _ in leaves], modules, dtype)
+    tokens = _peft_tokens.specs(token_rows, peft_config, index, plain, source)
+    if tokens[0]:
+        ids = {_exact(spec.name): spec.indices for spec in tokens[0]}
+        config = dataclasses.replace(config, trainable_token_indices=ids)
     unmatched += unmatched_leaves
     match = _Match(plans, by_name, peft_config, leaves, unmatched)
     if isinstance(model, nnx.Module):
-        _attach.report_unmatched(unmatched, source=source, who=who, allow_unmatched=allow_unmatched)
-        return config, _into_nnx(model, config, match, inputs, rngs, sharding)
-    return config, _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
+        _base_checks.report_unmatched(
+            unmatched, source=source, who=who, allow_unmatched=allow_unmatched
+        )
+        module = _into_nnx(model, config, match, inputs, rngs, sharding)
+        _peft_tokens.set_rows(module, *tokens, sharding)
+        return config, module
+    adapted = _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
+    values = _token_records.placed(adapted, *tokens, sharding)
+    return config, _token_records.attach(adapted, tokens[0], values)
+
+
+def _rows_only(
+    model: PyTree | nnx.Module,
+    inputs: tuple,
+    rows: dict[str, np.ndarray],
+    rest: Mapping[str, np.ndarray],
+    peft_config: Mapping[str, Any],
+    module_map: ModuleMap,
+    source: str,
+    rngs: nnx.Rngs | None,
+    sharding: jax.sharding.Sharding | None,
+) -> tuple[LoraConfig, PyTree | nnx.Module]:
+    """A PEFT ``TrainableTokensConfig`` adapter: token rows without LoRA (`_peft_tokens`)."""
+    if rest or not rows:
+        raise ValueError(
+            f"import_peft: {source} is a TRAINABLE_TOKENS adapter but holds "
+            f"{sorted(rest) or 'no token rows'}; expected only "
+            "'base_model.model.<module>.trainable_tokens_delta' tensors."
+        )
+    plain = without_adapters(unwrap_trainable(base_tree(model, who="import_peft")))
+    index = index_of(plain, module_map, who="import_peft")
+    rows = _peft_tokens.without_tied_copies(rows, index)
+    specs, values = _peft_tokens.specs(rows, peft_config, index, plain, source)
+    config = LoraConfig(
+        targets=[],
+        dtype=values[0].dtype.name,
+        trainable_token_indices={_exact(spec.name): spec.indices for spec in specs},
+    )
+    if isinstance(model, nnx.Module):
+        module = _adapted_copy(model, config, inputs, rngs)
+        _peft_tokens.set_rows(module, specs, values, sharding)
+        return config, module
+    placed = _token_records.placed(model, specs, values, sharding)
+    return config, _token_records.attach(model, specs, placed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +395,7 @@ class _Match:
     plans: list[Plan]
     by_name: dict[str, Factors]
     peft_config: dict[str, Any]
-    leaves: list[tuple[_attach.LeafSpec, np.ndarray]]
+    leaves: list[tuple[_records.LeafSpec, np.ndarray]]
     unmatched: list[str]
 
     def factors(self, plan: Plan, weights: Mapping[str, _Weight]) -> tuple[np.ndarray, np.ndarray]:
@@ -378,8 +438,8 @@ def _into_linen(
     adapters = {}
     for p in match.plans:
         a, b = match.factors(p, weights)
-        weight = _attach.unmark(subtree(inner, p.module)[p.weight_key])
-        spec = _attach.LayerSpec(
+        weight = _records.unmark(subtree(inner, p.module)[p.weight_key])
+        spec = _records.LayerSpec(
             path=p.path,
             weight_key=p.weight_key,
             kernel_shape=weights[p.path].shape,
@@ -391,7 +451,7 @@ def _into_linen(
             delta_eq=weights[p.path].delta_eq,
         )
         adapters[spec] = (a, b)
-    _attach.plan(
+    _base_checks.plan(
         params,
         list(adapters),
         [spec for spec, _ in match.leaves],

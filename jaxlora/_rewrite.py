@@ -163,7 +163,7 @@ def _use(walk: _Walk, eqn: Any, invals: list, views: list[View | None]) -> list[
             invals,
             pos,
             view,
-            dropout=walk.dropout,
+            dropout=walk.dropout if view.factors.dropout else 0.0,
             key=walk.next_key() if name != "gather" else None,
         )
     ]

@@ -12,8 +12,10 @@ import jax
 from flax import nnx
 from flax.core import meta
 
-from jaxlora import _nnx
+from jaxlora import _nnx, _token_records
 from jaxlora._bank import AdapterBank, bank_of
+from jaxlora._bank_nnx import LoraBank
+from jaxlora._bank_nnx_trees import as_adapter_bank
 from jaxlora._linen import LoraModel
 from jaxlora._quantize import is_quantized
 from jaxlora._tree import PyTree, adapter_at, iter_adapters, split
@@ -46,6 +48,7 @@ class Summary:
         no adapter: not targeted, an embedding not named, or a use jaxlora cannot follow.
       base: how the frozen base is stored when part of it is quantized (its formats and
         bits per weight), else "".
+      tokens: ``(weight, ids, (n_tokens, features))`` of each table with trained token rows.
     """
 
     layers: tuple[LayerSummary, ...]
@@ -53,6 +56,7 @@ class Summary:
     total_params: int
     not_adapted: tuple[tuple[str, str], ...] = ()
     base: str = ""
+    tokens: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
 
     @property
     def trainable_fraction(self) -> float:
@@ -93,6 +97,7 @@ class Summary:
                 f"  {name}: {why}" + (f" ({count} layers)" if count > 1 else "")
                 for (name, why), count in seen
             ]
+        lines += [f"token rows of {w}: ids {list(ids)}, {shape}" for w, ids, shape in self.tokens]
         if self.base:
             lines.append(self.base)
         lines.append(
@@ -153,6 +158,13 @@ def _layer_summary(path, weight, a, b, scale) -> LayerSummary:
     )
 
 
+def _tokens(adapted: PyTree | nnx.Module) -> tuple:
+    return tuple(
+        (name, node.indices, tuple(node.values.shape))
+        for name, node in _token_records.nodes_of(adapted)
+    )
+
+
 def _nnx_summary(module: nnx.Module) -> Summary:
     layers = tuple(
         _layer_summary(name, weight, adapter.lora_a, adapter.lora_b, adapter.scale)
@@ -160,7 +172,14 @@ def _nnx_summary(module: nnx.Module) -> Summary:
     )
     trainable = nnx.state(module, _nnx.TrainableParam)
     params = nnx.state(module, nnx.Param)
-    return Summary(layers, _size(trainable), _size(params), _nnx.not_adapted(module), _base(params))
+    return Summary(
+        layers,
+        _size(trainable),
+        _size(params),
+        _nnx.not_adapted(module),
+        _base(params),
+        _tokens(module),
+    )
 
 
 def _bank_summary(bank: AdapterBank) -> Summary:
@@ -180,7 +199,8 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
 
     Args:
       adapted: an adapted linen tree (params collection or variables dict), an
-        `AdapterBank` (one row per adapter and layer, grouped by layer) or an NNX module.
+        `AdapterBank` or NNX `LoraBank` (one row per adapter and layer, grouped by
+        layer) or an NNX module.
       lora_model: linen: the `LoraModel` from `lorafy`, to list the weights seen and not
         adapted (NNX modules carry that list themselves).
 
@@ -188,6 +208,8 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
       A `Summary`; ``print(summary)`` shows a table like PEFT's
       ``print_trainable_parameters``, per layer.
     """
+    if isinstance(adapted, LoraBank):
+        return _bank_summary(as_adapter_bank(adapted))
     if isinstance(adapted, nnx.Module):
         return _nnx_summary(adapted)
     inner, _ = bank_of(adapted)
@@ -205,4 +227,6 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
     )
     trainable, _ = split(inner)
     not_adapted = () if lora_model is None else lora_model.not_adapted
-    return Summary(layers, _size(trainable), _size(inner), not_adapted, _base(inner))
+    return Summary(
+        layers, _size(trainable), _size(inner), not_adapted, _base(inner), _tokens(inner)
+    )

@@ -208,7 +208,7 @@ def select(config: LoraConfig, found: Sequence[Candidate], *, who: str = "lorafy
                 )
             continue
         selected.append(c)
-    if not selected:
+    if not selected and config.targets:  # targets=[]: only token rows train
         raise ValueError(
             f"{who}: targets {list(config.targets)} (exclude {list(config.exclude)}) match no "
             f"weight that can be adapted. Weights:\n{listing}"

@@ -9,23 +9,19 @@ when complete, so an interrupted save is never mistaken for a complete one.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from jaxlora import _attach, _files, _io_errors, _sharding
-from jaxlora._adapter_files import _differences
-from jaxlora._distributed import same_on_every_process
-from jaxlora._tree import LoraAdapter, PyTree, combine, path_str, split
+from jaxlora import _config, _files, _io_errors, _train_state
+from jaxlora._adapter_files import shape_differences
+from jaxlora._tree import PyTree
 
 _STATE, _META = "state", "meta"
 
@@ -48,120 +44,6 @@ class ResumeState(NamedTuple):
     opt_state: PyTree
     rng: jax.Array
     data_state: dict[str, Any]
-
-
-def _abstract(tree: PyTree) -> PyTree:
-    def leaf(x):
-        sharding = getattr(x, "sharding", None) or _attach.default_sharding()
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    return jax.tree.map(leaf, tree)
-
-
-def _trained_part(params: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
-    """What a training checkpoint stores of ``params``, and how to rebuild ``params`` from it."""
-    if isinstance(params, nnx.State):
-        return params, lambda restored: restored
-    trainable, frozen = split(params)
-    if not jax.tree.leaves(trainable):
-        raise ValueError(
-            "TrainCheckpointer: these params hold nothing that trains. Pass the adapted tree "
-            "from jaxlora.lorafy, or for NNX nnx.state(model, jaxlora.TrainableParam)."
-        )
-    return trainable, lambda restored: combine(restored, frozen)
-
-
-def _scales(trainable: PyTree) -> dict[str, float]:
-    """``{layer path: scale}`` of the adapters of a linen tree (an NNX state holds none)."""
-    marked = jax.tree_util.tree_leaves_with_path(
-        trainable, is_leaf=lambda x: isinstance(x, LoraAdapter)
-    )
-    return {path_str(k[:-1]): x.scale for k, x in marked if isinstance(x, LoraAdapter)}
-
-
-def _scale_differences(saved: Mapping[str, float] | None, trainable: PyTree) -> list[str]:
-    """Layers whose scale (alpha / rank) differs from the one saved (none if none was saved)."""
-    if saved is None:  # a checkpoint of a jaxlora that did not record scales
-        return []
-    return [
-        f"layer {path!r}: saved with scale {saved.get(path)}, the params given have {scale}"
-        for path, scale in _scales(trainable).items()
-        if saved.get(path) != scale
-    ]
-
-
-def _rng_parts(rng: jax.Array) -> tuple[jax.Array, str | None]:
-    """Key data and implementation name of a typed key (None for raw key data)."""
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng), str(jax.random.key_impl(rng))
-    return rng, None
-
-
-def _rng_sharding(params: PyTree) -> jax.sharding.Sharding:
-    """Where a restored key goes: replicated over the params' mesh, so a jitted step can take
-    it next to them; on the first local device if they are on no mesh."""
-    mesh = _sharding.mesh_of(params)
-    if mesh is None:
-        return _attach.default_sharding()
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def _global_rng(key_data: Any, params: PyTree) -> Any:
-    """Key data that a multi-process checkpoint can write.
-
-    With several processes, a key on this process's devices only (``jax.random.key(0)``)
-    cannot be saved; it is replicated over the mesh of ``params``, after checking that
-    every process passes the same key.
-    """
-    if (
-        jax.process_count() == 1
-        or not isinstance(key_data, jax.Array)
-        or not key_data.is_fully_addressable
-    ):
-        return key_data
-    if _sharding.mesh_of(params) is None:
-        raise ValueError(
-            "TrainCheckpointer.save: in a multi-process run the RNG key must be a global "
-            "array, but it is on this process's devices only and the params are on no mesh "
-            "to replicate it over. Pass jax.device_put(key, NamedSharding(mesh, "
-            "PartitionSpec())), or place the params on the mesh (jaxlora.shard_params)."
-        )
-    if not same_on_every_process(jax.device_get(key_data)):
-        raise ValueError(
-            "TrainCheckpointer.save: the processes passed different RNG keys; a checkpoint "
-            "holds one. Save the key every process derives its own from (the same on all)."
-        )
-    return _sharding.place_on_mesh_of(params, key_data)
-
-
-def _check_save_args(
-    step: Any, rng: Any, data_state: Any, latest: int | None, directory: Path
-) -> None:
-    """Raises a clear error for arguments orbax would take and then lose or choke on."""
-    who = "TrainCheckpointer.save"
-    if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
-        raise (ValueError if isinstance(step, numbers.Integral) else TypeError)(
-            f"{who}: step={step!r} must be an int >= 0 (the number of steps done)."
-        )
-    if latest is not None and step < latest:
-        raise ValueError(
-            f"{who}: step {step} is before step {latest}, the newest in {directory}; it "
-            "would not be saved. Continue the step count of the run you resumed "
-            "(restore_latest(...).step), or save to a new directory."
-        )
-    if not (
-        isinstance(rng, jax.Array | np.ndarray)
-        and (jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.dtype == jnp.uint32)
-    ):
-        raise TypeError(
-            f"{who}: rng is a {type(rng).__name__}, not a PRNG key; pass the key the run "
-            "continues with, e.g. jax.random.key(0) (or its raw uint32 key data)."
-        )
-    if data_state is not None and not isinstance(data_state, Mapping):
-        raise TypeError(
-            f"{who}: data_state is a {type(data_state).__name__}, not a dict; pass e.g. "
-            '{"epoch": 1, "position": 4096}.'
-        )
 
 
 class _DamagedStep(ValueError):
@@ -280,7 +162,9 @@ class TrainCheckpointer:
           OSError: the OS refused a write (disk full, no permission, ...), of this save
             or of the one in flight; the message names the step and the steps kept.
         """
-        _check_save_args(step, rng, data_state, self._manager.latest_step(), self.directory)
+        _train_state.check_save_args(
+            step, rng, data_state, self._manager.latest_step(), self.directory
+        )
         data_state = dict(data_state or {})
         try:
             json.dumps(data_state)
@@ -289,11 +173,19 @@ class TrainCheckpointer:
                 f"TrainCheckpointer.save: data_state must be JSON-serialisable ({e}); "
                 "store plain ints, floats, strings, lists and dicts."
             ) from None
-        trainable, _ = _trained_part(params)
-        key_data, impl = _rng_parts(rng)
-        key_data = _global_rng(key_data, trainable)
+        trainable, _ = _train_state.trained_part(params)
+        if not force and not self._manager.should_save(step):
+            # Off the interval: neither gather the state (a collective on the key with
+            # several processes) nor wait for the save in flight, so it overlaps training.
+            return False
+        key_data, impl = _train_state.rng_parts(rng)
+        key_data = _train_state.global_rng(key_data, trainable)
         state = {"params": trainable, "opt_state": opt_state, "rng": key_data}
-        meta = {"data_state": data_state, "rng_impl": impl, "scales": _scales(trainable)}
+        meta = {
+            "data_state": data_state,
+            "rng_impl": impl,
+            "scales": _train_state.scales(trainable),
+        }
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
         )
@@ -342,7 +234,7 @@ class TrainCheckpointer:
             if damaged:
                 warnings.warn(
                     f"TrainCheckpointer: resuming from step {step}; newer steps are damaged:"
-                    f"{_attach.listing(damaged)}",
+                    f"{_config.listing(damaged)}",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -350,7 +242,7 @@ class TrainCheckpointer:
         if damaged:
             raise ValueError(
                 f"TrainCheckpointer: every checkpoint in {self.directory} is damaged:"
-                f"{_attach.listing(damaged)}\nStart afresh in a new directory (or restore "
+                f"{_config.listing(damaged)}\nStart afresh in a new directory (or restore "
                 "the checkpoints from a copy)."
             )
         return None
@@ -377,7 +269,7 @@ class TrainCheckpointer:
             another adapter scale); the message lists the differing leaves or layers.
         """
         self.wait()
-        trainable, rebuild = _trained_part(params)
+        trainable, rebuild = _train_state.trained_part(params)
         steps = self._manager.all_steps()
         if step not in steps:
             raise FileNotFoundError(
@@ -394,17 +286,19 @@ class TrainCheckpointer:
         except Exception as e:
             raise self._damaged(step, e) from e
         abstract = {
-            "params": _abstract(trainable),
-            "opt_state": _abstract(opt_state),
-            "rng": jax.ShapeDtypeStruct(rng_shape, jnp.uint32, sharding=_rng_sharding(trainable)),
+            "params": _train_state.abstract(trainable),
+            "opt_state": _train_state.abstract(opt_state),
+            "rng": jax.ShapeDtypeStruct(
+                rng_shape, jnp.uint32, sharding=_train_state.rng_sharding(trainable)
+            ),
         }
-        differences = _differences(stored, abstract) or _scale_differences(
+        differences = shape_differences(stored, abstract) or _train_state.scale_differences(
             meta.get("scales"), trainable
         )
         if differences:
             raise ValueError(
                 f"TrainCheckpointer.restore: step {step} in {self.directory} does not fit the "
-                f"params / opt_state given:{_attach.listing(differences)}\nRestore with the "
+                f"params / opt_state given:{_config.listing(differences)}\nRestore with the "
                 "model, LoraConfig and optimizer the run was saved with."
             )
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})

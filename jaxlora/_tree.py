@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _layout, _quantize
+from jaxlora import _layout, _quantize, _tokens
 from jaxlora._config import LAYER_WEIGHTS, adapter_name
+from jaxlora._tokens import TrainableTokens
 from jaxlora._views import Factors, factors_for
 
 ADAPTER_KEY = "lora"
@@ -66,7 +67,7 @@ class Frozen:
 
 
 def _is_marked(x: Any) -> bool:
-    return isinstance(x, LoraAdapter | Trainable)
+    return isinstance(x, LoraAdapter | Trainable | TrainableTokens)
 
 
 def _is_param_leaf(x: Any) -> bool:
@@ -81,9 +82,9 @@ def params_of(tree: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
 
 
 def has_adapters(tree: PyTree) -> bool:
-    """Whether any `LoraAdapter` is in ``tree``."""
+    """Whether any `LoraAdapter` (or trained token rows) is in ``tree``."""
     leaves = jax.tree.leaves(tree, is_leaf=_is_marked)
-    return any(isinstance(x, LoraAdapter) for x in leaves)
+    return any(isinstance(x, LoraAdapter | TrainableTokens) for x in leaves)
 
 
 def path_str(key_path: tuple[Any, ...]) -> str:
@@ -182,14 +183,18 @@ def adapters_of(tree: PyTree) -> dict[str, Factors]:
         path = f"{module}/{weight}" if module else weight
         a, b = meta.unbox(adapter.a), meta.unbox(adapter.b)
         out[path] = factors_for(a, b, adapter.delta_eq, w.ndim, adapter.scale)
-    return out
+    return {**out, **_tokens.factors_of(tree)}
 
 
 def without_adapters(tree: PyTree) -> PyTree:
     """The tree with every adapter removed: the base params the model itself reads."""
     if not isinstance(tree, Mapping):
         return tree
-    return {k: without_adapters(v) for k, v in tree.items() if not isinstance(v, LoraAdapter)}
+    return {
+        k: without_adapters(v)
+        for k, v in tree.items()
+        if not isinstance(v, LoraAdapter | TrainableTokens)
+    }
 
 
 def unwrap_trainable(tree: PyTree) -> PyTree:
@@ -315,7 +320,7 @@ def dequantized(tree: PyTree, dtype: Any) -> PyTree:
 def _map_layers(tree: PyTree, fn: Callable[[Mapping[str, Any]], PyTree]) -> PyTree:
     if not isinstance(tree, Mapping):
         return tree
-    if _adapter_keys(tree):
+    if _adapter_keys(tree) or _tokens.keys_of(tree):
         tree = fn(tree)
     return {k: _map_layers(v, fn) for k, v in tree.items()}
 
@@ -337,7 +342,7 @@ def merge(params: PyTree, dtype: Any = jnp.bfloat16) -> PyTree:
             weight = _adapted_weight(layer, key)
             out[weight] = _merged_weight(layer, weight, +1.0, dtype)
             del out[key]
-        return out
+        return _tokens.merge_layer(out)
 
     return rebuild(dequantized(unwrap_trainable(_map_layers(inner, fold)), dtype))
 
@@ -420,20 +425,24 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             return m
         if not isinstance(m, Mapping):
             raise ValueError(f"unmerge: merged params have a leaf at {path!r}, expected a dict.")
-        keys = _adapter_keys(a)
-        missing = sorted(set(a) - set(m) - set(keys))
+        keys, tokens = _adapter_keys(a), _tokens.keys_of(a)
+        missing = sorted(set(a) - set(m) - set(keys) - set(tokens))
         if missing:
             raise ValueError(
                 f"unmerge: merged params lack {missing} at {path!r}; pass the tree that "
                 "jaxlora.merge returned for these adapters."
             )
-        out = {k: restore(m[k], v, f"{path}/{k}") for k, v in a.items() if k not in keys}
+        out = {
+            k: restore(m[k], v, f"{path}/{k}")
+            for k, v in a.items()
+            if k not in keys and k not in tokens
+        }
         for key in keys:
             out[key] = a[key]
         for key in keys:
             weight = _adapted_weight(a, key)
             out[weight] = _merged_weight(out, weight, -1.0, None)
-        return out
+        return _tokens.restore_layer(out, a, m, path)
 
     restored = restore(merged_inner, adapted_inner, "")
     _check_restored(merged_inner, restored, adapted_inner)

@@ -41,6 +41,7 @@ class Factors:
       scale: the LoRA scale.
       mixed: for a batch mixing adapters, the rows' adapter ids; ``a`` and ``b`` then stack
         every adapter's factors along the axis labelled `ADAPTERS` (see `_mixed`).
+      dropout: whether LoRA dropout applies to the input (not for trained token rows).
     """
 
     a: Any
@@ -49,6 +50,7 @@ class Factors:
     b_axes: tuple[int | str | None, ...]
     scale: float
     mixed: Any = None
+    dropout: bool = True
 
     def restrict(self, axis: int, fn) -> Factors:
         """Factors with ``fn(array, position)`` applied where weight axis ``axis`` appears."""

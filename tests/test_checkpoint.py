@@ -281,6 +281,20 @@ def test_train_checkpointer_round_trip_interval_and_retention(tmp_path, rng):
         chex.assert_trees_all_equal(ckpt.restore(4, *template)[1:3], saved[4])
 
 
+def test_train_checkpointer_off_interval_steps_leave_the_save_in_flight(tmp_path, monkeypatch):
+    params, opt_state, _ = _training()
+    rng = jax.random.key(0)
+    with jaxlora.TrainCheckpointer(tmp_path, save_interval_steps=4) as ckpt:
+        assert ckpt.save(0, params, opt_state, rng)
+        waited, wait = [], ckpt.wait
+        monkeypatch.setattr(ckpt, "wait", lambda: (waited.append(True), wait())[1])
+        assert not any(ckpt.save(i, params, opt_state, rng) for i in (1, 2, 3))
+        assert waited == []  # step 0's asynchronous save overlaps the steps off the interval
+        assert ckpt.save(4, params, opt_state, rng)
+        assert waited == [True]
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == [0, 4]
+
+
 def test_train_checkpointer_rejects_other_models_and_bad_data_state(tmp_path):
     params, opt_state, _ = _training()
     with jaxlora.TrainCheckpointer(tmp_path, async_save=False) as ckpt:

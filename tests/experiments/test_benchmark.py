@@ -31,6 +31,9 @@ ROW_KEYS = {
     "base_param_bytes",
     "adapters",
     "ratio_to_single",
+    "ratio_to_mixed_peer",
+    "switch_ms",
+    "compilations",
 }
 
 
@@ -163,15 +166,32 @@ def test_qlora_and_qwix_rows():
 
 
 def test_mixed_adapter_rows():
-    """K adapters on one base, each example using its own: forward and training rows."""
-    impls = "fwd-lora,jaxlora-mixed,jaxlora,jaxlora-mixed-train"
-    rows = benchmark_rows("--impls", impls, "--settings", "qv", "--adapters", "1,3")
+    """K adapters on one base, each example using its own: forward and training rows, PEFT's
+    mixed-batch forward beside them, and switching adapters."""
+    impls = "fwd-lora,jaxlora-mixed,jaxlora,jaxlora-mixed-train,torch-peft-fwd,torch-peft-mixed"
+    rows = benchmark_rows("--impls", impls, "--settings", "qv", "--adapters", "1,3", timeout=300)
     by_job = {(r["impl"], r["adapters"]): r for r in rows}
+    mixed = ("jaxlora-mixed", "jaxlora-mixed-train", "torch-peft-mixed")
     assert set(by_job) == {
         ("fwd-lora", None),
         ("jaxlora", None),
-        *((i, k) for i in ("jaxlora-mixed", "jaxlora-mixed-train") for k in (1, 3)),
+        ("torch-peft-fwd", None),
+        *((i, k) for i in mixed for k in (1, 3)),
     }
+    # switching: the JAX rows compile their forward once, however many switches follow
+    for impl, k in [("fwd-lora", None), ("jaxlora-mixed", 1), ("jaxlora-mixed", 3)]:
+        assert by_job[impl, k]["switch_ms"] > 0 and by_job[impl, k]["compilations"] == 1
+    peft_single = by_job["torch-peft-fwd", None]
+    check_timed(peft_single)
+    assert peft_single["ratio_to_fastest_peer"] > 0  # fwd-lora, and fwd-lora's is PEFT's
+    assert by_job["fwd-lora", None]["ratio_to_fastest_peer"] > 0
+    for k in (1, 3):
+        ours, peft_mixed = by_job["jaxlora-mixed", k], by_job["torch-peft-mixed", k]
+        check_timed(peft_mixed)
+        assert peft_mixed["switch_ms"] > 0 and peft_mixed["compilations"] is None
+        assert peft_mixed["ratio_to_single"] > 0 and peft_mixed["ratio_to_mixed_peer"] is None
+        assert ours["ratio_to_mixed_peer"] > 0
+        assert peft_mixed["total_params"] == ours["total_params"]  # the same K adapters
     single_infer, single_train = by_job["fwd-lora", None], by_job["jaxlora", None]
     per_adapter = single_train["trainable_params"]  # A and B of query and value
     for k in (1, 3):
@@ -218,9 +238,11 @@ def test_custom_einsum_and_moe_models():
     assert moe["ratio_to_fastest_peer"] is None  # no other LoRA implementation on gpt2-moe
 
 
-def row(impl, setting, model, median, gflops=1.0, adapters=None):
+def row(impl, setting, model, median, gflops=1.0, adapters=None, switch_ms=None, compiled=None):
     """A measured row as the harness aggregates it, with the given median (seconds)."""
     return {
+        "switch_ms": switch_ms,
+        "compilations": compiled,
         **dict.fromkeys(benchmark.MEASURED_ONCE),
         "impl": impl,
         "setting": setting,
@@ -256,11 +278,9 @@ def test_ratios_divide_by_the_right_rows():
             row("jaxlora", "qv", "gpt2-einsum", 3.0),
         ]
     )
+    keys = ("ratio_to_full", "ratio_to_fastest_peer", "ratio_to_floor", "ratio_to_single")
     ratios = {
-        (r["impl"], r["model"]): tuple(
-            None if r[k] is None else round(r[k], 4)
-            for k in ("ratio_to_full", "ratio_to_fastest_peer", "ratio_to_floor", "ratio_to_single")
-        )
+        (r["impl"], r["model"]): tuple(None if r[k] is None else round(r[k], 4) for k in keys)
         for r in rows
     }
     assert ratios == {
@@ -306,3 +326,55 @@ def test_report_checks_the_model_targets():
     text = benchmark.report(rows, benchmark.Workload(model="gpt2,gpt2-einsum,gpt2-moe"), [])
     assert "## Training step, gpt2-einsum" in text and "## Training step, gpt2-moe" in text
     assert "model=gpt2,gpt2-einsum,gpt2-moe" in text
+
+
+def test_mixed_rows_against_peft_and_switch_lines():
+    """jaxlora's mixed forward over PEFT's at the same K only (target at K=16), PEFT's mixed
+    forward over its single-adapter forward, and the switching lines and columns."""
+    rows = benchmark.add_ratios(
+        [
+            row("fwd-lora", "all", "gpt2", 0.5, switch_ms=0.6, compiled=1),
+            row("torch-peft-fwd", "all", "gpt2", 0.4),
+            row("jaxlora-mixed", "all", "gpt2", 0.6, adapters=4, switch_ms=0.7, compiled=1),
+            row("jaxlora-mixed", "all", "gpt2", 0.9, adapters=16, switch_ms=0.8, compiled=1),
+            row("torch-peft-mixed", "all", "gpt2", 0.5, adapters=4, switch_ms=0.45),
+            row("torch-peft-mixed", "all", "gpt2", 0.8, adapters=16, switch_ms=0.5),
+        ]
+    )
+    by_job = {(r["impl"], r["adapters"]): r for r in rows}
+    assert by_job["jaxlora-mixed", 4]["ratio_to_mixed_peer"] == pytest.approx(0.6 / 0.5)
+    assert by_job["jaxlora-mixed", 16]["ratio_to_mixed_peer"] == pytest.approx(0.9 / 0.8)
+    assert by_job["torch-peft-mixed", 16]["ratio_to_single"] == pytest.approx(0.8 / 0.4)
+    assert by_job["torch-peft-mixed", 16]["ratio_to_mixed_peer"] is None
+    assert by_job["fwd-lora", None]["ratio_to_fastest_peer"] == pytest.approx(0.5 / 0.4)
+    assert benchmark.mixed_lines(rows) == [
+        "jaxlora-mixed all K=4 / fwd-lora: 1.200",
+        "jaxlora-mixed all K=4 / torch-peft-mixed K=4: 1.200",
+        "jaxlora-mixed all K=16 / fwd-lora: 1.800 (target: at most 1.3: MISSED)",
+        "jaxlora-mixed all K=16 / torch-peft-mixed K=16: 1.125 (target: at most 1.0: MISSED)",
+        "torch-peft-mixed all K=4 / torch-peft-fwd: 1.250",
+        "torch-peft-mixed all K=16 / torch-peft-fwd: 2.000",
+    ]
+    lines = benchmark.switch_lines(rows)
+    assert len(lines) == 5
+    assert lines[0] == (
+        "switch fwd-lora all (bank.select + first forward): 0.6 ms, "
+        "1 compilation(s) from the first call on"
+    )
+    assert lines[-1] == "switch torch-peft-mixed all K=16 (set_adapter + first forward): 0.5 ms"
+    table = benchmark.markdown_table(rows, "fwd-base", floors=False)
+    assert table[0].endswith("| switch ms | compilations |")
+    assert table[2].endswith("| 0.6 | 1 |") and table[3].endswith("| - | - |")
+
+
+def test_aggregate_pools_switch_times_and_keeps_the_most_compilations():
+    job = benchmark.Job("jaxlora-mixed", "all", "gpt2", 4)
+    results = [
+        {"times_s": [1.0], "peak_rss_mb": 1.0, "switch_times_s": [0.1, 0.3], "compilations": 1},
+        {"times_s": [1.0], "peak_rss_mb": 1.0, "switch_times_s": [0.2], "compilations": 2},
+        {"error": "boom"},
+    ]
+    agg = benchmark.aggregate(job, results)
+    assert agg["switch_ms"] == pytest.approx(200.0) and agg["compilations"] == 2
+    agg = benchmark.aggregate(benchmark.Job("fwd-base", "full", "gpt2", None), results[:1] * 0)
+    assert agg["switch_ms"] is None and agg["compilations"] is None
