@@ -80,8 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add(
         "--quantize",
-        choices=("none", "int8", "nf4"),
-        help="store the frozen base quantized, each Dense kernel as it is read (QLoRA; none)",
+        choices=("none", "int8", "nf4", "fp8", "gguf"),
+        help="store the frozen base quantized, each Dense kernel as it is read (QLoRA; none); "
+        "gguf: keep a .gguf model's own Q4_1/Q8_0 blocks, kernels and embedding",
     )
     add(
         "--variant",
@@ -399,6 +400,7 @@ def results_of(
     saved: Path,
     outputs: dict[str, Path],
     metric: str,
+    loading: dict[str, float],
 ) -> dict[str, Any]:
     """Everything ``results.json`` records.
 
@@ -410,6 +412,8 @@ def results_of(
         saved: The trained weights (the adapter, or the full weights) whose size to report.
         outputs: Every file or directory the run leaves, by what it is.
         metric: The task's headline metric.
+        loading: ``rss_before_load_mb`` (resident memory before the model was read) and
+            ``load_peak_rss_mb`` (peak resident memory once it was).
 
     Returns:
         The results.
@@ -439,6 +443,7 @@ def results_of(
         "steps_timed": max(len(times) - 1, 0),
         "skipped_steps": None if method.skipped is None else method.skipped(state.opt_state),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **loading,
         "saved_path": str(saved),
         "saved_bytes": report.directory_bytes(saved),
         "outputs": {name: str(path) for name, path in outputs.items()},
@@ -454,7 +459,17 @@ def results_of(
     }
 
 
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MiB (Linux ``/proc/self/statm``; else 0)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _quantize_format(setting: str) -> str | None:
+    """What the loader stores quantized (``"gguf"``: the file's blocks), None for float."""
     return None if setting == "none" else setting
 
 
@@ -507,7 +522,8 @@ def make_method(task: tasks.Task, run: dict[str, Any], key: jax.Array) -> traini
         alpha=run["alpha"],
         targets=run["targets"],
         modules_to_save=task.modules_to_save,
-        quantize=_quantize_format(run["quantize"]),
+        # the loader stored the kernels; "gguf" blocks are read, not computed by lorafy
+        quantize=None if run["quantize"] == "gguf" else _quantize_format(run["quantize"]),
         init=variant if variant in ("pissa", "olora") else "kaiming",
     )
     return training.lora_method(task, config, tx, run["seq_len"], key, run["skip_nonfinite"])
@@ -535,7 +551,9 @@ def run(args: argparse.Namespace) -> int:
     feed = training.batch_feeder(mesh)
     known = {**(recorded or {}), **given}
     quantize = _quantize_format(known.get("quantize", "none"))
+    loading = {"rss_before_load_mb": current_rss_mb()}
     pretrained = tasks.load_pretrained(known.get("model", DEFAULT_MODEL), quantize)
+    loading["load_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     data_name = known.get("data", tasks.DEFAULT_DATA[pretrained.family])
     method_name = known.get("method") or known.get("variant", "lora")
     output_dir = args.output_dir or Path("runs") / f"{pretrained.name}-{data_name}-{method_name}"
@@ -590,7 +608,9 @@ def run(args: argparse.Namespace) -> int:
             **weights,
         }
         saved = next(iter(weights.values()))
-        results = results_of(run_settings, method, state, times, saved, outputs, task.metric)
+        results = results_of(
+            run_settings, method, state, times, saved, outputs, task.metric, loading
+        )
         report.write_json(outputs["results"], results)
         report.plot_curves(outputs["curves"], results["history"], task.metric, results["title"])
         for when, text in results["samples"].items():

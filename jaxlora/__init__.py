@@ -17,7 +17,7 @@ from jaxlora._peft import export_peft
 from jaxlora._peft_import import import_peft
 from jaxlora._peft_names import peft_module_map, peft_module_maps
 from jaxlora._placement import adapter_partition_specs, shard_params
-from jaxlora._quantize import QuantizedArray, dequantize, quantize
+from jaxlora._quantize import QuantizedArray, dequantize, from_gguf, quantize
 from jaxlora._summary import LayerSummary, Summary, summary
 from jaxlora._tokens import TrainableTokens
 from jaxlora._train import make_train_step, optimizer
@@ -49,6 +49,7 @@ __all__ = [
     "convert_to_lora",
     "dequantize",
     "export_peft",
+    "from_gguf",
     "import_peft",
     "initialize_distributed",
     "load_adapter",

@@ -19,7 +19,7 @@ ALL_LINEAR = "all-linear"
 LAYER_WEIGHTS = ("kernel", "embedding")
 _INITS = ("kaiming", "gaussian")
 _BIAS_MODES = ("none", "lora_only", "all")
-_QUANTIZE = (None, "nf4", "int8")
+_QUANTIZE = (None, "nf4", "int8", "fp8")
 
 
 def path_matches(path: str, pattern: str) -> bool:
@@ -164,7 +164,8 @@ class LoraConfig:
       bias: ``"none"``, ``"lora_only"`` (biases of adapted layers train) or ``"all"``.
       dropout_rng: name of the rng stream driving LoRA dropout.
       quantize: store the frozen base quantized (QLoRA): ``"nf4"`` (4-bit NormalFloat,
-        blocks of 64 along an input axis) or ``"int8"`` (per output channel); None keeps
+        blocks of 64 along an input axis), ``"int8"`` or ``"fp8"`` (e4m3; both with one
+        scale per output channel); None keeps
         it as it is. Every weight ``"all-linear"`` selects is quantized, adapted or not
         (embeddings are not); each is dequantized inside the step where it is used.
       quantize_exclude: patterns of weights kept in float (e.g. ``["lm_head"]``).
@@ -190,7 +191,7 @@ class LoraConfig:
     modules_to_save: Sequence[str] = ()
     bias: Literal["none", "lora_only", "all"] = "none"
     dropout_rng: str = "dropout"
-    quantize: Literal["nf4", "int8"] | None = None
+    quantize: Literal["nf4", "int8", "fp8"] | None = None
     quantize_exclude: Sequence[str] = ()
     double_quant: bool = True
     trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None

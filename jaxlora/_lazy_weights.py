@@ -90,10 +90,10 @@ def materialize(x: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class _Stacked:
     """A quantized weight stacked over a scan's steps: its arrays, scanned over their leading
-    axis, and the static description of one step's weight."""
+    axis, and the structure of one step's weight (its static fields included)."""
 
-    q: tuple[Any, ...]
-    step: QuantizedArray = dataclasses.field(metadata={"static": True})
+    arrays: list[Any]
+    step: Any = dataclasses.field(metadata={"static": True})
 
 
 def for_scan(x: Any) -> Any:
@@ -104,26 +104,16 @@ def for_scan(x: Any) -> Any:
     q = x.q
     if x.ops or q.axis == 0:
         return x.value()
-    static = dataclasses.replace(
-        q,
-        codes=None,
-        scales=None,
-        scale_min=None,
-        scale_step=None,
-        shape=q.shape[1:],
-        axis=q.axis - 1 if q.format == _quantize.NF4 else q.axis,
-    )
-    return _Stacked((q.codes, q.scales, q.scale_min, q.scale_step), static)
+    arrays, _ = jax.tree.flatten(q)
+    step = dataclasses.replace(q, shape=q.shape[1:], axis=q.axis - 1 if q.axis > 0 else q.axis)
+    return _Stacked(arrays, jax.tree.structure(step))
 
 
 def from_scan(x: Any) -> Any:
     """One step's input of a scan: a `Lazy` weight for a `_Stacked` one."""
     if not isinstance(x, _Stacked):
         return x
-    codes, scales, scale_min, scale_step = x.q
-    q = dataclasses.replace(
-        x.step, codes=codes, scales=scales, scale_min=scale_min, scale_step=scale_step
-    )
+    q = jax.tree.unflatten(x.step, x.arrays)
     return Lazy(q, (), jax.core.ShapedArray(q.shape, jnp.dtype(q.dtype)))
 
 

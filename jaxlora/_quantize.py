@@ -1,4 +1,5 @@
-"""Quantized storage of a frozen weight: NF4 (QLoRA's 4-bit NormalFloat) and int8.
+"""Quantized storage of a frozen weight: NF4 (QLoRA's 4-bit NormalFloat), int8, fp8, and a
+GGUF file's own blocks.
 
 A `QuantizedArray` stands in for a dense weight of ``shape``: every array it holds has the
 weight's rank, so the weight's `PartitionSpec` shards its codes and scales too (the
@@ -15,6 +16,11 @@ are those of the same slice of the weight).
   axis): 4.13 bits per weight instead of 4.5.
 - ``int8``: one absmax scale per output channel (reduced over the input axes),
   ``round(127 · w / absmax)``.
+- ``fp8``: float8 e4m3 (``float8_e4m3fn``) values of ``448 · w / absmax``, one absmax per
+  output channel as int8 has it.
+- ``q4_1``, ``q8_0``: llama.cpp's blocks of 32 read from a GGUF file as they are
+  (`from_gguf`; the layouts are `_gguf_blocks`'): no dense copy of the weight is made to
+  store them.
 
 Why not Qwix's ``QArray`` (``qwix._src.core.qarray``), read for this: its NF4 values are a
 ``jnp.uint4`` array of the weight's shape, which XLA:CPU stores one per byte (8 bits per
@@ -33,8 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NF4, INT8 = "nf4", "int8"
-FORMATS = (NF4, INT8)
+from jaxlora import _gguf_blocks
+
+NF4, INT8, FP8 = "nf4", "int8", "fp8"
+FORMATS = (NF4, INT8, FP8)  # what `quantize` computes; `from_gguf` reads _gguf_blocks.FORMATS
 NF4_BLOCK = 64  # QLoRA's block of weights per absmax
 DQ_GROUP = 256  # QLoRA's block of absmax values per second-level scale
 
@@ -70,16 +78,19 @@ class QuantizedArray:
     """A frozen weight stored quantized; `dequantize` gives the dense weight back.
 
     Attributes:
-      codes: nf4: uint8, the weight's shape with the block axis halved (two codes a byte);
-        int8: int8, the weight's shape.
-      scales: one per block (nf4, block axis ``/ 64``) or per output channel (int8,
-        input axes 1): float32, or uint8 codes with double quantization.
+      codes: nf4, q4_1: uint8, the weight's shape with the block axis halved (two codes a
+        byte); int8, q8_0: int8, the weight's shape; fp8: float8_e4m3fn, the weight's shape.
+      scales: one per block (nf4: block axis ``/ 64``; q4_1, q8_0: ``/ 32``, float16) or
+        per output channel (int8, fp8: input axes 1): float32, or uint8 codes with double
+        quantization.
       scale_min, scale_step: double quantization: the float32 grid of each group of
         scales (the scales' last axis ``/ group``); None otherwise.
-      format: ``"nf4"`` or ``"int8"``; static.
+      format: ``"nf4"``, ``"int8"``, ``"fp8"``, ``"q4_1"`` or ``"q8_0"``; static.
       shape: the dense weight's shape; static.
       dtype: the dense weight's dtype name (what `dequantize` returns); static.
-      axis: nf4: the block axis (an input axis of the weight); int8: -1; static.
+      axis: nf4, q4_1, q8_0: the block axis (an input axis of the weight); int8, fp8: -1;
+        static.
+      offsets: q4_1: each block's minimum (float16, like ``scales``); None otherwise.
     """
 
     codes: jax.Array
@@ -90,6 +101,7 @@ class QuantizedArray:
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     dtype: str = dataclasses.field(metadata={"static": True})
     axis: int = dataclasses.field(metadata={"static": True})
+    offsets: jax.Array | None = None
 
     @property
     def ndim(self) -> int:
@@ -124,11 +136,24 @@ class QuantizedArray:
         """The largest ``|w - dequantize(self)|`` possible, per element of the dense weight.
 
         nf4: half the widest gap between NF4 values times the block's absmax, plus half a
-        step of a double-quantized absmax; int8: half a step, ``absmax / 254``.
+        step of a double-quantized absmax; int8: half a step, ``absmax / 254``; fp8: half
+        a step of e4m3 at the stored value (1/16 of it; 2⁻¹⁰ below the normal range),
+        times ``absmax / 448``.
+
+        Raises:
+          ValueError: for GGUF blocks, whose weights before quantization are not known.
         """
+        if self.format in _gguf_blocks.FORMATS:
+            raise ValueError(
+                f"error_bound: a {self.format} weight was read from a GGUF file: its blocks "
+                "are the weight, there is no original to bound the error against."
+            )
         scales = _dequantize_scales(self)
         if self.format == INT8:
             return jnp.broadcast_to(scales / 254, self.shape)
+        if self.format == FP8:
+            stored = jnp.abs(self.codes.astype(jnp.float32))
+            return jnp.maximum(stored / 16, 2.0**-10) * scales / _FP8_MAX
         bound = scales * NF4_MAX_STEP
         if self.double_quant:
             group = self.scales.shape[-1] // self.scale_step.shape[-1]
@@ -136,7 +161,9 @@ class QuantizedArray:
         return jnp.repeat(bound, NF4_BLOCK, axis=self.axis)
 
     def describe(self) -> str:
-        """``"nf4 (double-quantized scales)"``, ``"int8"``, ..."""
+        """``"nf4 (double-quantized scales)"``, ``"int8"``, ``"q4_1 (GGUF blocks)"``, ..."""
+        if self.format in _gguf_blocks.FORMATS:
+            return f"{self.format} (GGUF blocks)"
         return f"{self.format} (double-quantized scales)" if self.double_quant else self.format
 
 
@@ -197,11 +224,24 @@ def _nf4(w: jax.Array, axis: int, double_quant: bool) -> tuple:
     return packed, scales, None, None
 
 
+def _absmax(w: jax.Array, contracted: tuple[int, ...]) -> jax.Array:
+    """Per output channel (reduced over the input axes), 1 where a channel is all zeros."""
+    absmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=contracted, keepdims=True)
+    return jnp.where(absmax > 0, absmax, 1.0)
+
+
 def _int8(w: jax.Array, contracted: tuple[int, ...]) -> tuple:
-    w = w.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(w), axis=contracted, keepdims=True)
-    absmax = jnp.where(absmax > 0, absmax, 1.0)
-    return jnp.round(w / absmax * 127).astype(jnp.int8), absmax, None, None
+    absmax = _absmax(w, contracted)
+    return jnp.round(w.astype(jnp.float32) / absmax * 127).astype(jnp.int8), absmax, None, None
+
+
+_FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448: e4m3fn has no infinity
+
+
+def _fp8(w: jax.Array, contracted: tuple[int, ...]) -> tuple:
+    absmax = _absmax(w, contracted)
+    codes = (w.astype(jnp.float32) / absmax * _FP8_MAX).astype(jnp.float8_e4m3fn)
+    return codes, absmax, None, None
 
 
 def quantize(
@@ -217,7 +257,7 @@ def quantize(
 
     Args:
       w: the weight, any float dtype.
-      format: ``"nf4"`` or ``"int8"``.
+      format: ``"nf4"``, ``"int8"`` or ``"fp8"``.
       contracted: the weight's axes that meet the input (nf4 blocks run along the last).
       double_quant: nf4: quantize the block scales too (8 bits, groups of up to 256).
       name: the weight's path, for error messages.
@@ -251,8 +291,9 @@ def quantize(
 def _quantized(format: str, contracted: tuple, double_quant: bool, out_shardings: Any):
     def fn(w):
         shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
-        if format == INT8:
-            return QuantizedArray(*_int8(w, contracted), INT8, shape, dtype, -1)
+        if format in (INT8, FP8):
+            per_channel = _int8 if format == INT8 else _fp8
+            return QuantizedArray(*per_channel(w, contracted), format, shape, dtype, -1)
         axis = contracted[-1]
         return QuantizedArray(*_nf4(w, axis, double_quant), NF4, shape, dtype, axis)
 
@@ -270,12 +311,69 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
       An array of ``q.shape``.
     """
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+    if q.format in _gguf_blocks.FORMATS:
+        return _gguf_blocks.dequantize(q.format, q.codes, q.scales, q.offsets, q.axis).astype(dtype)
     scales = _dequantize_scales(q)
     if q.format == INT8:
         return (q.codes.astype(jnp.float32) * (scales / 127)).astype(dtype)
+    if q.format == FP8:
+        return (q.codes.astype(jnp.float32) * (scales / _FP8_MAX)).astype(dtype)
     axis = q.axis
     hi, lo = q.codes >> 4, q.codes & 0xF
     codes = _unblocked(jnp.stack([hi, lo], axis=axis + 1), axis)
     values = jnp.take(jnp.asarray(NF4_VALUES), codes.astype(jnp.int32))
     w = _blocked(values, axis, NF4_BLOCK) * jnp.expand_dims(scales, axis + 1)
     return _unblocked(w, axis).astype(dtype)
+
+
+def from_gguf(
+    data: np.ndarray, tensor_type: Any, *, transpose: bool = False, dtype: Any = jnp.float32
+) -> QuantizedArray:
+    """A GGUF tensor kept in its own quantized blocks (``Q4_1`` or ``Q8_0``), never dense.
+
+    Args:
+      data: the tensor's bytes, uint8 ``(*rows, row_bytes)``: ``tensor.data`` of a
+        ``gguf.GGUFReader`` tensor (rows of blocks of 32 along its last dense axis; a
+        linear layer's is PyTorch's ``(out, in)``). Rows may be reordered before (a
+        permutation of output channels keeps every block whole).
+      tensor_type: ``tensor.tensor_type`` (a ``gguf.GGMLQuantizationType``) or its name.
+      transpose: swap the last two axes (a Flax kernel ``(in, out)`` from ``(out, in)``):
+        the codes and scales are transposed, the bytes of each block kept.
+      dtype: the dtype `dequantize` returns by default; the values are float32 (those of
+        ``gguf.quants.dequantize``, bit for bit) rounded to it.
+
+    Returns:
+      The weight, dense shape ``(*rows, cols)`` (or its last two axes swapped), its
+      blocks along the ``cols`` axis; 5 bits per weight (q4_1) or 8.5 (q8_0).
+
+    Raises:
+      ValueError: a tensor type other than Q4_1 and Q8_0 (F32/F16 tensors are dense:
+        ``gguf.quants.dequantize`` them), or data not laid out in its blocks.
+
+    Example:
+      >>> t = gguf.GGUFReader(path).tensors[2]  # blk.0.ffn_up.weight, Q4_1 (1536, 576)
+      >>> kernel = jaxlora.from_gguf(t.data, t.tensor_type, transpose=True)  # (576, 1536)
+    """
+    format = _gguf_blocks.format_of(tensor_type)
+    if format is None:
+        name = getattr(tensor_type, "name", tensor_type)
+        raise ValueError(
+            f"from_gguf: tensor type {name} is not one jaxlora keeps quantized (only "
+            f"{', '.join(f.upper() for f in _gguf_blocks.FORMATS)}); load it dense with "
+            "gguf.quants.dequantize(tensor.data, tensor.tensor_type), or quantize it with "
+            'jaxlora.quantize(w, "nf4", ...).'
+        )
+    codes, scales, offsets = _gguf_blocks.read(np.asarray(data), format)
+    axis = codes.ndim - 1
+    shape = (*codes.shape[:-1], scales.shape[-1] * _gguf_blocks.BLOCK)
+    if transpose:
+        codes, scales = np.swapaxes(codes, -1, -2), np.swapaxes(scales, -1, -2)
+        offsets = None if offsets is None else np.swapaxes(offsets, -1, -2)
+        axis, shape = axis - 1, (*shape[:-2], shape[-1], shape[-2])
+    arrays = [
+        None if x is None else jnp.asarray(np.ascontiguousarray(x))
+        for x in (codes, scales, offsets)
+    ]
+    return QuantizedArray(
+        arrays[0], arrays[1], None, None, format, shape, jnp.dtype(dtype).name, axis, arrays[2]
+    )

@@ -63,7 +63,7 @@ def quantize_weights(
     Args:
       params: the params tree (module dicts).
       chosen: ``(module path, weight key, contracted axes)`` of each weight to quantize.
-      format: ``"nf4"`` or ``"int8"``.
+      format: ``"nf4"``, ``"int8"`` or ``"fp8"``.
       double_quant: nf4: quantize the block scales too.
 
     Returns:

@@ -79,7 +79,12 @@ def test_nf4_values_are_qloras_table_as_qwix_has_it():
 
 @pytest.mark.parametrize(
     ("fmt", "double_quant", "dtype"),
-    [("nf4", True, jnp.float32), ("nf4", False, jnp.bfloat16), ("int8", True, jnp.float32)],
+    [
+        ("nf4", True, jnp.float32),
+        ("nf4", False, jnp.bfloat16),
+        ("int8", True, jnp.float32),
+        ("fp8", True, jnp.float32),
+    ],
 )
 def test_dequantized_error_within_the_formats_bound(fmt, double_quant, dtype):
     w = _weight((3, 128, 80), dtype) * jnp.linspace(0.1, 3, 80, dtype=dtype)
@@ -99,13 +104,17 @@ def test_stored_bytes_against_bfloat16():
     assert abs(nf4.bits_per_weight - 4.129) < 0.01
     assert jaxlora.quantize(w, "nf4", (0,), double_quant=False).bits_per_weight == 4.5
     assert int8.nbytes <= 0.51 * w.nbytes
+    fp8 = jaxlora.quantize(w, "fp8", (0,))
+    assert fp8.codes.dtype == jnp.float8_e4m3fn and fp8.nbytes == int8.nbytes
 
 
 # --- the adapted model on a quantized base ----------------------------------------------
 
 
 # eager (no jit) nf4 dispatches every dequantizing op one by one: slow, and int8 covers it
-@pytest.mark.parametrize(("fmt", "jit"), [("nf4", True), ("int8", True), ("int8", False)])
+@pytest.mark.parametrize(
+    ("fmt", "jit"), [("nf4", True), ("int8", True), ("int8", False), ("fp8", True)]
+)
 def test_identity_at_init_equals_the_quantized_base(fmt, jit):
     model, _, lora_model, lora_params = _lm(fmt)
     kernel = lora_params["block_0"]["attn"]["query"]["kernel"]
@@ -237,6 +246,36 @@ def test_adapter_checkpoint_holds_no_codes_and_loads_onto_another_storage(tmp_pa
     _, other_q = jaxlora.lorafy(model, other, lora_model.config, IDS, key=KEY)
     with pytest.raises(ValueError, match="another base model"):
         jaxlora.load_adapter(tmp_path / "a", _strip_adapters(other_q))
+
+
+def test_train_checkpointer_resumes_exactly_on_a_quantized_base(tmp_path):
+    _, _, lora_model, lora_params = _lm("nf4", dropout=0.1)
+
+    def loss_fn(params, ids, rng):
+        logits = lora_model.apply({"params": params}, ids, rngs={"dropout": rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(loss_fn, tx, donate=False)
+
+    def train(params, opt_state, start, stop):
+        for i in range(start, stop):
+            params, opt_state, _ = step(params, opt_state, (IDS + i) % 64, jax.random.key(i))
+        return params, opt_state
+
+    params, opt_state = train(lora_params, tx.init(lora_params), 0, 2)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(2, params, opt_state, KEY, {"position": 2})
+    saved = sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
+    assert saved < 300_000  # adapters and their Adam moments; the codes alone are 100 KB
+    expected = train(params, opt_state, 2, 4)
+    # a fresh process: the base quantized again from the float weights, then resumed
+    _, _, _, fresh = _lm("nf4", dropout=0.1)
+    with jaxlora.TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        resumed = ckpt.restore_latest(fresh, tx.init(fresh))
+    assert resumed.step == 2 and resumed.data_state == {"position": 2}
+    chex.assert_trees_all_equal(jaxlora.split(resumed.params)[1], jaxlora.split(fresh)[1])
+    chex.assert_trees_all_equal(train(resumed.params, resumed.opt_state, 2, 4), expected)
 
 
 def test_summary_counts_dense_parameters():

@@ -9,6 +9,7 @@ itself, so every missing, unexpected or mis-shaped tensor is reported by name.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -50,6 +51,10 @@ _GGUF_BLOCK_TO_HF = {
     "ffn_down": "mlp.down_proj",
 }
 _GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 3, 4
+_KEPT_BLOCKS = (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+_COMPUTED = ("nf4", "int8", "fp8")  # quantize= formats computed from float weights as they are read
+GGUF = "gguf"  # quantize=: keep a GGUF file's own Q4_1 / Q8_0 blocks
 
 
 def flax_path_to_hf_name(path: tuple[str, ...]) -> str:
@@ -104,7 +109,8 @@ def _hf_to_flax(
 
     With ``quantize`` (``"nf4"``, ``"int8"``), every 2-D ``kernel`` (each Dense layer's,
     ``(in, out)``) is stored quantized as soon as it is read, before the next is: peak memory
-    stays near the quantized model's size plus one float tensor.
+    stays near the quantized model's size plus one float tensor. A tensor read as
+    `GGUFBlocks` is kept in them (``"gguf"``), a kernel's codes transposed.
     """
     params, missing = {}, []
     for path, expected in _expected_params(module).items():
@@ -112,17 +118,23 @@ def _hf_to_flax(
         if name not in state:
             missing.append(name)
             continue
-        array = state[name].T if path[-1] == "kernel" else state[name]
-        if array.shape != expected.shape:
-            hf_shape = expected.shape[::-1] if path[-1] == "kernel" else expected.shape
+        tensor, kernel = state[name], path[-1] == "kernel"
+        if isinstance(tensor, GGUFBlocks):
+            value = jaxlora.from_gguf(tensor.data, tensor.tensor_type, transpose=kernel)
+        else:
+            value = tensor.T if kernel else tensor
+        if value.shape != expected.shape:
+            hf_shape = expected.shape[::-1] if kernel else expected.shape
             raise ValueError(
-                f"{source}: tensor {name} has shape {state[name].shape} but the model built from "
-                f"its config expects {hf_shape}; check that the config matches the weights."
+                f"{source}: tensor {name} has shape {value.shape[::-1] if kernel else value.shape} "
+                f"but the model built from its config expects {hf_shape}; check that the config "
+                "matches the weights."
             )
-        value = jnp.asarray(array, jnp.float32)
-        del array
-        if quantize is not None and path[-1] == "kernel" and value.ndim == 2:
-            value = jaxlora.quantize(value, quantize, (0,), name="/".join(path))
+        del tensor
+        if not isinstance(value, jaxlora.QuantizedArray):
+            value = jnp.asarray(value, jnp.float32)
+            if quantize in _COMPUTED and kernel and value.ndim == 2:
+                value = jaxlora.quantize(value, quantize, (0,), name="/".join(path))
         params[path] = value
     used = {flax_path_to_hf_name(path) for path in params}
     unexpected = sorted(name for name in state if name not in used and not ignore(name))
@@ -200,7 +212,8 @@ def load_hf_model(
     Args:
         path: directory with ``config.json``, ``model.safetensors`` (single file) and
             ``tokenizer.json``.
-        quantize: store every Dense kernel quantized as it is read (``"nf4"``, ``"int8"``).
+        quantize: store every Dense kernel quantized as it is read (``"nf4"``, ``"int8"``;
+            ``"gguf"`` is refused: the files hold float weights).
 
     Returns:
         ``(family, config, params, tokenizer)``. ``family`` is ``"bert"`` or ``"llama"``.
@@ -213,9 +226,15 @@ def load_hf_model(
     Raises:
         FileNotFoundError: if one of the three files is missing.
         ValueError: for an unsupported ``model_type`` or config feature, or when tensors are
-            missing, unexpected or mis-shaped (each named in the message).
+            missing, unexpected or mis-shaped (each named in the message); for ``"gguf"``.
     """
     path = Path(path)
+    if quantize == GGUF:
+        raise ValueError(
+            f"--quantize gguf keeps the quantized blocks of a GGUF file, and {path} is a Hugging "
+            "Face directory of float weights: use --quantize nf4 (or int8) for it, or load a "
+            ".gguf file (--model smollm2)."
+        )
     for name in _HF_FILES:
         if not (path / name).is_file():
             raise FileNotFoundError(
@@ -352,18 +371,40 @@ def _gguf_hf_name(name: str) -> str:
     return f"model.layers.{match[1]}.{_GGUF_BLOCK_TO_HF[match[2]]}.{match[3]}"
 
 
-def _gguf_state(reader: gguf.GGUFReader, config: LlamaConfig) -> _Tensors:
-    """Tensors under HF names, each dequantised to float32 (Q and K un-permuted) when read."""
+@dataclasses.dataclass(frozen=True)
+class GGUFBlocks:
+    """A GGUF tensor's quantized blocks as read: ``data`` uint8 ``(rows, row_bytes)``,
+    rows in torch (out, in) order; ``tensor_type`` its ``gguf.GGMLQuantizationType``."""
+
+    data: np.ndarray
+    tensor_type: gguf.GGMLQuantizationType
+
+
+def _gguf_state(reader: gguf.GGUFReader, config: LlamaConfig, keep_blocks: bool) -> _Tensors:
+    """Tensors under HF names, each dequantised to float32 (Q and K un-permuted) when read;
+    with ``keep_blocks``, a Q4_1 / Q8_0 tensor comes as its `GGUFBlocks` instead (rows
+    un-permuted alike: the permutation moves whole rows, each a run of blocks)."""
 
     def reader_of(tensor, name):
         def read():
-            # dequantize returns torch (out, in) order: ggml lists dims innermost first.
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            kind = tensor.tensor_type
+            if keep_blocks and kind in _KEPT_BLOCKS:
+                array = tensor.data  # rows of blocks: (out, in / 32 · block bytes)
+            elif keep_blocks and kind not in _FLOAT_TYPES:
+                raise ValueError(
+                    f"{reader.data.filename}: tensor {tensor.name} is stored {kind.name}; "
+                    f"--quantize gguf keeps {' and '.join(t.name for t in _KEPT_BLOCKS)} blocks "
+                    "only: use --quantize nf4 (or int8), which dequantizes it and stores it "
+                    "anew."
+                )
+            else:
+                # dequantize returns torch (out, in) order: ggml lists dims innermost first.
+                array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
             if name.endswith("q_proj.weight"):
-                return _unpermute_rope(array, config.num_attention_heads)
+                array = _unpermute_rope(array, config.num_attention_heads)
             if name.endswith("k_proj.weight"):
-                return _unpermute_rope(array, config.num_key_value_heads)
-            return array
+                array = _unpermute_rope(array, config.num_key_value_heads)
+            return GGUFBlocks(array, tensor.tensor_type) if array.dtype == np.uint8 else array
 
         return read
 
@@ -418,7 +459,8 @@ def _gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
 def load_smollm2_gguf(
     path: str | Path | None = None, quantize: str | None = None
 ) -> tuple[LlamaConfig, Params, Tokenizer]:
-    """Loads SmolLM2-135M-Instruct from its GGUF file, dequantised to float32.
+    """Loads SmolLM2-135M-Instruct from its GGUF file, dequantised to float32 (or kept in its
+    blocks with ``quantize="gguf"``).
 
     Hyper-parameters come from the ``llama.*`` metadata, the tokenizer from
     ``tokenizer.ggml.*``; Q and K weights are un-permuted from llama.cpp's RoPE layout back to
@@ -427,7 +469,9 @@ def load_smollm2_gguf(
     Args:
         path: a llama-architecture GGUF file; defaults to ``smollm2_gguf_path()``.
         quantize: store every Dense kernel quantized as it is read (``"nf4"``, ``"int8"``),
-            tensor by tensor: the float32 model is never held whole.
+            tensor by tensor: the float32 model is never held whole; ``"gguf"``: keep every
+            Q4_1 / Q8_0 tensor (kernels and the embedding) in the file's own blocks
+            (`jaxlora.from_gguf`), never dense (F32 / F16 tensors load as float32).
 
     Returns:
         ``(config, params, tokenizer)`` for ``LlamaForCausalLM(config)``; ``params`` is the
@@ -443,6 +487,6 @@ def load_smollm2_gguf(
     reader = gguf.GGUFReader(path)
     config = _gguf_config(reader, {tensor.name for tensor in reader.tensors})
     module = LlamaForCausalLM(config)
-    state = _gguf_state(reader, config)
+    state = _gguf_state(reader, config, keep_blocks=quantize == GGUF)
     params = _hf_to_flax(state, module, str(path), lambda _: False, quantize)
     return config, params, _gguf_tokenizer(reader)

@@ -18,6 +18,8 @@ import jaxlora
 from experiments import finetune, tasks
 from experiments.models.bert import init_classification_params
 from experiments.models.loading import load_hf_model, minilm_path
+from tests.support.gguf_files import smollm2_first_layers
+from tests.support.tiny_llama import write_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "experiments" / "finetune.py"
@@ -313,8 +315,51 @@ def test_quantized_base_is_loaded_quantized_and_reported(tiny_llama_dir, tmp_pat
     assert set(peft_tensors(tmp_path / "int8")) == set(peft_tensors(tmp_path / "none"))
 
 
+def test_nf4_base_sharded_over_a_data_model_mesh_trains_like_one_device(tmp_path):
+    # every input axis a multiple of nf4's block of 64; 8 fake devices (conftest)
+    model = write_tiny_llama(tmp_path / "llama64", hidden_size=64, intermediate_size=128)
+    budget = ["--steps", "2", "--batch-size", "4", "--seq-len", "16", "--max-eval-examples", "8"]
+    flags = ["--model", str(model), *budget, "--quantize", "nf4"]
+    mesh = tmp_path / "mesh"
+    assert finetune.main([*flags, "--mesh", "data=2,model=4", "--output-dir", str(mesh)]) == 0
+    assert finetune.main([*flags, "--output-dir", str(tmp_path / "one")]) == 0
+    sharded, one = (
+        json.loads((tmp_path / r / "results.json").read_text()) for r in ("mesh", "one")
+    )
+    assert len(sharded["machine"]["devices"]) == 8
+    assert sharded["base_param_bytes"] == one["base_param_bytes"]
+    losses = [[loss for _, loss in r["history"]["train_loss"]] for r in (sharded, one)]
+    np.testing.assert_allclose(*losses, rtol=1e-5)
+    np.testing.assert_allclose(sharded["after"]["loss"], one["after"]["loss"], rtol=1e-5)
+
+
+def test_gguf_blocks_kept_as_the_base(tmp_path):
+    small = smollm2_first_layers(tmp_path / "smollm2-2.gguf", layers=2)
+    budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--max-eval-examples", "4"]
+    out = tmp_path / "gguf"
+    assert (
+        finetune.main(
+            ["--model", str(small), *budget, "--quantize", "gguf", "--output-dir", str(out)]
+        )
+        == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["quantize"] == results["settings"]["quantize"] == "gguf"
+    # 14 Q4_1 kernels (5 bits a weight) and the Q8_0 embedding (8.5): nothing stored float but
+    # the norms, so the base is the file's tensor bytes
+    kernels, embedding = 2 * 576 * (2 * 576 + 2 * 192 + 3 * 1536), 49152 * 576
+    assert results["quantized_bits_per_weight"] == pytest.approx(
+        (5 * kernels + 8.5 * embedding) / (kernels + embedding)
+    )
+    assert results["base_param_bytes"] == kernels * 5 // 8 + embedding * 17 // 16 + 5 * 576 * 4
+    assert results["after"]["loss"] < results["before"]["loss"]
+    assert 0 < results["rss_before_load_mb"] < results["load_peak_rss_mb"] <= results["peak_rss_mb"]
+
+
 def test_quantize_refusals(capsys, tiny_llama_dir, tmp_path):
     output = ["--output-dir", str(tmp_path / "run"), "--seq-len", "16"]
+    err = one_error_line(capsys, "--model", str(tiny_llama_dir), *output, "--quantize", "gguf")
+    assert "use --quantize nf4 (or int8) for it, or load a .gguf file" in err
     err = one_error_line(capsys, "--model", str(tiny_llama_dir), *output, "--quantize", "nf4")
     assert "not a multiple of the block size 64" in err and "/kernel' (32, 64)" in err
     err = one_error_line(capsys, "--full-finetune", "--quantize", "int8", *output)

@@ -4,17 +4,20 @@ import dataclasses
 import doctest
 import json
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers.initialization import no_init_weights
 
+import jaxlora
 from experiments.models import bert, llama, loading
 from experiments.models.bert import (
     BertForSequenceClassification,
@@ -334,6 +337,40 @@ def test_smollm2_greedy_answer(smollm2):
     )
 
     assert "Paris" in tokenizer.decode(np.asarray(out[0]).tolist())
+
+
+def test_smollm2_on_its_own_gguf_blocks_matches_the_float_load(smollm2):
+    config, params, tokenizer = smollm2
+    _, blocks, _ = load_smollm2_gguf(quantize="gguf")
+    flat, dense = flatten_dict(blocks), flatten_dict(params)
+    stored = {path: x for path, x in flat.items() if isinstance(x, jaxlora.QuantizedArray)}
+    assert {x.format for x in stored.values()} == {"q4_1", "q8_0"}  # kernels, embedding
+    assert set(stored) == {p for p in dense if p[-1] in ("kernel", "embedding")}
+    # Q and K un-permuted and every kernel transposed as the float loader does: same values
+    dequantize = jax.jit(jaxlora.dequantize)
+    for path, q in stored.items():
+        np.testing.assert_array_equal(np.asarray(dequantize(q)), np.asarray(dense[path]))
+    ids = np.array([tokenizer.encode(ENGLISH).ids])
+    lora_model, lora_params = jaxlora.lorafy(
+        LlamaForCausalLM(config),
+        blocks,
+        jaxlora.LoraConfig(rank=4, targets=["q_proj", "v_proj"]),
+        ids,
+        key=jax.random.key(0),
+    )
+    logits = jax.jit(lora_model.apply)({"params": lora_params}, ids)
+    expected = jax.jit(LlamaForCausalLM(config).apply)({"params": params}, ids)
+    scale = float(jnp.abs(expected).max())
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_gguf_blocks_refused_for_float_files_and_other_block_types(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="is a Hugging Face directory of float weights"):
+        load_hf_model(tmp_path, quantize="gguf")
+    # a file whose kernels are Q4_K: neither kept nor silently expanded to float
+    monkeypatch.setattr(loading, "_KEPT_BLOCKS", (gguf.GGMLQuantizationType.Q8_0,))
+    with pytest.raises(ValueError, match=r"blk\.0\.\w+\.weight is stored Q4_1; --quantize gguf"):
+        load_smollm2_gguf(quantize="gguf")
 
 
 # --------------------------------------------------------------------------------------- errors
