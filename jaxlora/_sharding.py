@@ -264,6 +264,23 @@ def box_factors(
     return kernel.replace(value=a, names=a_names), kernel.replace(value=b, names=b_names)
 
 
+def box_magnitude(kernel: Any, magnitude: jax.Array, delta_eq: str) -> Any:
+    """DoRA's magnitude in a box like a linen kernel's ``nn.Partitioned`` one: B's names
+    without the rank's (see `jaxlora._dora`)."""
+    if not isinstance(kernel, meta.Partitioned):
+        return magnitude
+    _, b_names = factor_axes(_full(kernel.names, kernel.value.ndim), delta_eq, None)
+    rank_at = _layout.delta_labels(delta_eq)[1].index(_rank_label(delta_eq))
+    rank_at += len(b_names) - len(_layout.delta_labels(delta_eq)[1])
+    names = tuple(n for i, n in enumerate(b_names) if i != rank_at)
+    return kernel.replace(value=magnitude, names=names)
+
+
+def _rank_label(delta_eq: str) -> str:
+    a, b, kernel = _layout.delta_labels(delta_eq)
+    return next(c for c in a if c in b and c not in kernel)
+
+
 def nnx_factor_metadata(
     kernel: nnx.Variable, delta_eq: str, rank_axis: str | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
