@@ -28,6 +28,7 @@ from jaxlora import (
     _init_from_weights,
     _io_errors,
     _records,
+    _sharding,
 )
 from jaxlora._config import LoraConfig, listing
 from jaxlora._tree import LoraAdapter, PyTree, path_str
@@ -72,14 +73,26 @@ def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
     return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
 
+def _named_arrays(spec: _records.LayerSpec, a: Any, b: Any, m: Any) -> list[tuple[str, Any]]:
+    """``("A", a)``, ``("B", b)`` and, for DoRA, ``("magnitude", m)``: a layer's saved arrays."""
+    return [("A", a), ("B", b)] + ([] if m is None else [("magnitude", m)])
+
+
+def _saved(layer: tuple) -> dict[str, Any]:
+    """One entry of the ``arrays`` item's ``adapters`` list."""
+    _, a, b, m = layer
+    return {"a": a, "b": b} if m is None else {"a": a, "b": b, "m": m}
+
+
 def _check_finite(
-    layers: list[tuple[_records.LayerSpec, Any, Any]], leaves: list[tuple[_records.LeafSpec, Any]]
+    layers: list[tuple[_records.LayerSpec, Any, Any, Any]],
+    leaves: list[tuple[_records.LeafSpec, Any]],
 ) -> None:
     named = [
         *(
-            (f"layer {spec.path!r}: {factor}", x)
-            for spec, a, b in layers
-            for factor, x in (("A", a), ("B", b))
+            (f"layer {layer[0].path!r}: {factor}", x)
+            for layer in layers
+            for factor, x in _named_arrays(*layer)
         ),
         *((f"trainable leaf {spec.path!r}", x) for spec, x in leaves),
     ]
@@ -132,23 +145,23 @@ def save_adapter(
       >>> cfg, lora_params = jaxlora.load_adapter("runs/adapter", base_params)
     """
     layers, leaves = _records.collect(params, who="save_adapter")
-    _records.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
-    specs = _base_checks.fingerprinted(params, [spec for spec, _, _ in layers])
-    layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
+    _records.check_config([spec for spec, *_ in layers], config, who="save_adapter")
+    specs = _base_checks.fingerprinted(params, [spec for spec, *_ in layers])
+    layers = [(spec, *arrays) for spec, (_, *arrays) in zip(specs, layers, strict=True)]
     if not allow_nonfinite:
         _check_finite(layers, leaves)
     record = {
         "format": _FORMAT,
         "version": _VERSION,
         "config": config.to_dict(),
-        "layers": [spec.to_json() for spec, _, _ in layers],
+        "layers": [spec.to_json() for spec, *_ in layers],
         "trainable": [spec.to_json() for spec, _ in leaves],
         "array_hashes": _array_hashes(
-            [(a, b) for _, a, b in layers], [value for _, value in leaves]
+            [list(_saved(layer).values()) for layer in layers], [value for _, value in leaves]
         ),
     }
     record["checksum"] = _record_checksum(record)
-    arrays: dict[str, Any] = {"adapters": [{"a": a, "b": b} for _, a, b in layers]}
+    arrays: dict[str, Any] = {"adapters": [_saved(layer) for layer in layers]}
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
     target = Path(directory)
@@ -182,7 +195,7 @@ def _record_checksum(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _array_hashes(factors: list[tuple[Any, Any]], leaves: list[Any]) -> dict[str, list[Any]]:
+def _array_hashes(factors: list[list[Any]], leaves: list[Any]) -> dict[str, list[Any]]:
     """`_fingerprint.content_hash` of every saved array, as the record keeps them."""
     return {
         "adapters": [[_fingerprint.content_hash(x) for x in pair] for pair in factors],
@@ -241,10 +254,14 @@ def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
     if record.array_hashes is None:
         return
     restored = _array_hashes(
-        [(f["a"], f["b"]) for f in arrays["adapters"]], arrays.get("trainable", [])
+        [list(f.values()) for f in arrays["adapters"]], arrays.get("trainable", [])
     )
     names = [
-        *(f"layer {s.path!r}: {f}" for s in record.layers for f in ("A", "B")),
+        *(
+            f"layer {s.path!r}: {f}"
+            for s in record.layers
+            for f in ("A", "B", "magnitude")[: 2 if s.magnitude_shape is None else 3]
+        ),
         *(f"trainable leaf {leaf.path!r}" for leaf in record.leaves),
     ]
     saved = [*(h for pair in record.array_hashes["adapters"] for h in pair)]
@@ -265,12 +282,14 @@ def _abstract_adapter(
     adapters = []
     for spec in layers:
         a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)
-        adapters.append(
-            {
-                "a": jax.ShapeDtypeStruct(spec.a_shape, spec.dtype, sharding=a_sharding),
-                "b": jax.ShapeDtypeStruct(spec.b_shape, spec.dtype, sharding=b_sharding),
-            }
-        )
+        entry = {
+            "a": jax.ShapeDtypeStruct(spec.a_shape, spec.dtype, sharding=a_sharding),
+            "b": jax.ShapeDtypeStruct(spec.b_shape, spec.dtype, sharding=b_sharding),
+        }
+        if spec.magnitude_shape is not None:
+            m_sharding = _sharding.magnitude_sharding(b_sharding, len(spec.b_shape), spec.delta_eq)
+            entry["m"] = jax.ShapeDtypeStruct(spec.magnitude_shape, spec.dtype, sharding=m_sharding)
+        adapters.append(entry)
     tree: dict[str, Any] = {"adapters": adapters}
     if leaves:
         tree["trainable"] = [
@@ -382,7 +401,9 @@ def load_adapter(
     _check_arrays(record, arrays, source)
     wanted = {spec.path for spec in load_layers}
     adapters = {
-        spec: LoraAdapter(f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq)
+        spec: LoraAdapter(
+            f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq, magnitude=f.get("m")
+        )
         for spec, f in zip(layers, arrays["adapters"], strict=True)
         if spec.path in wanted
     }

@@ -17,6 +17,8 @@ slices and scan steps restrict it exactly as they restrict B.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -26,8 +28,7 @@ from jaxlora import _layout
 # Why DoRA is refused on a weight; the checks read the layer's uses (see `refusal`).
 _WHY_NOT = {
     "conv": (
-        "it is a convolution kernel; PEFT has DoRA for Conv layers but jaxlora does not "
-        "build it"
+        "it is a convolution kernel; PEFT has DoRA for Conv layers but jaxlora does not build it"
     ),
     "experts": (
         "it is an expert weight used by ragged_dot; PEFT does not define DoRA for expert "
@@ -66,6 +67,10 @@ def _labels(delta_eq: str) -> tuple[str, str, str, int]:
 def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, delta_eq: str, scale: float):
     """``‖W + scale · A ⊗ B‖`` over the weight's input axes, in float32.
 
+    Expanded as ``‖W‖² + 2·scale·⟨W, A ⊗ B⟩ + scale²·‖A ⊗ B‖²`` per output feature, so that
+    no weight-sized ΔW is formed in the step: the terms cost one pass over W (its squares
+    and ``Aᵀ W``, rank-sized) and rank-sized products, all at the highest matmul precision.
+
     Args:
       w: the weight ``(*stack, *kernel_shape)``.
       a, b: the adapter's factors.
@@ -76,13 +81,25 @@ def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, delta_eq: str, scale: 
       ``(*stack, *magnitude)``: one norm per output feature (see the module docstring).
     """
     kernel, ins, mag, _ = _labels(delta_eq)
+    a_lab, b_lab, _ = _layout.delta_labels(delta_eq)
+    rank = next(c for c in a_lab if c in b_lab and c not in kernel)
+    other = next(
+        c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in delta_eq
+    )
+    batch = "".join(c for c in b_lab if c in a_lab and c != rank)
+    w, a, b = (x.astype(jnp.float32) for x in (w, a, b))
+    einsum = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
     n_stack = w.ndim - len(kernel)
-    full = w.astype(jnp.float32) + _layout.delta_weight(a, b, delta_eq, scale)
-    axes = tuple(n_stack + kernel.index(c) for c in ins)
-    # a sum of squares, not a dot, so that TPU's default matmul precision cannot round it
-    squares = jnp.sum(full * full, axis=axes)
+    squares = jnp.sum(w * w, axis=tuple(n_stack + kernel.index(c) for c in ins))
     kept = "".join(c for c in kernel if c not in ins)
-    return jnp.sqrt(jnp.einsum(f"...{kept}->...{mag}", squares))
+    squares = jnp.einsum(f"...{kept}->...{mag}", squares)
+    a_w = einsum(f"...{a_lab},...{kernel}->...{b_lab}", a, w)  # Aᵀ W, shaped like B
+    cross = jnp.sum(a_w * b, axis=w.ndim - len(kernel) + b_lab.index(rank))
+    gram = einsum(f"...{a_lab},...{a_lab.replace(rank, other)}->...{batch}{rank}{other}", a, a)
+    quad = einsum(
+        f"...{b_lab},...{batch}{rank}{other},...{b_lab.replace(rank, other)}->...{mag}", b, gram, b
+    )
+    return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale * scale * quad, 0.0))
 
 
 def initial_magnitude(w, a, b, delta_eq: str, scale: float, dtype) -> jax.Array:

@@ -100,9 +100,7 @@ class Factors:
         return frozenset(self.b_axes) - frozenset(self.a_axes) - {None}
 
 
-def factors_for(
-    a: Any, b: Any, delta_eq: str, ndim: int, scale: float, g: Any = None
-) -> Factors:
+def factors_for(a: Any, b: Any, delta_eq: str, ndim: int, scale: float, g: Any = None) -> Factors:
     """`Factors` of a stored adapter on a weight of ``ndim`` axes, from its ``delta_eq``
     (with DoRA's output scale ``g``, laid out like ``b``, when given)."""
     a_labels, b_labels, kernel = _layout.delta_labels(delta_eq)
