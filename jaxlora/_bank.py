@@ -205,6 +205,12 @@ class AdapterBank:
                 f"AdapterBank: an adapter named {name!r} is already in this bank; remove or "
                 "rename it first (bank.remove(name), bank.rename(name, new))."
             )
+        if config.use_dora:
+            raise ValueError(
+                f"AdapterBank.add({name!r}): DoRA adapters (use_dora=True) cannot join a bank: "
+                "a batch mixing adapters applies LoRA factors only. Use the adapter on its own "
+                "(jaxlora.LoraModel), or jaxlora.merge it into its base."
+            )
         inner, _ = params_of(adapted)
         if not has_adapters(inner):
             raise ValueError(

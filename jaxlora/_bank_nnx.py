@@ -101,6 +101,12 @@ class LoraBank(nnx.Module):
                 f"LoraBank: an adapter named {name!r} is already in this bank (or the name is "
                 "reserved); remove or rename it first."
             )
+        if config.use_dora:
+            raise ValueError(
+                f"LoraBank.add({name!r}): DoRA adapters (use_dora=True) cannot join a bank: a "
+                "batch mixing adapters applies LoRA factors only. Use jaxlora.lorafy on the "
+                "module itself."
+            )
         if config.modules_to_save or config.bias != "none" or config.dropout:
             raise ValueError(
                 f"LoraBank.add({name!r}): NNX banks hold LoRA factors only, without dropout; "
