@@ -390,8 +390,15 @@ def _check_restored(merged: PyTree, restored: PyTree, adapted: PyTree) -> None:
             return
         got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
         given = jnp.asarray(meta.unbox(subtree(merged, module)[weight]), jnp.float32)
-        # (W + ΔW) - ΔW is W up to a few roundings of numbers as large as W + ΔW
-        tolerance = 8 * jnp.finfo(layer[weight].dtype).eps * float(jnp.max(jnp.abs(given)))
+        # (W + ΔW) - ΔW is W up to a few roundings of numbers as large as W + ΔW; with DoRA
+        # that is not the merged weight (m / ‖W + ΔW‖ times it) but at most |W| + |ΔW|
+        size = float(jnp.max(jnp.abs(given)))
+        adapter = adapter_at(layer, weight)
+        if adapter.magnitude is not None:
+            a, b = meta.unbox(adapter.a), meta.unbox(adapter.b)
+            delta = _layout.delta_weight(a, b, adapter.delta_eq, adapter.scale)
+            size = float(jnp.max(jnp.abs(want))) + float(jnp.max(jnp.abs(delta)))
+        tolerance = 8 * jnp.finfo(layer[weight].dtype).eps * size
         error = float(jnp.max(jnp.abs(got - want)))
         if error > tolerance:
             raise ValueError(

@@ -19,6 +19,7 @@ import jaxlora
 from tests.support import conv_twins, models, peft_models
 from tests.support.steps import compiled_dot_shapes, full_finetune_step
 from tests.test_custom_layers import Block as CustomBlock
+from tests.test_custom_layers import Scanned as CustomScanned
 
 KEY = jax.random.key(0)
 IDS = peft_models.ids()
@@ -163,3 +164,177 @@ def test_nnx_outputs_and_gradients_match_peft(torch_base, base_params, trained):
         return node["lora_a"][...], node["lora_b"][...], node["lora_magnitude"][...]
 
     _assert_grads_match(grads_of, _torch_grads(peft_model))
+
+
+class _TorchProj(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(peft_models.WIDTH, peft_models.WIDTH)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _Proj(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(peft_models.WIDTH, name="proj")(x)
+
+
+class _FixedDropout(torch.nn.Module):
+    """Dropout with a given mask: PEFT's ``lora_dropout`` with jaxlora's random draw."""
+
+    def __init__(self, keep, rate):
+        super().__init__()
+        self.keep, self.rate = torch.from_numpy(keep), rate
+
+    def forward(self, x):
+        return x * self.keep / (1.0 - self.rate)
+
+
+def test_lora_dropout_as_peft_applies_it():
+    """PEFT's DoRA with dropout: ``y + (g - 1) · W drop(x) + g · s · B A drop(x)``."""
+    torch.manual_seed(0)
+    torch_model = _TorchProj()
+    w, bias = (p.detach().numpy() for p in (torch_model.proj.weight, torch_model.proj.bias))
+    params = {"proj": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(bias)}}
+    x = np.random.default_rng(0).normal(size=(4, 5, peft_models.WIDTH)).astype(np.float32)
+    cfg = jaxlora.LoraConfig(rank=4, alpha=8, targets=["proj"], dropout=0.3, use_dora=True)
+    lora_model, lora_params = jaxlora.lorafy(_Proj(), params, cfg, x, key=KEY)
+    trainable, frozen = jaxlora.split(lora_params)
+    keys = iter(jax.random.split(jax.random.key(1), 3))
+    trainable = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(next(keys), v.shape), trainable)
+    rngs = {"dropout": jax.random.key(7)}
+
+    def apply(trainable):
+        params = jaxlora.combine(trainable, frozen)
+        return lora_model.apply({"params": params}, x, rngs=rngs)
+
+    # jaxlora's mask, through the public API: with B = 0 and m = 2·‖W‖ (g = 2) the output
+    # is x W + bias + drop(x) W
+    probe = jax.tree.map(lambda v: v, trainable)
+    adapter = probe["proj"]["lora"]
+    probe["proj"]["lora"] = jaxlora.LoraAdapter(
+        adapter.a, 0 * adapter.b, adapter.scale, adapter.delta_eq, 2 * jnp.linalg.norm(w.T, axis=0)
+    )
+    dropped = (np.asarray(apply(probe)) - x @ w.T - bias) @ np.linalg.inv(w.T)
+    keep = ~np.isclose(dropped, 0.0, atol=1e-4)
+    assert 0.5 < keep.mean() < 0.9  # rate 0.3
+
+    adapter = trainable["proj"]["lora"]
+    pc = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.3, use_dora=True
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_model), pc)
+    state = {
+        "base_model.model.proj.lora_A.default.weight": adapter.a.T,
+        "base_model.model.proj.lora_B.default.weight": adapter.b.T,
+        "base_model.model.proj.lora_magnitude_vector.default.weight": adapter.magnitude,
+    }
+    state = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    assert not peft_model.load_state_dict(state, strict=False).unexpected_keys
+    peft_model.base_model.model.proj.lora_dropout["default"] = _FixedDropout(keep, 0.3)
+    peft_model.train()
+    want = peft_model(torch.from_numpy(x))
+    np.testing.assert_allclose(apply(trainable), want.detach().numpy(), rtol=0, atol=TOLERANCE)
+    # dropout is on: the same adapter without it gives other outputs
+    eval_mode = lora_model.apply({"params": jaxlora.combine(trainable, frozen)}, x)
+    assert np.abs(np.asarray(apply(trainable)) - np.asarray(eval_mode)).max() > 0.05
+
+    weights = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
+    (want * torch.from_numpy(weights)).sum().backward()
+    grads = jax.grad(lambda t: jnp.sum(apply(t) * weights))(trainable)["proj"]["lora"]
+    lora = peft_model.base_model.model.proj
+    for got, param in (
+        (grads.a.T, lora.lora_A["default"].weight),
+        (grads.b.T, lora.lora_B["default"].weight),
+        (grads.magnitude, lora.lora_magnitude_vector["default"].weight),
+    ):
+        np.testing.assert_allclose(got, param.grad.numpy(), rtol=0, atol=TOLERANCE)
+
+
+def _moved(params, scale=0.1):
+    trainable, frozen = jaxlora.split(params)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(trainable))))
+    trainable = jax.tree.map(
+        lambda v: v + scale * jax.random.normal(next(keys), v.shape), trainable
+    )
+    return jaxlora.combine(trainable, frozen)
+
+
+class _TiedLm(nn.Module):
+    """A table looked up and used transposed as the head, and a reshaped, transposed weight."""
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("table", nn.initializers.normal(), (40, 16))
+        w = self.param("proj", nn.initializers.normal(), (2, 8, 16))
+        x = table[ids]
+        x = x + x @ w.reshape(16, 16).T
+        return x @ table.T
+
+
+_X = jax.random.normal(jax.random.key(1), (2, 5, 16))
+_CUSTOM = {
+    "einsum": (CustomBlock(), _X, "all-linear"),
+    "scan_axis_1": (CustomScanned(), _X, "all-linear"),
+    "nn_scan_remat": (
+        models.ScannedLM(),
+        jnp.arange(10).reshape(2, 5),
+        ["embed", "query", "up"],
+    ),
+    "tied_reshaped": (_TiedLm(), jnp.arange(10).reshape(2, 5), ["table", "proj"]),
+}
+
+
+@pytest.mark.parametrize("name", list(_CUSTOM))
+def test_custom_weights_identity_merge_unmerge_and_magnitude_is_the_merged_norm(name):
+    """Einsum kernels (several input or output axes), sliced, scanned, jitted, tied and
+    reshaped weights: identity at init, the merged model is the adapted one, unmerge
+    restores, and each merged weight's norm over its input axes is |magnitude|."""
+    model, x, targets = _CUSTOM[name]
+    params = model.init(KEY, x)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=targets, use_dora=True)
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, x, key=KEY)
+    base = model.apply({"params": params}, x)
+    chex.assert_trees_all_close(lora_model.apply({"params": lora_params}, x), base, atol=1e-5)
+    p = _moved(lora_params)
+    adapted = lora_model.apply({"params": p}, x)
+    assert float(jnp.abs(adapted - base).max()) > 100 * TOLERANCE  # the adapters moved it
+    merged = jaxlora.merge(p, jnp.float32)
+    chex.assert_trees_all_close(model.apply({"params": merged}, x), adapted, atol=TOLERANCE)
+    restored = jaxlora.unmerge(merged, p)
+    chex.assert_trees_all_close(restored, p, atol=TOLERANCE)
+    for row in jaxlora.summary(p).layers:
+        adapter, _ = _adapter_and_weight(p, row.path)
+        _, weight = _adapter_and_weight(merged, row.path)
+        chex.assert_trees_all_close(
+            _norm_over_inputs(weight, adapter.delta_eq), jnp.abs(adapter.magnitude), atol=TOLERANCE
+        )
+
+
+def _adapter_and_weight(params, name):
+    """The adapter named ``name`` (a layer's path, or a weight's) and its weight (None when
+    ``params`` are merged)."""
+    node = _layer(params, name)
+    if isinstance(node, dict):
+        weight = "embedding" if "embedding" in node else "kernel"
+        return node.get("lora"), node[weight]
+    module, _, weight = name.rpartition("/")
+    node = _layer(params, module) if module else params
+    return node.get(f"lora_{weight}"), node[weight]
+
+
+def _norm_over_inputs(weight, delta_eq):
+    """DoRA's definition: the norm over the weight's input axes (A's side only), laid out
+    like the magnitude (B's axes without the rank)."""
+    (a, b), kernel = (
+        delta_eq.replace("...", "").split("->")[0].split(","),
+        delta_eq[-len(delta_eq.split("->...")[1]) :],
+    )
+    ins = [c for c in kernel if c in a and c not in b]
+    lead = weight.ndim - len(kernel)
+    norm = jnp.sqrt(jnp.sum(weight**2, axis=tuple(lead + kernel.index(c) for c in ins)))
+    kept = "".join(c for c in kernel if c not in ins)
+    rank = next(c for c in a if c in b and c not in kernel)
+    return jnp.einsum(f"...{kept}->...{b.replace(rank, '')}", norm)
