@@ -1,7 +1,7 @@
 """DoRA (``LoraConfig(use_dora=True)``) against real PEFT (torch CPU) and its own definition."""
 
 import copy
-import json
+import dataclasses
 
 import chex
 import flax.linen as nn
@@ -19,6 +19,7 @@ import jaxlora
 from tests.support import conv_twins, models, peft_models
 from tests.support.steps import compiled_dot_shapes, full_finetune_step
 from tests.test_custom_layers import Block as CustomBlock
+from tests.test_custom_layers import Experts as CustomExperts
 from tests.test_custom_layers import Scanned as CustomScanned
 
 KEY = jax.random.key(0)
@@ -338,3 +339,96 @@ def _norm_over_inputs(weight, delta_eq):
     kept = "".join(c for c in kernel if c not in ins)
     rank = next(c for c in a if c in b and c not in kernel)
     return jnp.einsum(f"...{kept}->...{b.replace(rank, '')}", norm)
+
+
+def test_nnx_layers_identity_merge_unmerge():
+    """Linear, LinearGeneral, Einsum and Embed (looked up and ``attend``-ed) with DoRA."""
+    ids = jnp.arange(10).reshape(2, 5) % 32
+    module = models.NnxModel(nnx.Rngs(0))
+    base = module(ids)
+    cfg = jaxlora.LoraConfig(
+        rank=2, targets=["layers/*", "split_heads", "merge_heads", "embed"], use_dora=True
+    )
+    jaxlora.lorafy(module, cfg, rngs=nnx.Rngs(0))
+    chex.assert_trees_all_close(module(ids), base, atol=1e-6)
+    state = nnx.state(module, jaxlora.LoraParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    moved = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(module, jax.tree.unflatten(treedef, moved))
+    adapted = module(ids)
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(adapted, base, strict=True)) > 1e-2
+    merged = jaxlora.merge(module, jnp.float32)
+    chex.assert_trees_all_close(merged(ids), adapted, atol=TOLERANCE)
+    restored = jaxlora.unmerge(merged, module)
+    chex.assert_trees_all_close(nnx.state(restored), nnx.state(module), atol=TOLERANCE)
+
+
+def _mlp(**config):
+    model = models.MLP(features=(96, 160, 48))
+    x = jax.random.normal(KEY, (40, 96))
+    y = jax.random.normal(jax.random.key(1), (40, 48))
+    params = model.init(KEY, x)["params"]
+    cfg = jaxlora.LoraConfig(rank=8, alpha=16, use_dora=True, **config)
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, x, key=KEY)
+
+    def loss(p, batch):
+        return jnp.mean((lora_model.apply({"params": p}, batch[0]) - batch[1]) ** 2)
+
+    return model, params, cfg, lora_params, (x, y), loss
+
+
+def test_no_weight_gradient_in_the_compiled_step_and_the_magnitude_trains(tmp_path):
+    """The norm needs W but gives it no gradient: no dot of a frozen weight's shape."""
+    model, params, cfg, lora_params, batch, loss = _mlp()
+    tx = jaxlora.optimizer(optax.adam(1e-2), lora_params)
+    step = jaxlora.make_train_step(loss, tx, donate=False)
+    frozen_shapes = {w.shape for w in jax.tree.leaves(params) if w.ndim == 2}
+    state = tx.init(lora_params)
+    assert not compiled_dot_shapes(step, lora_params, state, batch) & frozen_shapes
+    full_tx = optax.adam(1e-2)
+    full = full_finetune_step(
+        lambda p, b: jnp.mean((model.apply({"params": p}, b[0]) - b[1]) ** 2), full_tx
+    )
+    assert compiled_dot_shapes(full, params, full_tx.init(params), batch) & frozen_shapes
+    # the magnitude is an adapter leaf: in the mask, in the optimizer state, and it moves
+    mask = jaxlora.trainable_mask(lora_params)
+    assert all(jax.tree.leaves(mask["dense_0"]["lora"]))
+    magnitudes = [x.shape for x in jax.tree.leaves(state) if x.shape == (160,)]
+    assert len(magnitudes) == 2  # Adam's two moments of dense_1's magnitude
+    p = lora_params
+    for _ in range(3):
+        p, state, _ = step(p, state, batch)
+    assert (
+        float(
+            jnp.abs(p["dense_1"]["lora"].magnitude - lora_params["dense_1"]["lora"].magnitude).max()
+        )
+        > 1e-3
+    )
+    # saved with the adapter and restored exactly
+    jaxlora.save_adapter(tmp_path / "adapter", p, cfg)
+    loaded_cfg, loaded = jaxlora.load_adapter(tmp_path / "adapter", params)
+    assert loaded_cfg.use_dora
+    chex.assert_trees_all_equal(loaded, p)
+    assert jaxlora.summary(p).layers[0].params == 8 * (96 + 96) + 96  # A, B, magnitude
+
+
+def test_refusals_name_the_layer_and_the_reason():
+    x = jnp.asarray(conv_twins.images())
+    conv = conv_twins.ConvNet()
+    params = conv.init(KEY, x)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["conv1", "head"], use_dora=True)
+    with pytest.raises(ValueError, match=r"'conv1'.*convolution kernel.*use_dora=False"):
+        jaxlora.lorafy(conv, params, cfg, x, key=KEY)
+    experts = CustomExperts()
+    params = experts.init(KEY, _X)["params"]
+    cfg = jaxlora.LoraConfig(rank=2, targets=["experts"], use_dora=True)
+    with pytest.raises(ValueError, match=r"'experts'.*ragged_dot.*target_parameters"):
+        jaxlora.lorafy(experts, params, cfg, _X, key=KEY)
+    with pytest.raises(ValueError, match="use_dora=True with quantize='nf4'"):
+        jaxlora.LoraConfig(use_dora=True, quantize="nf4")
+    _, params, cfg, lora_params, _, _ = _mlp()
+    with pytest.raises(ValueError, match="DoRA adapters .* cannot join a bank"):
+        jaxlora.AdapterBank(params).add("a", lora_params, cfg)
+    with pytest.raises(ValueError, match="is a DoRA adapter but the config has use_dora=False"):
+        jaxlora.save_adapter("unused", lora_params, dataclasses.replace(cfg, use_dora=False))
