@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import chex
 import flax.linen as nn
@@ -428,7 +429,54 @@ def test_refusals_name_the_layer_and_the_reason():
     with pytest.raises(ValueError, match="use_dora=True with quantize='nf4'"):
         jaxlora.LoraConfig(use_dora=True, quantize="nf4")
     _, params, cfg, lora_params, _, _ = _mlp()
-    with pytest.raises(ValueError, match="DoRA adapters .* cannot join a bank"):
+    with pytest.raises(ValueError, match=r"DoRA adapters .* cannot join a bank"):
         jaxlora.AdapterBank(params).add("a", lora_params, cfg)
     with pytest.raises(ValueError, match="is a DoRA adapter but the config has use_dora=False"):
         jaxlora.save_adapter("unused", lora_params, dataclasses.replace(cfg, use_dora=False))
+
+
+def test_peft_dora_adapters_both_ways(tmp_path, torch_base, base_params, trained):
+    """PEFT's DoRA files (``lora_magnitude_vector``, ``use_dora: true``) into jaxlora, linen
+    and NNX, and jaxlora's DoRA adapters into PEFT, with the same logits."""
+    pc = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_base), pc)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    peft_model.save_pretrained(tmp_path / "peft")
+    want = peft_models.torch_logits(peft_model.eval(), IDS)
+    cfg, params = jaxlora.import_peft(tmp_path / "peft", base_params, module_map=MODULE_MAP)
+    assert cfg.use_dora
+    np.testing.assert_allclose(peft_models.jax_logits(cfg, params, IDS), want, atol=TOLERANCE)
+    _, module = jaxlora.import_peft(
+        tmp_path / "peft", peft_models.nnx_net(torch_base), module_map=MODULE_MAP
+    )
+    np.testing.assert_allclose(np.asarray(module(IDS)), want, rtol=0, atol=TOLERANCE)
+
+    jaxlora.export_peft(tmp_path / "ours", trained, CFG, module_map=MODULE_MAP)
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["use_dora"] is True
+    tensors = safetensors.numpy.load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert tensors["base_model.model.layers.0.q_proj.lora_magnitude_vector"].shape == (8,)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_base), tmp_path / "ours")
+    got = peft_models.torch_logits(loaded.eval(), IDS)
+    np.testing.assert_allclose(got, peft_models.jax_logits(CFG, trained, IDS), atol=TOLERANCE)
+    # and back, bitwise
+    _, again = jaxlora.import_peft(tmp_path / "ours", base_params, module_map=MODULE_MAP)
+    chex.assert_trees_all_equal(
+        jax.tree.leaves(jaxlora.split(again)[0]), jax.tree.leaves(jaxlora.split(trained)[0])
+    )
+
+
+def test_peft_variants_still_unsupported_are_refused_by_name(tmp_path, trained):
+    jaxlora.export_peft(tmp_path / "ours", trained, CFG, module_map=MODULE_MAP)
+    config_file = tmp_path / "ours" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "use_qalora": True}))
+    with pytest.raises(ValueError, match="use_qalora"):
+        jaxlora.import_peft(tmp_path / "ours", trained, module_map=MODULE_MAP)
+    config_file.write_text(json.dumps({**config, "use_dora": False}))
+    with pytest.raises(ValueError, match=r"has a lora_magnitude_vector.*use_dora=False"):
+        jaxlora.import_peft(tmp_path / "ours", trained, module_map=MODULE_MAP)
