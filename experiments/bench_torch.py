@@ -1,9 +1,11 @@
-"""PyTorch runners: PEFT LoRA (``torch-peft``), full fine-tuning (``torch-full``), the floor.
+"""PyTorch runners: PEFT LoRA (``torch-peft``) and DoRA (``torch-peft-dora``), full fine-tuning
+(``torch-full``), the floor.
 
 Eager mode with ``torch.optim.AdamW`` defaults (no ``torch.compile``, no fused optimizer), as a
 PEFT user would run it. ``torch.set_num_threads`` is set to the CPU count XLA uses.
 """
 
+import functools
 from collections.abc import Callable
 
 import peft
@@ -27,9 +29,9 @@ from experiments.bench_common import (
 from experiments.gpt2_torch import GPT2
 
 
-def build_model(setting: str, w: Workload) -> nn.Module:
-    """The torch GPT-2: PEFT LoRA on the setting's targets, all trainable for ``"full"``, or
-    only the position table for ``FROZEN`` (the floor)."""
+def build_model(setting: str, w: Workload, dora: bool = False) -> nn.Module:
+    """The torch GPT-2: PEFT LoRA (DoRA with ``dora``) on the setting's targets, all trainable
+    for ``"full"``, or only the position table for ``FROZEN`` (the floor)."""
     torch.manual_seed(0)
     model = GPT2(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq, w.attention)
     if setting == FROZEN:
@@ -38,17 +40,21 @@ def build_model(setting: str, w: Workload) -> nn.Module:
     if setting not in TARGETS:
         return model
     config = peft.LoraConfig(
-        r=w.rank, lora_alpha=w.alpha, target_modules=list(TARGETS[setting]), lora_dropout=0.0
+        r=w.rank,
+        lora_alpha=w.alpha,
+        target_modules=list(TARGETS[setting]),
+        lora_dropout=0.0,
+        use_dora=dora,
     )
     return peft.get_peft_model(model, config)
 
 
 def training(
-    setting: str, w: Workload
+    setting: str, w: Workload, dora: bool = False
 ) -> tuple[Callable[[], None], nn.Module, torch.optim.Optimizer]:
     """One eager training step as a call, with the model and ``torch.optim.AdamW`` it updates."""
     torch.set_num_threads(cpu_count())
-    model = build_model(setting, w)
+    model = build_model(setting, w, dora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     tokens, targets = (torch.from_numpy(a).long() for a in token_batch(w))
@@ -62,9 +68,9 @@ def training(
     return call, model, optimizer
 
 
-def run(setting: str, w: Workload) -> Measurement:
+def run(setting: str, w: Workload, dora: bool = False) -> Measurement:
     """Measures eager training steps of :func:`build_model` with ``torch.optim.AdamW``."""
-    call, model, optimizer = training(setting, w)
+    call, model, optimizer = training(setting, w, dora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     times = time_calls(call, w)
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -78,4 +84,9 @@ def run(setting: str, w: Workload) -> Measurement:
     )
 
 
-RUNNERS = {"torch-peft": run, "torch-full": run, "torch-floor": run}
+RUNNERS = {
+    "torch-peft": run,
+    "torch-peft-dora": functools.partial(run, dora=True),
+    "torch-full": run,
+    "torch-floor": run,
+}
