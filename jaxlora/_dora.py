@@ -18,6 +18,8 @@ slices and scan steps restrict it exactly as they restrict B.
 from __future__ import annotations
 
 import functools
+import string
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +57,27 @@ def check_layers(use_dora: bool, layers: list[tuple[str, bool, bool]], *, who: s
             )
 
 
-def _labels(delta_eq: str) -> tuple[str, str, str, int]:
-    """Kernel labels, input labels, magnitude labels (B's without the rank) and the rank's
-    position in B, of a ``delta_eq`` (``...`` dropped)."""
+class _Labels(NamedTuple):
+    """The einsum labels of an adapter's ``delta_eq`` (``...`` dropped)."""
+
+    a: str
+    b: str
+    kernel: str
+    rank: str
+    ins: str  # the weight's input axes: A's side only
+    mag: str  # the magnitude's axes: B's without the rank
+
+    @property
+    def kept(self) -> str:
+        """The kernel's axes that are not inputs, in kernel order."""
+        return "".join(c for c in self.kernel if c not in self.ins)
+
+
+def _labels(delta_eq: str) -> _Labels:
     a, b, kernel = _layout.delta_labels(delta_eq)
     rank = next(c for c in a if c in b and c not in kernel)
     ins = "".join(c for c in a if c not in b)
-    return kernel, ins, b.replace(rank, ""), b.index(rank)
+    return _Labels(a, b, kernel, rank, ins, b.replace(rank, ""))
 
 
 def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, delta_eq: str, scale: float):
@@ -80,25 +96,19 @@ def weight_norm(w: jax.Array, a: jax.Array, b: jax.Array, delta_eq: str, scale: 
     Returns:
       ``(*stack, *magnitude)``: one norm per output feature (see the module docstring).
     """
-    kernel, ins, mag, _ = _labels(delta_eq)
-    a_lab, b_lab, _ = _layout.delta_labels(delta_eq)
-    rank = next(c for c in a_lab if c in b_lab and c not in kernel)
-    other = next(
-        c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in delta_eq
-    )
-    batch = "".join(c for c in b_lab if c in a_lab and c != rank)
+    lab = _labels(delta_eq)
+    other = next(c for c in string.ascii_letters if c not in delta_eq)  # a second rank label
+    a2, b2 = lab.a.replace(lab.rank, other), lab.b.replace(lab.rank, other)
+    batch = "".join(c for c in lab.b if c in lab.a and c != lab.rank)
     w, a, b = (x.astype(jnp.float32) for x in (w, a, b))
     einsum = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
-    n_stack = w.ndim - len(kernel)
-    squares = jnp.sum(w * w, axis=tuple(n_stack + kernel.index(c) for c in ins))
-    kept = "".join(c for c in kernel if c not in ins)
-    squares = jnp.einsum(f"...{kept}->...{mag}", squares)
-    a_w = einsum(f"...{a_lab},...{kernel}->...{b_lab}", a, w)  # Aᵀ W, shaped like B
-    cross = jnp.sum(a_w * b, axis=w.ndim - len(kernel) + b_lab.index(rank))
-    gram = einsum(f"...{a_lab},...{a_lab.replace(rank, other)}->...{batch}{rank}{other}", a, a)
-    quad = einsum(
-        f"...{b_lab},...{batch}{rank}{other},...{b_lab.replace(rank, other)}->...{mag}", b, gram, b
-    )
+    n_stack = w.ndim - len(lab.kernel)
+    squares = jnp.sum(w * w, axis=tuple(n_stack + lab.kernel.index(c) for c in lab.ins))
+    squares = jnp.einsum(f"...{lab.kept}->...{lab.mag}", squares)  # a transpose
+    a_w = einsum(f"...{lab.a},...{lab.kernel}->...{lab.b}", a, w)  # Aᵀ W, shaped like B
+    cross = jnp.sum(a_w * b, axis=n_stack + lab.b.index(lab.rank))
+    gram = einsum(f"...{lab.a},...{a2}->...{batch}{lab.rank}{other}", a, a)  # Aᵀ A
+    quad = einsum(f"...{lab.b},...{batch}{lab.rank}{other},...{b2}->...{lab.mag}", b, gram, b)
     return jnp.sqrt(jnp.maximum(squares + 2 * scale * cross + scale * scale * quad, 0.0))
 
 
@@ -112,18 +122,16 @@ def output_scale(w, a, b, magnitude, delta_eq: str, scale: float) -> jax.Array:
     ``weight_norm.detach()``), laid out like B with a rank axis of size 1."""
     norm = lax.stop_gradient(weight_norm(w, a, b, delta_eq, scale))
     g = magnitude.astype(jnp.float32) / norm
-    _, _, mag, rank_at = _labels(delta_eq)
-    return jnp.expand_dims(g, g.ndim - len(mag) + rank_at)
+    lab = _labels(delta_eq)
+    return jnp.expand_dims(g, g.ndim - len(lab.mag) + lab.b.index(lab.rank))
 
 
 def _on_kernel(g: jax.Array, delta_eq: str) -> jax.Array:
     """``g`` (magnitude-shaped) broadcastable against the kernel ``(*stack, *kernel)``."""
-    kernel, ins, mag, _ = _labels(delta_eq)
-    kept = "".join(c for c in kernel if c not in ins)
-    g = jnp.einsum(f"...{mag}->...{kept}", g)  # a transpose
-    n_stack = g.ndim - len(kept)
-    axes = tuple(n_stack + kernel.index(c) for c in ins)
-    return jnp.expand_dims(g, axes)
+    lab = _labels(delta_eq)
+    g = jnp.einsum(f"...{lab.mag}->...{lab.kept}", g)  # a transpose
+    n_stack = g.ndim - len(lab.kept)
+    return jnp.expand_dims(g, tuple(n_stack + lab.kernel.index(c) for c in lab.ins))
 
 
 def merged_weight(w, a, b, magnitude, delta_eq: str, scale: float) -> jax.Array:
