@@ -12,6 +12,7 @@ import dataclasses
 import math
 import string
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -240,8 +241,14 @@ def add_delta(y: jax.Array, delta: Callable[..., jax.Array], *operands: jax.Arra
     Returns:
       ``y + delta(*operands)``, shaped, typed and sharded like ``y``.
     """
+    return replace_output(y, lambda y, *operands: y + delta(*operands).astype(y.dtype), *operands)
+
+
+def replace_output(y: jax.Array, output: Callable[..., jax.Array], *operands: Any) -> jax.Array:
+    """``output(y, *operands)`` in ``y``'s dtype and, under explicit sharding, its sharding
+    (see `add_delta`; DoRA rescales ``y`` as well as adding to it)."""
     sharding = jax.typeof(y).sharding
     explicit = getattr(getattr(sharding, "mesh", None), "explicit_axes", ())
     if explicit:
-        delta = jax.sharding.auto_axes(delta, axes=explicit, out_sharding=sharding)
-    return y + delta(*operands).astype(y.dtype)
+        output = jax.sharding.auto_axes(output, axes=explicit, out_sharding=sharding)
+    return output(y, *operands).astype(y.dtype)

@@ -237,17 +237,19 @@ def _dora_output(op, geo, y, x, view, first_name, first, second, fn, rebind, dro
 
     ``y + (g - 1) · base + g · scale · x' A B`` with ``g = m / ‖W + scale · A ⊗ B‖`` per
     output feature, ``x'`` the input after LoRA dropout and ``base`` the frozen weight's
-    output on ``x'``: ``y`` itself without dropout, one more contraction with it (PEFT's
-    ``F.linear(dropout(x), W)``). A lookup has no dropout: ``g · (y + scale · A[ids] B)``.
-    A transposed use (a tied head, ``x @ Wᵀ``) contracts the output features: there the
-    merged weight's ``g`` scales the input, ``W' x = (W + ΔW)(g · x)``.
+    output on ``x'``: ``y`` itself without dropout (then ``g · y + g · scale · x A B``), one
+    more contraction with it (PEFT's ``F.linear(dropout(x), W)``). ``g`` multiplies B
+    (rank x out) rather than the adapter's output (tokens x out): the same product, one pass
+    over the activations fewer each way. A lookup has no dropout. A transposed use (a tied
+    head, ``x @ Wᵀ``) contracts the output features: there the merged weight's ``g`` scales
+    the input, ``W' x = (W + ΔW)(g · x)``.
     """
     nb = len(geo.w_batch)
     if first_name == "b":
         g = jnp.squeeze(view.factor_array("g", geo.w_batch + geo.w_contract, nb), nb)
         x = x * _placed(g, geo.x_batch + geo.x_contract, x.ndim).astype(x.dtype)
         return _layout.add_delta(rebind(x), fn, _dropout(x, dropout, key), first, second)
-    g = jnp.squeeze(view.factor_array("g", geo.w_batch + geo.w_free, nb), nb)
+    g_b = view.factor_array("g", geo.w_batch + geo.w_free, nb)  # laid out like ``second``
     n_free = len(geo.w_free)
     if op == "gather":
         free = tuple(range(y.ndim - n_free, y.ndim))
@@ -255,16 +257,18 @@ def _dora_output(op, geo, y, x, view, first_name, first, second, fn, rebind, dro
         free = tuple(range(nb, nb + n_free))
     else:
         free = tuple(range(y.ndim - n_free, y.ndim))
-    g = _placed(g, (*range(nb), *free), y.ndim)
+    g_y = _placed(jnp.squeeze(g_b, nb), (*range(nb), *free), y.ndim)
     dropped = op != "gather" and dropout > 0.0 and key is not None
     x_lora = _dropout(x, dropout, key) if dropped else x
-    base = rebind(x_lora) if dropped else y
 
-    def correction(x, first, second, base, g):
-        lora = fn(x, first, second).astype(jnp.float32)
-        return (g - 1.0) * base.astype(jnp.float32) + g * lora
+    def output(y, x, first, second, g_b, g_y, base):
+        lora = fn(x, first, second * g_b.astype(second.dtype)).astype(jnp.float32)
+        y32 = y.astype(jnp.float32)
+        frozen = g_y * y32 if base is None else y32 + (g_y - 1.0) * base.astype(jnp.float32)
+        return frozen + lora
 
-    return _layout.add_delta(y, correction, x_lora, first, second, base, g)
+    base = rebind(x_lora) if dropped else None
+    return _layout.replace_output(y, output, x_lora, first, second, g_b, g_y, base)
 
 
 def adapted_output(

@@ -276,8 +276,18 @@ class _TiedLm(nn.Module):
         return x @ table.T
 
 
+class _Heads(nn.Module):
+    """DenseGeneral to heads and back: several output axes, then several input axes."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.DenseGeneral((2, 8), name="split")(x)
+        return nn.DenseGeneral(16, axis=(-2, -1), name="merge")(jnp.tanh(h))
+
+
 _X = jax.random.normal(jax.random.key(1), (2, 5, 16))
 _CUSTOM = {
+    "dense_general": (_Heads(), _X, "all-linear"),
     "einsum": (CustomBlock(), _X, "all-linear"),
     "scan_axis_1": (CustomScanned(), _X, "all-linear"),
     "nn_scan_remat": (
