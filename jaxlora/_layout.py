@@ -241,14 +241,19 @@ def add_delta(y: jax.Array, delta: Callable[..., jax.Array], *operands: jax.Arra
     Returns:
       ``y + delta(*operands)``, shaped, typed and sharded like ``y``.
     """
-    return replace_output(y, lambda y, *operands: y + delta(*operands).astype(y.dtype), *operands)
+    return y + _like(y, delta)(*operands).astype(y.dtype)
 
 
 def replace_output(y: jax.Array, output: Callable[..., jax.Array], *operands: Any) -> jax.Array:
     """``output(y, *operands)`` in ``y``'s dtype and, under explicit sharding, its sharding
-    (see `add_delta`; DoRA rescales ``y`` as well as adding to it)."""
+    (as `add_delta`; DoRA rescales ``y`` as well as adding to it)."""
+    return _like(y, output)(y, *operands).astype(y.dtype)
+
+
+def _like(y: jax.Array, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``fn`` computed with ``y``'s explicit mesh axes ``Auto`` and resharded like ``y``."""
     sharding = jax.typeof(y).sharding
     explicit = getattr(getattr(sharding, "mesh", None), "explicit_axes", ())
     if explicit:
-        output = jax.sharding.auto_axes(output, axes=explicit, out_sharding=sharding)
-    return output(y, *operands).astype(y.dtype)
+        return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=sharding)
+    return fn
