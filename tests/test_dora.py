@@ -490,3 +490,26 @@ def test_peft_variants_still_unsupported_are_refused_by_name(tmp_path, trained):
     config_file.write_text(json.dumps({**config, "use_dora": False}))
     with pytest.raises(ValueError, match=r"has a lora_magnitude_vector.*use_dora=False"):
         jaxlora.import_peft(tmp_path / "ours", trained, module_map=MODULE_MAP)
+
+
+def test_magnitude_is_placed_like_b_without_its_rank(tmp_path):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    model = models.MLP(features=(64, 64, 32))
+    x = jax.random.normal(KEY, (8, 64))
+    params = model.init(KEY, x)["params"]
+    params = jaxlora.shard_params(
+        params, mesh, [("kernel", jax.sharding.PartitionSpec("data", "model"))]
+    )
+    cfg = jaxlora.LoraConfig(rank=4, use_dora=True)
+    lora_model, lora_params = jaxlora.lorafy(model, params, cfg, x, key=KEY)
+    P = jax.sharding.PartitionSpec
+    assert lora_params["dense_0"]["lora"].b.sharding.spec == P(None, "model")
+    assert lora_params["dense_0"]["lora"].magnitude.sharding.spec == P("model")
+    jaxlora.save_adapter(tmp_path / "adapter", lora_params, cfg)
+    _, loaded = jaxlora.load_adapter(tmp_path / "adapter", params)
+    assert loaded["dense_0"]["lora"].magnitude.sharding.spec == P("model")
+    chex.assert_trees_all_close(
+        jax.jit(lora_model.apply)({"params": loaded}, x),
+        model.apply({"params": params}, x),
+        atol=1e-5,
+    )
