@@ -86,10 +86,14 @@ def lorafy_linen(
     return model, lora_model, lora_params
 
 
-def linen_lora(setting: str, w: Workload, quantized: bool = False) -> FunctionalRun:
+def linen_lora(
+    setting: str, w: Workload, quantized: bool = False, dora: bool = False
+) -> FunctionalRun:
     """``jaxlora``: adapters train, the rest is frozen and has no optimizer state;
-    ``jaxlora-qlora`` (``quantized``): the same on :func:`qlora_config`'s NF4 base."""
+    ``jaxlora-qlora`` (``quantized``): the same on :func:`qlora_config`'s NF4 base;
+    ``jaxlora-dora`` (``dora``): DoRA adapters (``LoraConfig(use_dora=True)``)."""
     config = qlora_config(setting, w) if quantized else lora_config(setting, w)
+    config = dataclasses.replace(config, use_dora=dora)
     _, lora_model, lora_params = lorafy_linen(setting, w, config)
     tx = jaxlora.optimizer(adamw(), lora_params)
     step = jaxlora.make_train_step(linen_loss(lora_model), tx)
@@ -224,6 +228,7 @@ def linen_mixed(setting: str, w: Workload) -> FunctionalRun:
 RUNNERS = {
     "jaxlora": measured(linen_lora),
     "jaxlora-qlora": measured(functools.partial(linen_lora, quantized=True)),
+    "jaxlora-dora": measured(functools.partial(linen_lora, dora=True)),
     "jaxlora-nnx": run_train_nnx,
     "fwd-lora": run_forward_unmerged,
     "fwd-merged": run_forward_merged,

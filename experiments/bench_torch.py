@@ -1,11 +1,12 @@
-"""PyTorch runners: PEFT LoRA (``torch-peft``), full fine-tuning (``torch-full``), the floor,
-PEFT's forward pass with one adapter (``torch-peft-fwd``) and with a batch mixing K adapters
-(``torch-peft-mixed``, PEFT's ``adapter_names=``).
+"""PyTorch runners: PEFT LoRA (``torch-peft``) and DoRA (``torch-peft-dora``), full fine-tuning
+(``torch-full``), the floor, PEFT's forward pass with one adapter (``torch-peft-fwd``) and with
+a batch mixing K adapters (``torch-peft-mixed``, PEFT's ``adapter_names=``).
 
 Eager mode with ``torch.optim.AdamW`` defaults (no ``torch.compile``, no fused optimizer), as a
 PEFT user would run it. ``torch.set_num_threads`` is set to the CPU count XLA uses.
 """
 
+import functools
 from collections.abc import Callable
 
 import peft
@@ -31,9 +32,9 @@ from experiments.bench_common import (
 from experiments.gpt2_torch import GPT2
 
 
-def build_model(setting: str, w: Workload) -> nn.Module:
-    """The torch GPT-2: PEFT LoRA on the setting's targets, all trainable for ``"full"``, or
-    only the position table for ``FROZEN`` (the floor)."""
+def build_model(setting: str, w: Workload, dora: bool = False) -> nn.Module:
+    """The torch GPT-2: PEFT LoRA (DoRA with ``dora``) on the setting's targets, all trainable
+    for ``"full"``, or only the position table for ``FROZEN`` (the floor)."""
     torch.manual_seed(0)
     model = GPT2(w.vocab, w.d_model, w.layers, w.heads, w.mlp, w.seq, w.attention)
     if setting == FROZEN:
@@ -41,22 +42,26 @@ def build_model(setting: str, w: Workload) -> nn.Module:
             param.requires_grad_(name.startswith(f"{FLOOR_PARAM}."))
     if setting not in TARGETS:
         return model
-    return peft.get_peft_model(model, lora_config(setting, w))
+    return peft.get_peft_model(model, lora_config(setting, w, dora))
 
 
-def lora_config(setting: str, w: Workload) -> peft.LoraConfig:
-    """PEFT's config of the LoRA ``setting`` (``"qv"`` or ``"all"``)."""
+def lora_config(setting: str, w: Workload, dora: bool = False) -> peft.LoraConfig:
+    """PEFT's config of the LoRA ``setting`` (``"qv"`` or ``"all"``), DoRA with ``dora``."""
     return peft.LoraConfig(
-        r=w.rank, lora_alpha=w.alpha, target_modules=list(TARGETS[setting]), lora_dropout=0.0
+        r=w.rank,
+        lora_alpha=w.alpha,
+        target_modules=list(TARGETS[setting]),
+        lora_dropout=0.0,
+        use_dora=dora,
     )
 
 
 def training(
-    setting: str, w: Workload
+    setting: str, w: Workload, dora: bool = False
 ) -> tuple[Callable[[], None], nn.Module, torch.optim.Optimizer]:
     """One eager training step as a call, with the model and ``torch.optim.AdamW`` it updates."""
     torch.set_num_threads(cpu_count())
-    model = build_model(setting, w)
+    model = build_model(setting, w, dora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     tokens, targets = (torch.from_numpy(a).long() for a in token_batch(w))
@@ -70,9 +75,9 @@ def training(
     return call, model, optimizer
 
 
-def run(setting: str, w: Workload) -> Measurement:
+def run(setting: str, w: Workload, dora: bool = False) -> Measurement:
     """Measures eager training steps of :func:`build_model` with ``torch.optim.AdamW``."""
-    call, model, optimizer = training(setting, w)
+    call, model, optimizer = training(setting, w, dora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     times = time_calls(call, w)
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -122,6 +127,7 @@ def run_forward_mixed(setting: str, w: Workload) -> Measurement:
 
 RUNNERS = {
     "torch-peft": run,
+    "torch-peft-dora": functools.partial(run, dora=True),
     "torch-full": run,
     "torch-floor": run,
     "torch-peft-fwd": run_forward,

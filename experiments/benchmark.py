@@ -8,6 +8,8 @@ Run from the repository root::
     python -m experiments.benchmark --child nnx-lora qv      # one child: one JSON line
     python -m experiments.benchmark --impls jaxlora,jaxlora-qlora,qwix-lora,qwix-qlora \
         --settings qv,all                                     # QLoRA; Qwix as a peer
+    python -m experiments.benchmark --impls jaxlora,jaxlora-dora,torch-peft,torch-peft-dora \
+        --settings all --reps 3                               # DoRA against LoRA, both libraries
     python -m experiments.benchmark --impls fwd-lora,jaxlora-mixed,jaxlora,jaxlora-mixed-train \
         --settings all --adapters 1,4,16                      # many adapters, mixed batches
     python -m experiments.benchmark --impls fwd-lora,jaxlora-mixed,torch-peft-fwd,torch-peft-mixed \
@@ -167,9 +169,11 @@ IMPLS = {
     "nnx-lora": Impl("train", _LORA, _JAX),
     "nnx-full": Impl("train", _FULL, _JAX),
     "jaxlora-qlora": Impl("train", _LORA, _JAXLORA, base="nf4"),
+    "jaxlora-dora": Impl("train", _LORA, _JAXLORA),
     "qwix-lora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",)),
     "qwix-qlora": Impl("train", _LORA, "experiments.bench_qwix", requires=("qwix",), base="nf4"),
     "torch-peft": _torch("train", _LORA),
+    "torch-peft-dora": _torch("train", _LORA),
     "torch-full": _torch("train", _FULL),
     "torch-floor": _torch("train", _FLOOR),
     "fwd-base": _linen("infer", _FULL, _JAX),

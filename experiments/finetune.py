@@ -87,7 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add(
         "--variant",
         choices=VARIANTS,
-        help="lora (default); pissa / olora: adapters initialised from the base weights "
+        help="lora (default); dora: weight-decomposed LoRA (PEFT's use_dora, a trained "
+        "magnitude per output feature); pissa / olora: adapters initialised from the base weights "
         "(PEFT's init_lora_weights), the frozen weights becoming the residual; loraplus: B "
         "at --loraplus-ratio times the learning rate (PEFT's create_loraplus_optimizer)",
     )
@@ -142,8 +143,14 @@ def one_line(error: BaseException) -> str:
 
 
 DEFAULT_MODEL = "minilm"
-VARIANTS = ("lora", "pissa", "olora", "loraplus")
-VARIANT_NAMES = {"lora": "LoRA", "pissa": "PiSSA", "olora": "OLoRA", "loraplus": "LoRA+"}
+VARIANTS = ("lora", "dora", "pissa", "olora", "loraplus")
+VARIANT_NAMES = {
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "pissa": "PiSSA",
+    "olora": "OLoRA",
+    "loraplus": "LoRA+",
+}
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +230,7 @@ def settings(
         recorded: A resumed run's ``settings.json`` (None for a fresh run).
 
     Returns:
-        JSON-serialisable settings: model, data, method, variant (lora, pissa, olora,
+        JSON-serialisable settings: model, data, method, variant (lora, dora, pissa, olora,
         loraplus; "full" for full fine-tuning), loraplus_lr_ratio, quantize, rank, alpha,
         targets, steps, lr, batch_size, seq_len, seed, skip_nonfinite, eval_every and
         max_eval_examples (None: the whole evaluation set).
@@ -525,6 +532,7 @@ def make_method(task: tasks.Task, run: dict[str, Any], key: jax.Array) -> traini
         # the loader stored the kernels; "gguf" blocks are read, not computed by lorafy
         quantize=None if run["quantize"] == "gguf" else _quantize_format(run["quantize"]),
         init=variant if variant in ("pissa", "olora") else "kaiming",
+        use_dora=variant == "dora",
     )
     return training.lora_method(task, config, tx, run["seq_len"], key, run["skip_nonfinite"])
 

@@ -28,14 +28,15 @@ from jaxlora import (
     _init_from_weights,
     _io_errors,
     _records,
+    _sharding,
     _token_records,
 )
 from jaxlora._config import LoraConfig, listing
 from jaxlora._tree import LoraAdapter, PyTree, path_str
 
 # Version 1 records carry no checksums; version 3 ones carry parts version 2 lacks (token
-# rows), written only when present, so that an older jaxlora refuses such a file instead
-# of loading it without them.
+# rows, DoRA magnitudes), written only when present, so that an older jaxlora refuses such
+# a file instead of loading it without them.
 _FORMAT, _VERSION = "jaxlora.adapter", 3
 _READABLE = (1, 2, _VERSION)
 _ARRAYS, _RECORD = "arrays", "record"
@@ -76,16 +77,27 @@ def _nonfinite(named: list[tuple[str, Any]]) -> list[str]:
     return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
 
+def _named_arrays(spec: _records.LayerSpec, a: Any, b: Any, m: Any) -> list[tuple[str, Any]]:
+    """``("A", a)``, ``("B", b)`` and, for DoRA, ``("magnitude", m)``: a layer's saved arrays."""
+    return [("A", a), ("B", b)] + ([] if m is None else [("magnitude", m)])
+
+
+def _saved(layer: tuple) -> dict[str, Any]:
+    """One entry of the ``arrays`` item's ``adapters`` list."""
+    _, a, b, m = layer
+    return {"a": a, "b": b} if m is None else {"a": a, "b": b, "m": m}
+
+
 def _check_finite(
-    layers: list[tuple[_records.LayerSpec, Any, Any]],
+    layers: list[tuple[_records.LayerSpec, Any, Any, Any]],
     leaves: list[tuple[_records.LeafSpec, Any]],
     tokens: list[tuple[Any, Any]],
 ) -> None:
     named = [
         *(
-            (f"layer {spec.path!r}: {factor}", x)
-            for spec, a, b in layers
-            for factor, x in (("A", a), ("B", b))
+            (f"layer {layer[0].path!r}: {factor}", x)
+            for layer in layers
+            for factor, x in _named_arrays(*layer)
         ),
         *((f"trainable leaf {spec.path!r}", x) for spec, x in leaves),
         *((f"token rows of {spec.name!r}", x) for spec, x in tokens),
@@ -139,20 +151,20 @@ def save_adapter(
       >>> cfg, lora_params = jaxlora.load_adapter("runs/adapter", base_params)
     """
     layers, leaves = _records.collect(params, who="save_adapter")
-    _records.check_config([spec for spec, _, _ in layers], config, who="save_adapter")
-    specs = _base_checks.fingerprinted(params, [spec for spec, _, _ in layers])
-    layers = [(spec, a, b) for spec, (_, a, b) in zip(specs, layers, strict=True)]
+    _records.check_config([spec for spec, *_ in layers], config, who="save_adapter")
+    specs = _base_checks.fingerprinted(params, [spec for spec, *_ in layers])
+    layers = [(spec, *arrays) for spec, (_, *arrays) in zip(specs, layers, strict=True)]
     tokens = _token_records.collect(params, config, who="save_adapter")
     if not allow_nonfinite:
         _check_finite(layers, leaves, tokens)
     record = {
         "format": _FORMAT,
-        "version": _VERSION if tokens else 2,
+        "version": _VERSION if tokens or any(m is not None for *_, m in layers) else 2,
         "config": config.to_dict(),
-        "layers": [spec.to_json() for spec, _, _ in layers],
+        "layers": [spec.to_json() for spec, *_ in layers],
         "trainable": [spec.to_json() for spec, _ in leaves],
         "array_hashes": _array_hashes(
-            [(a, b) for _, a, b in layers],
+            [list(_saved(layer).values()) for layer in layers],
             [value for _, value in leaves],
             [values for _, values in tokens],
         ),
@@ -160,7 +172,7 @@ def save_adapter(
     if tokens:
         record["tokens"] = [spec.to_json() for spec, _ in tokens]
     record["checksum"] = _record_checksum(record)
-    arrays: dict[str, Any] = {"adapters": [{"a": a, "b": b} for _, a, b in layers]}
+    arrays: dict[str, Any] = {"adapters": [_saved(layer) for layer in layers]}
     if leaves:
         arrays["trainable"] = [value for _, value in leaves]
     if tokens:
@@ -197,7 +209,7 @@ def _record_checksum(record: Mapping[str, Any]) -> str:
 
 
 def _array_hashes(
-    factors: list[tuple[Any, Any]], leaves: list[Any], tokens: list[Any]
+    factors: list[list[Any]], leaves: list[Any], tokens: list[Any]
 ) -> dict[str, list[Any]]:
     """`_fingerprint.content_hash` of every saved array, as the record keeps them."""
     hashes = {
@@ -263,12 +275,16 @@ def _check_arrays(record: _Record, arrays: dict[str, Any], source: str) -> None:
     if record.array_hashes is None:
         return
     restored = _array_hashes(
-        [(f["a"], f["b"]) for f in arrays["adapters"]],
+        [list(f.values()) for f in arrays["adapters"]],
         arrays.get("trainable", []),
         arrays.get("tokens", []),
     )
     names = [
-        *(f"layer {s.path!r}: {f}" for s in record.layers for f in ("A", "B")),
+        *(
+            f"layer {s.path!r}: {f}"
+            for s in record.layers
+            for f in ("A", "B", "magnitude")[: 2 if s.magnitude_shape is None else 3]
+        ),
         *(f"trainable leaf {leaf.path!r}" for leaf in record.leaves),
         *(f"token rows of {t.name!r}" for t in record.tokens),
     ]
@@ -291,12 +307,14 @@ def _abstract_adapter(
     adapters = []
     for spec in layers:
         a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)
-        adapters.append(
-            {
-                "a": jax.ShapeDtypeStruct(spec.a_shape, spec.dtype, sharding=a_sharding),
-                "b": jax.ShapeDtypeStruct(spec.b_shape, spec.dtype, sharding=b_sharding),
-            }
-        )
+        entry = {
+            "a": jax.ShapeDtypeStruct(spec.a_shape, spec.dtype, sharding=a_sharding),
+            "b": jax.ShapeDtypeStruct(spec.b_shape, spec.dtype, sharding=b_sharding),
+        }
+        if spec.magnitude_shape is not None:
+            m_sharding = _sharding.magnitude_sharding(b_sharding, len(spec.b_shape), spec.delta_eq)
+            entry["m"] = jax.ShapeDtypeStruct(spec.magnitude_shape, spec.dtype, sharding=m_sharding)
+        adapters.append(entry)
     tree: dict[str, Any] = {"adapters": adapters}
     if leaves:
         tree["trainable"] = [
@@ -411,7 +429,9 @@ def load_adapter(
     _check_arrays(record, arrays, source)
     wanted = {spec.path for spec in load_layers}
     adapters = {
-        spec: LoraAdapter(f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq)
+        spec: LoraAdapter(
+            f["a"], f["b"], scale=spec.scale, delta_eq=spec.delta_eq, magnitude=f.get("m")
+        )
         for spec, f in zip(layers, arrays["adapters"], strict=True)
         if spec.path in wanted
     }

@@ -148,11 +148,14 @@ def _with_adapter(weight: str, adapter: LoraAdapter, layer: Mapping[str, Any]) -
     """The layer with ``adapter``: factors boxed like the old ones, else like the weight."""
     key = adapter_key(weight)
     old = layer.get(key)
+    m = adapter.magnitude
     if isinstance(old, LoraAdapter):
         a, b = rebox(old.a, adapter.a), rebox(old.b, adapter.b)
+        m = m if m is None or old.magnitude is None else rebox(old.magnitude, m)
     else:
         a, b = _sharding.box_factors(layer[weight], adapter.a, adapter.b, adapter.delta_eq, None)
-    return {**layer, key: dataclasses.replace(adapter, a=a, b=b)}
+        m = m if m is None else _sharding.box_magnitude(layer[weight], m, adapter.delta_eq)
+    return {**layer, key: dataclasses.replace(adapter, a=a, b=b, magnitude=m)}
 
 
 def _as_trainable(value: Any, old: Any) -> Trainable:

@@ -220,6 +220,12 @@ class AdapterBank:
                 "dropped); keep this adapter as its own adapted tree (save_adapter, "
                 "export_peft), or leave trainable_token_indices out."
             )
+        if config.use_dora:
+            raise ValueError(
+                f"AdapterBank.add({name!r}): DoRA adapters (use_dora=True) cannot join a bank: "
+                "a batch mixing adapters applies LoRA factors only. Use the adapter on its own "
+                "(jaxlora.LoraModel), or jaxlora.merge it into its base."
+            )
         inner, _ = params_of(adapted)
         if not has_adapters(inner):
             raise ValueError(

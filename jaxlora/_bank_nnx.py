@@ -139,7 +139,7 @@ class LoraBank(nnx.Module):
 
         Raises:
           ValueError: the name is taken, a target or ``modules_to_save`` pattern
-            matches nothing, or the config trains token rows.
+            matches nothing, or the config trains token rows or uses DoRA.
         """
         self._check_new(name)
         if config.trainable_token_indices is not None:
@@ -147,6 +147,12 @@ class LoraBank(nnx.Module):
                 f"LoraBank.add({name!r}): the config trains token rows "
                 "(trainable_token_indices), which a bank does not hold; adapt a module of its "
                 "own with jaxlora.lorafy instead, or leave trainable_token_indices out."
+            )
+        if config.use_dora:
+            raise ValueError(
+                f"LoraBank.add({name!r}): DoRA adapters (use_dora=True) cannot join a bank: a "
+                "batch mixing adapters applies LoRA factors only. Use jaxlora.lorafy on the "
+                "module itself."
             )
         graphdef, state = nnx.split(self.base)
 

@@ -176,6 +176,12 @@ class LoraConfig:
         (the one table it looks up), or ``{pattern: ids}`` per weight (``{"embed_tokens":
         [...], "lm_head": [...]}`` for an untied head). A tied head uses the same rows.
         With ``targets=[]`` only the rows train.
+      use_dora: weight-decomposed LoRA (DoRA, PEFT's ``use_dora``): each adapted weight
+        also gets a trainable magnitude ``m`` per output feature, initialised to the norms
+        of ``W + scale · A ⊗ B`` over its input axes, and its outputs become
+        ``m / ‖W + scale · A ⊗ B‖ · (W x + scale · x A B)``, the norm treated as a
+        constant in the backward pass (see `jaxlora.lorafy`). Linear, einsum and
+        embedding weights; not convolutions or expert weights.
     """
 
     rank: int = 8
@@ -195,6 +201,7 @@ class LoraConfig:
     quantize_exclude: Sequence[str] = ()
     double_quant: bool = True
     trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    use_dora: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -241,6 +248,16 @@ class LoraConfig:
                 "supported: initialising from the base weights changes them, and jaxlora "
                 'does not quantize the residual. Use init="kaiming" with quantize, or '
                 "quantize=None with this init."
+            )
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"LoraConfig: use_dora={self.use_dora!r} must be True or False.")
+        if self.use_dora and self.quantize is not None:
+            # the norm of W + s·A·B would need W dequantized in every step (PEFT does that
+            # for bitsandbytes); jaxlora does not build it
+            raise ValueError(
+                f"LoraConfig: use_dora=True with quantize={self.quantize!r} is not supported "
+                "(DoRA's weight norm needs the dense base weight in every step). Use "
+                "quantize=None with DoRA, or use_dora=False with quantize."
             )
         if not self.targets and self.trainable_token_indices is None:
             raise ValueError('LoraConfig: targets is empty; name layers or use "all-linear".')

@@ -97,10 +97,10 @@ def convert_to_lora(
     if isinstance(adapted, nnx.Module):
         return plain_config(config), _convert_nnx(adapted, base, config.init)
     layers, leaves = _records.collect(adapted, who="convert_to_lora")
-    _records.check_config([spec for spec, _, _ in layers], config, who="convert_to_lora")
+    _records.check_config([spec for spec, *_ in layers], config, who="convert_to_lora")
     _base_checks.plan(
         base,
-        [spec for spec, _, _ in layers],
+        [spec for spec, *_ in layers],
         [spec for spec, _ in leaves],
         source="the adapted tree",
         who="convert_to_lora",
@@ -108,11 +108,14 @@ def convert_to_lora(
     )
     inner, adapted_inner = params_of(base)[0], params_of(adapted)[0]
     adapters = {}
-    for spec, a, b in layers:
+    for spec, a, b, m in layers:
         weight = _records.unmark(subtree(inner, spec.module)[spec.weight_key])
         frozen = _records.unmark(subtree(adapted_inner, spec.module)[spec.weight_key])
         a2, b2 = _doubled(spec.path, weight, frozen, a, b, spec.delta_eq, spec.scale, config.init)
-        adapters[spec] = LoraAdapter(a=a2, b=b2, scale=spec.scale, delta_eq=spec.delta_eq)
+        # DoRA's norm is of W_res + s·A·B = W + s·A2·B2: the magnitude carries over as it is
+        adapters[spec] = LoraAdapter(
+            a=a2, b=b2, scale=spec.scale, delta_eq=spec.delta_eq, magnitude=m
+        )
     trainable = {spec.path: value for spec, value in leaves}
     plain = _attach.attach(base, adapters, trainable)
     # trained token rows replace rows of the untouched base as they are: kept

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import string
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -240,8 +241,19 @@ def add_delta(y: jax.Array, delta: Callable[..., jax.Array], *operands: jax.Arra
     Returns:
       ``y + delta(*operands)``, shaped, typed and sharded like ``y``.
     """
+    return y + _like(y, delta)(*operands).astype(y.dtype)
+
+
+def replace_output(y: jax.Array, output: Callable[..., jax.Array], *operands: Any) -> jax.Array:
+    """``output(y, *operands)`` in ``y``'s dtype and, under explicit sharding, its sharding
+    (as `add_delta`; DoRA rescales ``y`` as well as adding to it)."""
+    return _like(y, output)(y, *operands).astype(y.dtype)
+
+
+def _like(y: jax.Array, fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``fn`` computed with ``y``'s explicit mesh axes ``Auto`` and resharded like ``y``."""
     sharding = jax.typeof(y).sharding
     explicit = getattr(getattr(sharding, "mesh", None), "explicit_axes", ())
     if explicit:
-        delta = jax.sharding.auto_axes(delta, axes=explicit, out_sharding=sharding)
-    return y + delta(*operands).astype(y.dtype)
+        return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=sharding)
+    return fn

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from jaxlora import (
+    _dora,
     _init_from_weights,
     _quantized_base,
     _rewrite,
@@ -109,8 +110,14 @@ def make_adapter(
             dtype=jnp.dtype(config.dtype),
             shardings=shardings,
         )
+    magnitude = None
+    if config.use_dora:
+        magnitude = _dora.initial_magnitude(
+            meta.unbox(weight), a, b, layout.delta_eq, scale, jnp.dtype(config.dtype)
+        )
+        magnitude = _sharding.box_magnitude(weight, magnitude, layout.delta_eq)
     a, b = _sharding.box_factors(weight, a, b, layout.delta_eq, rank_axis)
-    adapter = LoraAdapter(a=a, b=b, scale=scale, delta_eq=layout.delta_eq)
+    adapter = LoraAdapter(a=a, b=b, scale=scale, delta_eq=layout.delta_eq, magnitude=magnitude)
     return adapter, weight
 
 
@@ -184,6 +191,9 @@ def lorafy(
     selected = _targeting.select(config, found)
     _init_from_weights.check_layers(
         config.init, [(c.name, c.embedding, c.conv) for c in selected], who="lorafy"
+    )
+    _dora.check_layers(
+        config.use_dora, [(c.name, c.conv, c.experts) for c in selected], who="lorafy"
     )
     adapted = dict(inner)
     for c in selected:

@@ -2,8 +2,9 @@
 
 PEFT's ``create_loraplus_optimizer`` puts every trainable parameter in one of three
 learning-rate groups: an embedding layer's adapter factors get ``loraplus_lr_embedding``;
-B factors, and every other trainable 1-D parameter (biases, norm scales), get ``lr ·
-loraplus_lr_ratio``; everything else (A factors, ``modules_to_save`` matrices) gets ``lr``.
+B factors, and every other trainable 1-D parameter (biases, norm scales, DoRA's
+magnitudes), get ``lr · loraplus_lr_ratio``; everything else (A factors,
+``modules_to_save`` matrices) gets ``lr``.
 Here each group is a label of ``optax.partition`` with its own copy of the optimizer,
 built at its learning rate.
 """
@@ -25,25 +26,28 @@ LearningRate = float | Callable[[Any], Any]
 
 
 def _factor_of(key_path: tuple[Any, ...]) -> str | None:
-    """``"a"``/``"b"`` when the leaf at ``key_path`` is a LoRA factor (linen or NNX), else None."""
+    """``"a"``/``"b"`` when the leaf at ``key_path`` is a LoRA factor (linen or NNX), ``"m"``
+    when it is DoRA's magnitude, else None."""
     names = path_str(key_path).split("/")
     if names[-1] == "value" and not isinstance(key_path[-1], jax.tree_util.DictKey):
         names = names[:-1]  # an NNX Variable's own field
     last = names[-1] if names else ""
-    if last in ("lora_a", "lora_b"):
-        return last[-1]
+    if last in ("lora_a", "lora_b", "lora_magnitude"):
+        return {"lora_a": "a", "lora_b": "b", "lora_magnitude": "m"}[last]
     # a linen `LoraAdapter`'s fields, under its key ``lora``/``lora_<weight>``
     is_field = isinstance(key_path[-1], jax.tree_util.GetAttrKey)
-    if is_field and last in ("a", "b") and len(names) >= 2 and names[-2].startswith("lora"):
-        return last
+    fields = {"a": "a", "b": "b", "magnitude": "m"}
+    if is_field and last in fields and len(names) >= 2 and names[-2].startswith("lora"):
+        return fields[last]
     return None
 
 
 def _label(key_path: tuple[Any, ...], leaf: Any, embeddings: set[str]) -> str:
     factor = _factor_of(key_path)
-    if factor is not None and any(path_str(key_path).startswith(e + "/") for e in embeddings):
+    if factor in ("a", "b") and any(path_str(key_path).startswith(e + "/") for e in embeddings):
         return EMBEDDING
-    if factor == "b" or (factor is None and getattr(leaf, "ndim", 0) == 1):
+    # DoRA's magnitude is 1-D in PEFT (one per layer), so in its B group, embeddings' too
+    if factor in ("b", "m") or (factor is None and getattr(leaf, "ndim", 0) == 1):
         return LORA_B
     return LORA_A
 

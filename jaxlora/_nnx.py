@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora import (
+    _dora,
     _init_from_weights,
     _layout,
     _quantize,
@@ -157,6 +158,9 @@ def lorafy(
     ):
         _tokens.check_not_quantized(t, _quantized_base.chosen(config, found))
         rows.setdefault(t.module, []).append(t)
+    _dora.check_layers(
+        config.use_dora, [(c.name, c.conv, c.experts) for c in selected], who="lorafy"
+    )
     quantized = _quantize_weights(module, config, found)
     key = rngs.params()
     owners: dict[str, list[_targeting.Candidate]] = {}
@@ -373,14 +377,18 @@ def adapted_weights(module: nnx.Module) -> list[tuple[str, nnx.Variable, Any]]:
     return out
 
 
-def _fold(module: nnx.Module, sign: float, dtype: Any = None) -> None:
-    for _, weight, adapter in adapted_weights(module):
+def _fold(module: nnx.Module, sign: float, dtype: Any = None, bases: list | None = None) -> None:
+    """Folds every adapter of ``module`` in (``sign=+1``) or out (``-1``, ``bases`` the
+    adapted module's weights, on which DoRA's norm is taken), in place."""
+    for i, (_, weight, adapter) in enumerate(adapted_weights(module)):
         w = weight.get_value()
+        base = None if bases is None else bases[i]
         if _quantize.is_quantized(w):
-            merged = _quantize.dequantize(w, jnp.float32) + sign * adapter.delta_weight()
-            weight.set_value(merged.astype(dtype))
+            weight.set_value(
+                adapter.folded(_quantize.dequantize(w, jnp.float32), sign).astype(dtype)
+            )
         else:
-            weight[...] = (w.astype(jnp.float32) + sign * adapter.delta_weight()).astype(w.dtype)
+            weight[...] = adapter.folded(w, sign, base).astype(w.dtype)
 
 
 def merge(module: nnx.Module, dtype: Any = jnp.bfloat16) -> nnx.Module:
@@ -447,6 +455,6 @@ def unmerge(merged: nnx.Module, adapted: nnx.Module) -> nnx.Module:
                 "base weight although its adapter is not zero: it was never merged. Pass the "
                 "output of jaxlora.merge(adapted)."
             )
-    _fold(out, -1.0)
+    _fold(out, -1.0, bases=[base[...] for _, base, _ in adapted_weights(adapted)])
     _tokens_nnx.restore_rows(out, adapted)
     return out

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora import _init_from_weights, _layout, _rewrite, _sharding
+from jaxlora import _dora, _init_from_weights, _layout, _rewrite, _sharding
 from jaxlora._config import LoraConfig, adapter_name
 from jaxlora._quantize import is_quantized
-from jaxlora._views import factors_for
+from jaxlora._views import Factors, factors_for
 
 
 class TrainableParam(nnx.Param):
@@ -70,7 +70,65 @@ def _initial_factors(
     return a, b
 
 
-class LoraLayer(nnx.Module):
+def _magnitude(
+    weight: nnx.Variable,
+    a: jax.Array,
+    b: jax.Array,
+    layout: _layout.Layout,
+    scale: float,
+    config: LoraConfig,
+    b_meta: dict[str, Any],
+) -> LoraParam | None:
+    """DoRA's magnitude (``config.use_dora``), placed like B without its rank, else None."""
+    if not config.use_dora:
+        return None
+    m = _dora.initial_magnitude(
+        weight.get_value(), a, b, layout.delta_eq, scale, jnp.dtype(config.dtype)
+    )
+    if b_meta.get("out_sharding"):
+        names = _sharding.magnitude_names(b_meta["out_sharding"], layout.delta_eq)
+        b_meta = {**b_meta, "out_sharding": names}
+    return LoraParam(m, **b_meta)
+
+
+def adapter_factors(adapter: Any, weight: nnx.Variable) -> Factors:
+    """The `Factors` of a `LoraLayer` or `WeightAdapter` on its ``weight`` (with DoRA's
+    output scale when it has a magnitude)."""
+    a, b = adapter.lora_a[...], adapter.lora_b[...]
+    g = None
+    if adapter.lora_magnitude is not None:
+        m = adapter.lora_magnitude[...]
+        g = _dora.output_scale(weight.get_value(), a, b, m, adapter.delta_eq, adapter.scale)
+    return factors_for(a, b, adapter.delta_eq, weight.ndim, adapter.scale, g)
+
+
+class _Fold:
+    """ΔW and folding, shared by `LoraLayer` and `WeightAdapter`."""
+
+    def delta_weight(self) -> jax.Array:
+        """``scale · A ⊗ B`` in the weight's layout (float32)."""
+        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
+
+    def folded(self, weight: jax.Array, sign: float, base: jax.Array | None = None) -> jax.Array:
+        """``weight`` with the adapter folded in (``sign=+1``: ``W + ΔW``, DoRA's
+        ``m / ‖W + ΔW‖ · (W + ΔW)``) or out (``-1``; DoRA's norm is then taken on ``base``,
+        the weight it was folded into), in float32."""
+        if self.lora_magnitude is None:
+            return weight.astype(jnp.float32) + sign * self.delta_weight()
+        args = (self.lora_a[...], self.lora_b[...], self.lora_magnitude[...], self.delta_eq)
+        if sign > 0:
+            return _dora.merged_weight(weight, *args, self.scale)
+        return _dora.unmerged_weight(weight, base, *args, self.scale)
+
+
+def _dropout_key(dropout: nnx.Dropout | None) -> jax.Array | None:
+    if dropout is None or dropout.deterministic:
+        return None
+    rngs = dropout.rngs
+    return rngs[dropout.rng_collection]() if isinstance(rngs, nnx.Rngs) else rngs()
+
+
+class LoraLayer(_Fold, nnx.Module):
     """An NNX layer plus a LoRA adapter: ``base(x) + scale · dropout(x) @ A @ B``.
 
     Attributes:
@@ -79,6 +137,8 @@ class LoraLayer(nnx.Module):
       lora_b: `LoraParam` ``(*stack, *b_shape)``, zero at creation.
       scale: alpha / rank (or alpha / sqrt(rank)).
       delta_eq: einsum building the kernel-shaped ΔW from A and B.
+      lora_magnitude: DoRA's magnitude (`LoraParam`, ``LoraConfig(use_dora=True)``), else
+        None; a DoRA layer runs through jaxlora's rewrite like a `LoraModule`.
 
     With an init from the weight (``LoraConfig(init="pissa")``), A and B come from the
     kernel (``name``, the adapter's name, seeds a randomised SVD) and the kernel becomes
@@ -117,6 +177,7 @@ class LoraLayer(nnx.Module):
         self.base = base
         self.lora_a = LoraParam(a, **a_meta)
         self.lora_b = LoraParam(b, **b_meta)
+        self.lora_magnitude = _magnitude(weight, a, b, layout, scale, config, b_meta)
         self.scale = scale
         self.delta_eq = layout.delta_eq
         self.dropout = (
@@ -125,8 +186,17 @@ class LoraLayer(nnx.Module):
             else None
         )
 
+    def _dora_call(self, method: str, args: tuple, kwargs: dict, dropout: bool) -> Any:
+        weight = "embedding" if isinstance(self.base, nnx.Embed) else "kernel"
+        factors = {weight: adapter_factors(self, layer_weight(self.base))}
+        rate = self.dropout.rate if dropout and self.dropout is not None else 0.0
+        key = _dropout_key(self.dropout) if rate else None
+        return rewritten_call(self.base, method, args, kwargs, factors, dropout=rate, key=key)
+
     def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """The base layer's output plus the adapter's; same arguments as the base."""
+        if self.lora_magnitude is not None:
+            return self._dora_call("__call__", (x, *args), kwargs, dropout=True)
         if holds_quantized(self.base):  # its kernel is dequantized where it is used
             y = rewritten_call(self.base, "__call__", (x, *args), kwargs, {})
         else:
@@ -148,13 +218,11 @@ class LoraLayer(nnx.Module):
 
     def attend(self, query: jax.Array) -> jax.Array:
         """``Embed.attend`` with the adapted table (embedding layers only)."""
+        if self.lora_magnitude is not None:
+            return self._dora_call("attend", (query,), {}, dropout=False)
         y = self.base.attend(query)
         delta = functools.partial(_layout.attend_delta, scale=self.scale)
         return _layout.add_delta(y, delta, query, self.lora_a[...], self.lora_b[...])
-
-    def delta_weight(self) -> jax.Array:
-        """``scale · A ⊗ B`` in the base kernel's layout (float32)."""
-        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
 
 
 # While lorafy checks a wrapped module, LoraModules count the uses they adapt here.
@@ -163,7 +231,7 @@ APPLIED_USES: contextvars.ContextVar[collections.Counter | None] = contextvars.C
 )
 
 
-class WeightAdapter(nnx.Module):
+class WeightAdapter(_Fold, nnx.Module):
     """The LoRA factors of one weight of a `LoraModule`.
 
     Attributes:
@@ -171,6 +239,7 @@ class WeightAdapter(nnx.Module):
       lora_b: `LoraParam` B, ``(*stack, r, *out)``, zero at creation.
       scale: alpha / rank (or alpha / sqrt(rank)).
       delta_eq: einsum building the weight-shaped ΔW from A and B.
+      lora_magnitude: DoRA's magnitude (`LoraParam`), else None.
     """
 
     def __init__(
@@ -194,12 +263,9 @@ class WeightAdapter(nnx.Module):
         a_meta, b_meta = _sharding.nnx_factor_metadata(weight, layout.delta_eq, rank_axis)
         self.lora_a = LoraParam(a, **a_meta)
         self.lora_b = LoraParam(b, **b_meta)
+        self.lora_magnitude = _magnitude(weight, a, b, layout, scale, config, b_meta)
         self.scale = scale
         self.delta_eq = layout.delta_eq
-
-    def delta_weight(self) -> jax.Array:
-        """``scale · A ⊗ B`` in the weight's layout (float32)."""
-        return _layout.delta_weight(self.lora_a[...], self.lora_b[...], self.delta_eq, self.scale)
 
 
 class LoraModule(nnx.Module):
@@ -254,24 +320,12 @@ class LoraModule(nnx.Module):
             return functools.partial(self.call_method, name)
         return attr
 
-    def _dropout_key(self) -> jax.Array | None:
-        if self.dropout is None or self.dropout.deterministic:
-            return None
-        rngs = self.dropout.rngs
-        return rngs[self.dropout.rng_collection]() if isinstance(rngs, nnx.Rngs) else rngs()
-
     def call_method(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``base.<method>(*args, **kwargs)`` with the adapters active."""
         counts = APPLIED_USES.get()
         applied: dict[str, int] = {}
         factors = {
-            weight: factors_for(
-                adapter.lora_a[...],
-                adapter.lora_b[...],
-                adapter.delta_eq,
-                getattr(self.base, weight).ndim,
-                adapter.scale,
-            )
+            weight: adapter_factors(adapter, getattr(self.base, weight))
             for weight, adapter in self.adapters.items()
         }
         factors.update({w: t.factors(getattr(self.base, w)) for w, t in self.tokens.items()})
@@ -282,7 +336,7 @@ class LoraModule(nnx.Module):
             kwargs,
             factors,
             dropout=0.0 if self.dropout is None else self.dropout.rate,
-            key=self._dropout_key(),
+            key=_dropout_key(self.dropout),
             applied=applied,
         )
         if counts is not None:

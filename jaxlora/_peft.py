@@ -193,6 +193,7 @@ def _flat(target: _Target) -> layouts.Flat:
             layer.spec.kernel_shape,
             layer.spec.scale,
             where=f"layer {layer.spec.path!r}",
+            magnitude=layer.magnitude,
         )
         for layer in target.layers
     ]
@@ -334,8 +335,17 @@ def export_peft(
             t.kind == layouts.EMBEDDING,
         )
         tensors[a_key], tensors[b_key] = layouts.to_torch(t.kind, flat, window)
+        if flat.magnitude is not None:
+            tensors[PREFIX + t.name + _peft_files.MAGNITUDE] = flat.magnitude
         ranks[t.name], alphas[t.name] = flat.rank, _alpha(config, t.layers[0], flat.rank)
     tied = _tied_head(module_map, targets, model.weights)
+    if tied is not None and config.use_dora:
+        raise ValueError(
+            f"{who}: the adapted embedding {tied[1].name!r} is tied to the torch head "
+            f"{tied[0]!r}; PEFT applies DoRA to the head as a Linear of its own (a norm per "
+            "vocabulary entry), not as jaxlora does (the embedding's merged weight). Exclude "
+            "the embedding from the targets to export this DoRA adapter."
+        )
     if tied is not None:
         head, embedding = tied
         a_key, b_key = _peft_files.factor_keys(embedding.name, 0, True)
@@ -361,6 +371,7 @@ def export_peft(
         "target_parameters": sorted(depths) or None,
         "task_type": task_type,
         "trainable_token_indices": token_ids or None,
+        "use_dora": config.use_dora,
         "use_rslora": config.rslora,
     }
     _peft_files.write(Path(directory), peft_config, tensors)

@@ -87,7 +87,6 @@ _UNSUPPORTED = (
     "lora_bias",
     "monteclora_config",
     "use_bdlora",
-    "use_dora",
     "use_qalora",
     "velora_config",
 )
@@ -100,6 +99,7 @@ _FACTOR_SUFFIXES = {
     ".lora_embedding_A": (True, "a"),
     ".lora_embedding_B": (True, "b"),
 }
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's magnitude, (out,), Linear and Embedding alike
 ADAPTED_BIAS = ".base_layer.bias"
 # flax leaf name -> torch parameter name, for modules_to_save and biases.
 TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -125,6 +125,7 @@ class Factors:
       embedding: whether they are ``lora_embedding_A/B`` (an ``nn.Embedding``).
       a: ``lora_A`` (None if missing).
       b: ``lora_B`` (None if missing).
+      magnitude: DoRA's ``lora_magnitude_vector`` ``(out,)`` (None without DoRA).
     """
 
     module: str
@@ -132,6 +133,7 @@ class Factors:
     embedding: bool
     a: np.ndarray | None = None
     b: np.ndarray | None = None
+    magnitude: np.ndarray | None = None
 
     def key(self, factor: str) -> str:
         """The file key of ``factor`` (``"A"`` or ``"B"``)."""
@@ -157,6 +159,7 @@ def group(
     """
     factors: dict[tuple[str, int, bool], Factors] = {}
     leaves: dict[tuple[str, str], np.ndarray] = {}
+    magnitudes: dict[tuple[str, int], np.ndarray] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(
@@ -168,19 +171,31 @@ def group(
         suffix = next((s for s in _FACTOR_SUFFIXES if rest.endswith(s)), None)
         if suffix is not None:
             embedding, factor = _FACTOR_SUFFIXES[suffix]
-            module, depth = rest[: -len(suffix)], 0
-            while module.endswith(_WRAPPED):
-                module, depth = module[: -len(_WRAPPED)], depth + 1
+            module, depth = _unwrapped(rest[: -len(suffix)])
             entry = factors.setdefault(
                 (module, depth, embedding), Factors(module, depth, embedding)
             )
             setattr(entry, factor, value)
+        elif rest.endswith(MAGNITUDE):
+            magnitudes[_unwrapped(rest[: -len(MAGNITUDE)])] = value
         elif rest.endswith(ADAPTED_BIAS):
             leaves[(rest[: -len(ADAPTED_BIAS)], "bias")] = value
         elif not _COPIES.fullmatch(rest):
             module, _, leaf = rest.rpartition(".")
             leaves[(module, leaf)] = value
+    for entry in factors.values():
+        entry.magnitude = magnitudes.pop((entry.module, entry.depth), None)
+    for (module, _), value in magnitudes.items():  # reported with the unknown keys
+        leaves[(module, MAGNITUDE[1:])] = value
     return list(factors.values()), leaves
+
+
+def _unwrapped(module: str) -> tuple[str, int]:
+    """A torch module name without PEFT's ``.base_layer`` wrappers, and how many there were."""
+    depth = 0
+    while module.endswith(_WRAPPED):
+        module, depth = module[: -len(_WRAPPED)], depth + 1
+    return module, depth
 
 
 def wrapping_order(names: Sequence[str], module: str, *, who: str) -> list[str]:
@@ -257,7 +272,7 @@ def read_config(path: Path) -> dict[str, Any]:
     if on:
         raise ValueError(
             f"import_peft: {file} uses PEFT options jaxlora does not implement: "
-            f"{ {k: peft_config[k] for k in on} }. Only plain LoRA (optionally rsLoRA, "
+            f"{ {k: peft_config[k] for k in on} }. Only LoRA and DoRA (optionally rsLoRA, "
             "rank/alpha patterns, target_parameters, modules_to_save, bias) can be imported."
         )
     init = peft_config.get("init_lora_weights")

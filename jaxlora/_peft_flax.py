@@ -26,12 +26,14 @@ _WRAPPERS = (_nnx.LoraLayer, _nnx.LoraModule)
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One adapter as exported: its record, factors (host arrays) and whether it is a conv."""
+    """One adapter as exported: its record, factors (host arrays), whether it is a conv, and
+    DoRA's magnitude (None without DoRA)."""
 
     spec: _records.LayerSpec
     a: np.ndarray
     b: np.ndarray
     conv: bool = False
+    magnitude: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +79,10 @@ def adapted(model: PyTree | nnx.Module, *, who: str) -> Adapted:
     layers, leaves = _records.collect(model, who=who)
     inner = params_of(model)[0]
     return Adapted(
-        layers=[Layer(spec, to_host(a), to_host(b)) for spec, a, b in layers],
+        layers=[
+            Layer(spec, to_host(a), to_host(b), magnitude=None if m is None else to_host(m))
+            for spec, a, b, m in layers
+        ],
         leaves=[(spec, to_host(value)) for spec, value in leaves],
         modules=list(module_paths(inner)),
         weights=weight_names(without_adapters(unwrap_trainable(inner))),
@@ -113,6 +118,8 @@ def _adapted_nnx(module: nnx.Module, *, who: str) -> Adapted:
     for path, wrapper in wrappers.items():
         for key, weight, adapter in _layer_weights(wrapper):
             a, b = to_host(adapter.lora_a[...]), to_host(adapter.lora_b[...])
+            m = adapter.lora_magnitude
+            m = None if m is None else to_host(m[...])
             spec = _records.LayerSpec(
                 path=adapter_name(_unwrapped(path, wrappers), key),
                 weight_key=key,
@@ -123,9 +130,10 @@ def _adapted_nnx(module: nnx.Module, *, who: str) -> Adapted:
                 dtype=a.dtype.name,
                 scale=float(adapter.scale),
                 delta_eq=adapter.delta_eq,
+                magnitude_shape=None if m is None else tuple(m.shape),
             )
             conv = key == "kernel" and isinstance(wrapper.base, nnx.Conv)
-            layers.append(Layer(spec, a, b, conv))
+            layers.append(Layer(spec, a, b, conv, m))
     leaves, weights = [], []
     for parts, var in nnx.iter_graph(module):
         if not isinstance(var, nnx.Param) or isinstance(var, _nnx.LoraParam):
@@ -165,7 +173,7 @@ def base_tree(model: PyTree | nnx.Module, *, who: str) -> dict[str, Any]:
 
 def set_nnx(
     module: nnx.Module,
-    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
     leaves: Mapping[str, np.ndarray],
     sharding: jax.sharding.Sharding | None,
 ) -> None:
@@ -182,9 +190,11 @@ def set_nnx(
     wrappers = _wrappers(module)
     for path, wrapper in wrappers.items():
         for key, _, adapter in _layer_weights(wrapper):
-            a, b = factors[adapter_name(_unwrapped(path, wrappers), key)]
+            a, b, m = factors[adapter_name(_unwrapped(path, wrappers), key)]
             put(adapter.lora_a, a)
             put(adapter.lora_b, b)
+            if m is not None:
+                put(adapter.lora_magnitude, m)
     for parts, var in nnx.iter_graph(module):
         if isinstance(var, _nnx.TrainableParam) and not isinstance(var, _nnx.LoraParam):
             path = _unwrapped(_path(parts), wrappers)

@@ -25,10 +25,12 @@ from jaxlora import (
     _attach,
     _base_checks,
     _config,
+    _dora,
     _nnx,
     _peft_files,
     _peft_tokens,
     _records,
+    _sharding,
     _targeting,
     _token_records,
 )
@@ -89,7 +91,23 @@ def _torch_flat(
     _check_factor("A", tuple(f.a.shape), want_a, 0, where=where)
     _check_factor("B", tuple(f.b.shape), want_b, 1, where=where)
     scale = _peft_files.scale_of(peft_config, name)
-    return layouts.from_torch(kind, f.a, f.b, experts, scale)
+    return layouts.from_torch(kind, f.a, f.b, experts, scale, _magnitude(f, kind, n_out, where))
+
+
+def _magnitude(f: Factors, kind: str, n_out: int, where: str) -> np.ndarray | None:
+    """DoRA's magnitude of one torch module, checked: present for every DoRA adapter (and
+    only then), ``(out,)``, on a Linear or Embedding (where PEFT and jaxlora both have DoRA)."""
+    if f.magnitude is None:
+        return None
+    if kind not in (layouts.LINEAR, layouts.EMBEDDING):
+        why = _dora.refusal(conv=kind == layouts.CONV, experts=kind == layouts.PARAMETER)
+        raise ValueError(f"import_peft: {where}: the file has a DoRA adapter here, but {why}.")
+    if tuple(f.magnitude.shape) != (n_out,):
+        raise ValueError(
+            f"import_peft: {where}: lora_magnitude_vector has shape {f.magnitude.shape}, "
+            f"expected ({n_out},), one per output feature; the file was made for another base."
+        )
+    return f.magnitude
 
 
 def _factors(
@@ -98,8 +116,9 @@ def _factors(
     weights: Mapping[str, _Weight],
     by_name: Mapping[str, Factors],
     peft_config: Mapping[str, Any],
-) -> tuple[np.ndarray, np.ndarray]:
-    """jaxlora's ``(A, B)`` of one planned weight, shapes checked against the file."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """jaxlora's ``(A, B, magnitude)`` of one planned weight (magnitude None unless DoRA),
+    shapes checked against the file."""
     weight = weights[plan.path]
     n_in, n_out = layouts.flat_sizes(weight.delta_eq, weight.shape)
     experts = weight.shape[0] if layouts.stacked(weight.delta_eq, len(weight.shape)) else 0
@@ -108,7 +127,15 @@ def _factors(
 
     def flat(name: str, outputs: int) -> layouts.Flat:
         sizes = (n_in, outputs, experts)
-        return _torch_flat(by_name[name], name, plan.kind, sizes, window, peft_config, where)
+        f = by_name[name]
+        if (f.magnitude is not None) != bool(peft_config.get("use_dora")):
+            has = "has" if f.magnitude is not None else "lacks"
+            raise ValueError(
+                f"import_peft: {where}: the file {has} a lora_magnitude_vector for {name!r} "
+                f"but its {_peft_files.CONFIG_NAME} has use_dora={peft_config.get('use_dora')}; "
+                "the file and config differ."
+            )
+        return _torch_flat(f, name, plan.kind, sizes, window, peft_config, where)
 
     if plan.block is None:
         parts = [flat(name, n_out // len(plan.sources)) for name in plan.sources]
@@ -242,6 +269,7 @@ def _lora_config(
         modules_to_save=[_exact(p) for p in sorted(saved)],
         bias=peft_config.get("bias", "none"),
         init=_peft_files.init_of(peft_config),
+        use_dora=bool(peft_config.get("use_dora")),
     )
 
 
@@ -398,8 +426,8 @@ class _Match:
     leaves: list[tuple[_records.LeafSpec, np.ndarray]]
     unmatched: list[str]
 
-    def factors(self, plan: Plan, weights: Mapping[str, _Weight]) -> tuple[np.ndarray, np.ndarray]:
-        """jaxlora's ``(A, B)`` of ``plan`` (see `_factors`)."""
+    def factors(self, plan: Plan, weights: Mapping[str, _Weight]) -> tuple:
+        """jaxlora's ``(A, B, magnitude)`` of ``plan`` (see `_factors`)."""
         return _factors(plan, self.plans, weights, self.by_name, self.peft_config)
 
 
@@ -437,7 +465,7 @@ def _into_linen(
     weights = {p.path: _linen_weight(p, inner) for p in match.plans}
     adapters = {}
     for p in match.plans:
-        a, b = match.factors(p, weights)
+        a, b, m = match.factors(p, weights)
         weight = _records.unmark(subtree(inner, p.module)[p.weight_key])
         spec = _records.LayerSpec(
             path=p.path,
@@ -449,8 +477,9 @@ def _into_linen(
             dtype=a.dtype.name,
             scale=p.scale,
             delta_eq=weights[p.path].delta_eq,
+            magnitude_shape=None if m is None else m.shape,
         )
-        adapters[spec] = (a, b)
+        adapters[spec] = (a, b, m)
     _base_checks.plan(
         params,
         list(adapters),
@@ -462,13 +491,17 @@ def _into_linen(
     )
     params = _attach.to_residual(params, list(adapters), init)
     placed = {}
-    for spec, (a, b) in adapters.items():
+    for spec, (a, b, m) in adapters.items():
         a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)
+        if m is not None:
+            m_sharding = _sharding.magnitude_sharding(b_sharding, b.ndim, spec.delta_eq)
+            m = jax.device_put(m, m_sharding)
         placed[spec] = LoraAdapter(
             jax.device_put(a, a_sharding),
             jax.device_put(b, b_sharding),
             scale=spec.scale,
             delta_eq=spec.delta_eq,
+            magnitude=m,
         )
     trainable = {
         spec.path: jax.device_put(value, _attach.leaf_sharding(params, spec, sharding))

@@ -45,11 +45,13 @@ class Flat:
       a: ``(*stack, in, r)``.
       b: ``(*stack, r, out)``.
       scale: the LoRA scale (alpha / r or alpha / sqrt(r)).
+      magnitude: DoRA's magnitude ``(*stack, out)``, or None.
     """
 
     a: np.ndarray
     b: np.ndarray
     scale: float
+    magnitude: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -89,7 +91,9 @@ def stacked(delta_eq: str, ndim: int) -> bool:
     return ndim > len(_layout.delta_labels(delta_eq)[2])
 
 
-def to_flat(a, b, delta_eq: str, shape: Sequence[int], scale: float, *, where: str) -> Flat:
+def to_flat(
+    a, b, delta_eq: str, shape: Sequence[int], scale: float, *, where: str, magnitude=None
+) -> Flat:
     """The `Flat` form of jaxlora factors on a weight of ``shape``.
 
     Args:
@@ -99,16 +103,22 @@ def to_flat(a, b, delta_eq: str, shape: Sequence[int], scale: float, *, where: s
       shape: the weight's stored shape.
       scale: the adapter's scale.
       where: names the layer in errors.
+      magnitude: DoRA's magnitude as stored (B's axes without the rank), or None.
     """
     lab = _labels(delta_eq, len(shape), where=where)
     a = np.einsum(f"...{lab.a}->...{lab.ins}{lab.rank}", np.asarray(a))
     b = np.einsum(f"...{lab.b}->...{lab.rank}{lab.outs}", np.asarray(b))
     stack = tuple(shape[: lab.lead])
-    return Flat(a.reshape(*stack, -1, a.shape[-1]), b.reshape(*stack, b.shape[lab.lead], -1), scale)
+    if magnitude is not None:
+        m = np.einsum(f"...{lab.b.replace(lab.rank, '')}->...{lab.outs}", np.asarray(magnitude))
+        magnitude = m.reshape(*stack, -1)
+    a, b = a.reshape(*stack, -1, a.shape[-1]), b.reshape(*stack, b.shape[lab.lead], -1)
+    return Flat(a, b, scale, magnitude)
 
 
 def from_flat(flat: Flat, delta_eq: str, shape: Sequence[int], *, where: str):
-    """jaxlora's ``(A, B)`` on a weight of ``shape`` from a `Flat` adapter (inverts `to_flat`)."""
+    """jaxlora's ``(A, B, magnitude)`` on a weight of ``shape`` from a `Flat` adapter
+    (inverts `to_flat`; magnitude None without DoRA)."""
     lab = _labels(delta_eq, len(shape), where=where)
     kernel = _layout.delta_labels(delta_eq)[2]
     size = {c: shape[lab.lead + kernel.index(c)] for c in kernel}
@@ -117,7 +127,11 @@ def from_flat(flat: Flat, delta_eq: str, shape: Sequence[int], *, where: str):
     b = flat.b.reshape(*stack, flat.rank, *(size[c] for c in lab.outs))
     a = np.einsum(f"...{lab.ins}{lab.rank}->...{lab.a}", a)
     b = np.einsum(f"...{lab.rank}{lab.outs}->...{lab.b}", b)
-    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+    m = flat.magnitude
+    if m is not None:
+        m = m.reshape(*stack, *(size[c] for c in lab.outs))
+        m = np.ascontiguousarray(np.einsum(f"...{lab.outs}->...{lab.b.replace(lab.rank, '')}", m))
+    return np.ascontiguousarray(a), np.ascontiguousarray(b), m
 
 
 def flat_sizes(delta_eq: str, shape: Sequence[int]) -> tuple[int, int]:
@@ -150,7 +164,12 @@ def to_torch(kind: str, flat: Flat, window: Sequence[int] = ()) -> tuple[np.ndar
 
 
 def from_torch(
-    kind: str, lora_a: np.ndarray, lora_b: np.ndarray, experts: int, scale: float
+    kind: str,
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    experts: int,
+    scale: float,
+    magnitude: np.ndarray | None = None,
 ) -> Flat:
     """A `Flat` adapter from PEFT's factors (`to_torch`'s inverse; shapes checked before).
 
@@ -160,7 +179,10 @@ def from_torch(
       lora_b: PEFT's ``lora_B``.
       experts: the number of stacked experts, 0 for a weight without stacked axis.
       scale: PEFT's scaling of the layer.
+      magnitude: DoRA's ``lora_magnitude_vector`` ``(out,)`` (linear and embedding only).
     """
+    if magnitude is not None:
+        return Flat(lora_a.T, lora_b.T, scale, magnitude)
     if kind == CONV:
         n = lora_a.ndim - 2
         a = lora_a.transpose(*range(2, n + 2), 1, 0).reshape(-1, lora_a.shape[0])
@@ -192,8 +214,12 @@ def concat_outputs(parts: Sequence[Flat]) -> Flat:
     each block rescaled to the first part's scale.
     """
     first = parts[0]
+    magnitude = None  # DoRA's is per output: the parts' side by side
+    if first.magnitude is not None:
+        magnitude = np.concatenate([p.magnitude for p in parts], axis=-1)
     if all(p.scale == first.scale and np.array_equal(p.a, first.a) for p in parts):
-        return Flat(first.a, np.concatenate([p.b for p in parts], axis=-1), first.scale)
+        b = np.concatenate([p.b for p in parts], axis=-1)
+        return Flat(first.a, b, first.scale, magnitude)
     a = np.concatenate([p.a for p in parts], axis=-1)
     stack = first.b.shape[:-2]
     b = np.zeros((*stack, a.shape[-1], sum(p.b.shape[-1] for p in parts)), first.b.dtype)
@@ -202,10 +228,14 @@ def concat_outputs(parts: Sequence[Flat]) -> Flat:
         block = p.b * np.asarray(p.scale / first.scale, p.b.dtype)
         b[..., row : row + p.rank, col : col + p.b.shape[-1]] = block
         row, col = row + p.rank, col + p.b.shape[-1]
-    return Flat(a, b, first.scale)
+    return Flat(a, b, first.scale, magnitude)
 
 
 def split_outputs(flat: Flat, sizes: Sequence[int]) -> list[Flat]:
     """The adapters of consecutive output blocks of ``sizes`` (`concat_outputs` of shared A)."""
     bounds = np.cumsum(sizes)[:-1]
-    return [Flat(flat.a, b, flat.scale) for b in np.split(flat.b, bounds, axis=-1)]
+    bs = np.split(flat.b, bounds, axis=-1)
+    if flat.magnitude is None:
+        return [Flat(flat.a, b, flat.scale) for b in bs]
+    ms = np.split(flat.magnitude, bounds, axis=-1)
+    return [Flat(flat.a, b, flat.scale, m) for b, m in zip(bs, ms, strict=True)]

@@ -45,6 +45,8 @@ class LayerSpec:
       delta_eq: einsum building ΔW from A and B.
       base_fingerprint: `_fingerprint.kernel_fingerprint` of the base weight it was
         trained on (None when unknown: PEFT files, adapters saved before it existed).
+      magnitude_shape: DoRA's magnitude ``(*stack, *out)`` (see `jaxlora._dora`); None for
+        plain LoRA.
     """
 
     path: str
@@ -57,6 +59,7 @@ class LayerSpec:
     scale: float
     delta_eq: str
     base_fingerprint: str | None = None
+    magnitude_shape: tuple[int, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -124,7 +127,7 @@ def _dtype_name(x: Any) -> str:
 
 def collect(
     params: PyTree, *, who: str
-) -> tuple[list[tuple[LayerSpec, Any, Any]], list[tuple[LeafSpec, Any]]]:
+) -> tuple[list[tuple[LayerSpec, Any, Any, Any]], list[tuple[LeafSpec, Any]]]:
     """The adapters and fully trained leaves of an adapted tree, with their records.
 
     Args:
@@ -132,8 +135,8 @@ def collect(
       who: the calling function, for error messages.
 
     Returns:
-      ``[(spec, A, B)]`` per adapted layer and ``[(spec, value)]`` per `Trainable` leaf,
-      arrays unboxed.
+      ``[(spec, A, B, magnitude)]`` per adapted layer (magnitude None unless DoRA) and
+      ``[(spec, value)]`` per `Trainable` leaf, arrays unboxed.
     """
     inner, _ = params_of(params)
     if not has_adapters(inner):
@@ -145,6 +148,7 @@ def collect(
     for name, _, weight_key, layer in iter_adapters(inner):
         adapter = adapter_at(layer, weight_key)
         kernel, a, b = (meta.unbox(x) for x in (layer[weight_key], adapter.a, adapter.b))
+        m = meta.unbox(adapter.magnitude)
         spec = LayerSpec(
             path=name,
             weight_key=weight_key,
@@ -155,8 +159,9 @@ def collect(
             dtype=_dtype_name(a),
             scale=float(adapter.scale),
             delta_eq=adapter.delta_eq,
+            magnitude_shape=None if m is None else tuple(m.shape),
         )
-        layers.append((spec, a, b))
+        layers.append((spec, a, b, m))
     leaves = []
     for path, marked in trainable_leaves(inner):
         value = meta.unbox(marked.value)
@@ -193,6 +198,12 @@ def check_config(layers: Sequence[LayerSpec], config: LoraConfig, *, who: str) -
             problem = f"has rank {spec.rank} but the config gives rank {rank}"
         elif not math.isclose(spec.scale, scale, rel_tol=1e-9):
             problem = f"has scale {spec.scale:g} but the config gives {scale:g}"
+        elif (spec.magnitude_shape is not None) != config.use_dora:
+            dora = spec.magnitude_shape is not None
+            problem = (
+                f"{'is' if dora else 'is not'} a DoRA adapter but the config has "
+                f"use_dora={config.use_dora}"
+            )
         else:
             continue
         raise ValueError(

@@ -156,6 +156,12 @@ def _use(walk: _Walk, eqn: Any, invals: list, views: list[View | None]) -> list[
         key = walk.next_key() if name != "gather" else None
         rows = None if walk.rows is None else walk.rows.get(id(eqn))
         return [_mixed.adapted_output(name, eqn.params, out, invals, pos, view, rows, key=key)]
+
+    def rebind(x):  # the same operation on another input (DoRA)
+        operands = list(invals)
+        operands[1 - pos] = x
+        return _bind_any(eqn, operands)[0]
+
     return [
         _uses.adapted_output(
             name,
@@ -166,6 +172,7 @@ def _use(walk: _Walk, eqn: Any, invals: list, views: list[View | None]) -> list[
             view,
             dropout=walk.dropout if view.factors.dropout else 0.0,
             key=walk.next_key() if name != "gather" else None,
+            rebind=rebind,
         )
     ]
 
@@ -177,15 +184,15 @@ def _remat(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list
 
     def body(args, factors):
         inner = list(views)
-        for i, (a, b) in zip(adapted, factors, strict=True):
-            inner[i] = views[i].with_factors(a, b)
+        for i, arrays in zip(adapted, factors, strict=True):
+            inner[i] = views[i].with_factors(arrays)
         outs, out_views = _eval(walk, p["jaxpr"], [], args, inner)
         for v in out_views:
             if v is not None:
                 walk.problem(v, "it is returned from a rematerialised (remat) function")
         return _dense(outs)
 
-    factors = [(views[i].factors.a, views[i].factors.b) for i in adapted]
+    factors = [views[i].factors.arrays for i in adapted]
     outs = jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(invals, factors)
     return outs, [None] * len(outs)
 
@@ -217,7 +224,7 @@ def _scan(walk: _Walk, eqn: Any, invals: list, views: list) -> tuple[list, list]
         xs_vals, xs_factors, key = xs
         it = iter(xs_factors)
         views = [
-            v.with_factors(next(it), next(it)) if _stepped_adapter(i, v) else v
+            v.with_factors([next(it) for _ in v.factors.arrays]) if _stepped_adapter(i, v) else v
             for i, v in enumerate(step_views)
         ]
         inner = dataclasses.replace(walk, key=key, counter=0)

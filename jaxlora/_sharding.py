@@ -264,6 +264,32 @@ def box_factors(
     return kernel.replace(value=a, names=a_names), kernel.replace(value=b, names=b_names)
 
 
+def magnitude_names(b_names: Sequence[Any], delta_eq: str) -> tuple[Any, ...]:
+    """The axis names (or mesh axes) of DoRA's magnitude: B's without the rank's."""
+    a, b, kernel = _layout.delta_labels(delta_eq)
+    rank = next(c for c in a if c in b and c not in kernel)
+    rank_at = len(b_names) - len(b) + b.index(rank)
+    return tuple(n for i, n in enumerate(b_names) if i != rank_at)
+
+
+def magnitude_sharding(b_sharding: Any, b_ndim: int, delta_eq: str) -> Any:
+    """Where DoRA's magnitude goes given B's sharding: a `NamedSharding` loses the rank's
+    entry (`magnitude_names`); any other sharding (replicated, one device) is kept."""
+    if not isinstance(b_sharding, NamedSharding):
+        return b_sharding
+    spec = _full(b_sharding.spec, b_ndim)
+    return NamedSharding(b_sharding.mesh, PartitionSpec(*magnitude_names(spec, delta_eq)))
+
+
+def box_magnitude(kernel: Any, magnitude: jax.Array, delta_eq: str) -> Any:
+    """DoRA's magnitude in a box like a linen kernel's ``nn.Partitioned`` one (see
+    `magnitude_names`)."""
+    if not isinstance(kernel, meta.Partitioned):
+        return magnitude
+    _, b_names = factor_axes(_full(kernel.names, kernel.value.ndim), delta_eq, None)
+    return kernel.replace(value=magnitude, names=magnitude_names(b_names, delta_eq))
+
+
 def nnx_factor_metadata(
     kernel: nnx.Variable, delta_eq: str, rank_axis: str | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -146,7 +146,7 @@ def _base(tree: PyTree) -> str:
     return f"base: {len(stored)} weights stored {formats}, {bits:.2f} bits per weight"
 
 
-def _layer_summary(path, weight, a, b, scale) -> LayerSummary:
+def _layer_summary(path, weight, a, b, scale, magnitude=None) -> LayerSummary:
     return LayerSummary(
         path=path,
         kernel_shape=tuple(weight.shape),
@@ -154,7 +154,7 @@ def _layer_summary(path, weight, a, b, scale) -> LayerSummary:
         b_shape=tuple(b.shape),
         rank=a.shape[-1],
         scale=scale,
-        params=a.size + b.size,
+        params=a.size + b.size + (0 if magnitude is None else magnitude.size),
     )
 
 
@@ -167,7 +167,9 @@ def _tokens(adapted: PyTree | nnx.Module) -> tuple:
 
 def _nnx_summary(module: nnx.Module) -> Summary:
     layers = tuple(
-        _layer_summary(name, weight, adapter.lora_a, adapter.lora_b, adapter.scale)
+        _layer_summary(
+            name, weight, adapter.lora_a, adapter.lora_b, adapter.scale, adapter.lora_magnitude
+        )
         for name, weight, adapter in _nnx.adapted_weights(module)
     )
     trainable = nnx.state(module, _nnx.TrainableParam)
@@ -222,6 +224,7 @@ def summary(adapted: PyTree | nnx.Module, lora_model: LoraModel | None = None) -
             meta.unbox(adapter_at(layer, weight).a),
             meta.unbox(adapter_at(layer, weight).b),
             adapter_at(layer, weight).scale,
+            meta.unbox(adapter_at(layer, weight).magnitude),
         )
         for name, _, weight, layer in iter_adapters(inner)
     )

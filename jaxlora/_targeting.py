@@ -44,6 +44,7 @@ class Candidate:
       reason: why it cannot be adapted ("" if it can).
       uses: how many operations of the traced model consume it (0: not traced).
       conv: whether a convolution consumes it.
+      experts: whether a ``ragged_dot`` consumes it (a mixture of experts' weight).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Candidate:
     reason: str = ""
     uses: int = 0
     conv: bool = False
+    experts: bool = False
 
     def paths(self) -> tuple[str, ...]:
         """The paths a pattern is matched against (see `target_paths`)."""
@@ -126,9 +128,12 @@ def candidates(seen: Mapping[str, Seen], *, root: str = "") -> list[Candidate]:
             roles, reason = None, str(e)
         embedding = any(u.op == "gather" for u in s.uses)
         conv = any(u.op == "conv_general_dilated" for u in s.uses)
+        experts = any(u.op == "ragged_dot_general" for u in s.uses)
         name = adapter_name(module, weight)
         found.append(
-            Candidate(name, module, weight, s.shape, embedding, roles, reason, len(s.uses), conv)
+            Candidate(
+                name, module, weight, s.shape, embedding, roles, reason, len(s.uses), conv, experts
+            )
         )
     return found
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora import _layout, _quantize, _tokens
+from jaxlora import _dora, _layout, _quantize, _tokens
 from jaxlora._config import LAYER_WEIGHTS, adapter_name
 from jaxlora._tokens import TrainableTokens
 from jaxlora._views import Factors, factors_for
@@ -36,12 +36,16 @@ class LoraAdapter:
       b: ``(*stack, *layout.b_shape)``.
       scale: alpha / rank (or alpha / sqrt(rank)); static.
       delta_eq: einsum building the kernel-shaped ΔW from ``(a, b)``; static.
+      magnitude: DoRA's trainable magnitude ``(*stack, *b_shape without r)``, one per
+        output feature (``LoraConfig(use_dora=True)``, see `jaxlora._dora`); None for
+        plain LoRA.
     """
 
     a: Any
     b: Any
     scale: float = dataclasses.field(metadata={"static": True})
     delta_eq: str = dataclasses.field(metadata={"static": True})
+    magnitude: Any = None
 
     @property
     def rank(self) -> int:
@@ -182,7 +186,11 @@ def adapters_of(tree: PyTree) -> dict[str, Factors]:
         w = meta.unbox(layer[weight])
         path = f"{module}/{weight}" if module else weight
         a, b = meta.unbox(adapter.a), meta.unbox(adapter.b)
-        out[path] = factors_for(a, b, adapter.delta_eq, w.ndim, adapter.scale)
+        g = None
+        if adapter.magnitude is not None:
+            m = meta.unbox(adapter.magnitude)
+            g = _dora.output_scale(w, a, b, m, adapter.delta_eq, adapter.scale)
+        out[path] = factors_for(a, b, adapter.delta_eq, w.ndim, adapter.scale, g)
     return {**out, **_tokens.factors_of(tree)}
 
 
@@ -296,12 +304,22 @@ def rebox(old: Any, new: Any) -> Any:
     return old.replace_boxed(new) if isinstance(old, meta.AxisMetadata) else new
 
 
-def _merged_weight(layer: Mapping[str, Any], weight: str, sign: float, dtype: Any) -> Any:
+def _merged_weight(
+    layer: Mapping[str, Any], weight: str, sign: float, dtype: Any, base: Any = None
+) -> Any:
+    """``layer[weight]`` with its adapter folded in (``sign=+1``) or out (``-1``; ``base`` is
+    then the adapted tree's weight, which DoRA's norm is taken on)."""
     adapter = adapter_at(layer, weight)
     w = meta.unbox(layer[weight])
-    delta = _layout.delta_weight(
-        meta.unbox(adapter.a), meta.unbox(adapter.b), adapter.delta_eq, sign * adapter.scale
-    )
+    a, b = meta.unbox(adapter.a), meta.unbox(adapter.b)
+    if adapter.magnitude is not None:
+        m, eq, scale = meta.unbox(adapter.magnitude), adapter.delta_eq, adapter.scale
+        if sign > 0:
+            value = _dora.merged_weight(w, a, b, m, eq, scale)
+        else:
+            value = _dora.unmerged_weight(w, meta.unbox(base), a, b, m, eq, scale)
+        return rebox(layer[weight], value.astype(w.dtype))
+    delta = _layout.delta_weight(a, b, adapter.delta_eq, sign * adapter.scale)
     if _quantize.is_quantized(w):
         merged = _quantize.dequantize(w, jnp.float32) + delta
         return rebox(layer[weight], merged.astype(dtype))
@@ -377,8 +395,15 @@ def _check_restored(merged: PyTree, restored: PyTree, adapted: PyTree) -> None:
             return
         got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
         given = jnp.asarray(meta.unbox(subtree(merged, module)[weight]), jnp.float32)
-        # (W + ΔW) - ΔW is W up to a few roundings of numbers as large as W + ΔW
-        tolerance = 8 * jnp.finfo(layer[weight].dtype).eps * float(jnp.max(jnp.abs(given)))
+        # (W + ΔW) - ΔW is W up to a few roundings of numbers as large as W + ΔW; with DoRA
+        # that is not the merged weight (m / ‖W + ΔW‖ times it) but at most |W| + |ΔW|
+        size = float(jnp.max(jnp.abs(given)))
+        adapter = adapter_at(layer, weight)
+        if adapter.magnitude is not None:
+            a, b = meta.unbox(adapter.a), meta.unbox(adapter.b)
+            delta = _layout.delta_weight(a, b, adapter.delta_eq, adapter.scale)
+            size = float(jnp.max(jnp.abs(want))) + float(jnp.max(jnp.abs(delta)))
+        tolerance = 8 * jnp.finfo(layer[weight].dtype).eps * size
         error = float(jnp.max(jnp.abs(got - want)))
         if error > tolerance:
             raise ValueError(
@@ -441,7 +466,7 @@ def unmerge(merged: PyTree, adapted: PyTree) -> PyTree:
             out[key] = a[key]
         for key in keys:
             weight = _adapted_weight(a, key)
-            out[weight] = _merged_weight(out, weight, -1.0, None)
+            out[weight] = _merged_weight(out, weight, -1.0, None, base=a[weight])
         return _tokens.restore_layer(out, a, m, path)
 
     restored = restore(merged_inner, adapted_inner, "")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -225,6 +225,52 @@ def _conv_delta(x, first, second, *, eqn_params: dict, scale: float):
     return jnp.moveaxis(h @ second, -1, out_feature)
 
 
+def _placed(g: jax.Array, positions: Sequence[int], ndim: int) -> jax.Array:
+    """``g`` with its axes at ``positions`` of an ``ndim``-axis array, size 1 elsewhere."""
+    order = sorted(range(len(positions)), key=lambda i: positions[i])
+    g = jnp.transpose(g, order)
+    return jnp.expand_dims(g, tuple(d for d in range(ndim) if d not in set(positions)))
+
+
+def _dora_output(op, geo, y, x, view, first_name, first, second, fn, rebind, dropout, key):
+    """DoRA's output for one use, as PEFT's ``DoraLinearVariant.forward`` computes it.
+
+    ``y + (g - 1) · base + g · scale · x' A B`` with ``g = m / ‖W + scale · A ⊗ B‖`` per
+    output feature, ``x'`` the input after LoRA dropout and ``base`` the frozen weight's
+    output on ``x'``: ``y`` itself without dropout (then ``g · y + g · scale · x A B``), one
+    more contraction with it (PEFT's ``F.linear(dropout(x), W)``). ``g`` multiplies B
+    (rank x out) rather than the adapter's output (tokens x out): the same product, one pass
+    over the activations fewer each way. A lookup has no dropout. A transposed use (a tied
+    head, ``x @ Wᵀ``) contracts the output features: there the merged weight's ``g`` scales
+    the input, ``W' x = (W + ΔW)(g · x)``.
+    """
+    nb = len(geo.w_batch)
+    if first_name == "b":
+        g = jnp.squeeze(view.factor_array("g", geo.w_batch + geo.w_contract, nb), nb)
+        x = x * _placed(g, geo.x_batch + geo.x_contract, x.ndim).astype(x.dtype)
+        return _layout.add_delta(rebind(x), fn, _dropout(x, dropout, key), first, second)
+    g_b = view.factor_array("g", geo.w_batch + geo.w_free, nb)  # laid out like ``second``
+    n_free = len(geo.w_free)
+    if op == "gather":
+        free = tuple(range(y.ndim - n_free, y.ndim))
+    elif geo.weight_first:  # dot_general: batch, the weight's free axes, then the input's
+        free = tuple(range(nb, nb + n_free))
+    else:
+        free = tuple(range(y.ndim - n_free, y.ndim))
+    g_y = _placed(jnp.squeeze(g_b, nb), (*range(nb), *free), y.ndim)
+    dropped = op != "gather" and dropout > 0.0 and key is not None
+    x_lora = _dropout(x, dropout, key) if dropped else x
+
+    def output(y, x, first, second, g_b, g_y, base):
+        lora = fn(x, first, second * g_b.astype(second.dtype)).astype(jnp.float32)
+        y32 = y.astype(jnp.float32)
+        frozen = g_y * y32 if base is None else y32 + (g_y - 1.0) * base.astype(jnp.float32)
+        return frozen + lora
+
+    base = rebind(x_lora) if dropped else None
+    return _layout.replace_output(y, output, x_lora, first, second, g_b, g_y, base)
+
+
 def adapted_output(
     op: str,
     eqn_params: dict,
@@ -235,6 +281,7 @@ def adapted_output(
     *,
     dropout: float = 0.0,
     key: jax.Array | None = None,
+    rebind: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """``y`` (the operation's output on the frozen weight) plus the adapter's share.
 
@@ -247,9 +294,12 @@ def adapted_output(
       view: the weight's view, with factors.
       dropout: LoRA dropout rate on the input (not for lookups).
       key: PRNG key for dropout.
+      rebind: the operation again on another input (same weight): DoRA needs it for
+        LoRA dropout and for transposed uses.
 
     Returns:
-      ``y + scale · x A B`` (or its equivalent for the operation), like ``y``.
+      ``y + scale · x A B`` (or its equivalent for the operation), like ``y``; with DoRA
+      (``view.factors.g``) see `_dora_output`.
     """
     w = operands[weight_pos]
     geo = geometry(op, eqn_params, weight_pos, w.ndim, y.ndim)
@@ -267,12 +317,20 @@ def adapted_output(
         return _layout.add_delta(y, fn, x, first, second)
     first = view.factor_array(first_name, geo.w_batch + geo.w_contract, nb + len(geo.w_contract))
     second = view.factor_array(second_name, geo.w_batch + geo.w_free, nb)
+    dora = view.factors.g is not None
     if op == "gather":
         fn = functools.partial(_gather_delta, eqn_params=eqn_params, scale=scale)
+        if dora:
+            args = (view, first_name, first, second, fn, rebind, 0.0, None)
+            return _dora_output(op, geo, y, operands[1], *args)
         return _layout.add_delta(y, fn, operands[1], first, second)
-    x = _dropout(operands[1 - weight_pos], dropout, key)
     if op == "ragged_dot_general":
         fn = functools.partial(_ragged_delta, scale=scale)
+        x = _dropout(operands[1 - weight_pos], dropout, key)
         return _layout.add_delta(y, fn, x, first, second, operands[2])
     fn = functools.partial(_dot_delta, geo=geo, scale=scale)
+    if dora:
+        args = (view, first_name, first, second, fn, rebind, dropout, key)
+        return _dora_output(op, geo, y, operands[1 - weight_pos], *args)
+    x = _dropout(operands[1 - weight_pos], dropout, key)
     return _layout.add_delta(y, fn, x, first, second)

@@ -42,6 +42,9 @@ class Factors:
       mixed: for a batch mixing adapters, the rows' adapter ids; ``a`` and ``b`` then stack
         every adapter's factors along the axis labelled `ADAPTERS` (see `_mixed`).
       dropout: whether LoRA dropout applies to the input (not for trained token rows).
+      g: DoRA's output scale ``m / ‖W + scale · A ⊗ B‖`` (see `_dora`), laid out like ``b``
+        with a rank axis of size 1 (so it follows ``b_axes`` and is restricted like B);
+        None for plain LoRA.
     """
 
     a: Any
@@ -51,6 +54,17 @@ class Factors:
     scale: float
     mixed: Any = None
     dropout: bool = True
+    g: Any = None
+
+    @property
+    def arrays(self) -> list[Any]:
+        """A, B, and g when there is one: what a scan steps and a remat passes along."""
+        return [self.a, self.b] if self.g is None else [self.a, self.b, self.g]
+
+    def with_arrays(self, arrays: list[Any]) -> Factors:
+        """The same factors with other `arrays` (e.g. one scan step's)."""
+        a, b, *g = arrays
+        return dataclasses.replace(self, a=a, b=b, g=g[0] if g else None)
 
     def restrict(self, axis: int, fn) -> Factors:
         """Factors with ``fn(array, position)`` applied where weight axis ``axis`` appears."""
@@ -58,7 +72,10 @@ class Factors:
         def one(x, axes):
             return fn(x, axes.index(axis)) if axis in axes else x
 
-        return dataclasses.replace(self, a=one(self.a, self.a_axes), b=one(self.b, self.b_axes))
+        g = None if self.g is None else one(self.g, self.b_axes)
+        return dataclasses.replace(
+            self, a=one(self.a, self.a_axes), b=one(self.b, self.b_axes), g=g
+        )
 
     def drop(self, axis: int) -> Factors:
         """Factors after weight axis ``axis`` (of size 1 by now) is indexed away."""
@@ -71,7 +88,8 @@ class Factors:
 
         a, a_axes = one(self.a, self.a_axes)
         b, b_axes = one(self.b, self.b_axes)
-        return dataclasses.replace(self, a=a, b=b, a_axes=a_axes, b_axes=b_axes)
+        g = None if self.g is None else one(self.g, self.b_axes)[0]
+        return dataclasses.replace(self, a=a, b=b, a_axes=a_axes, b_axes=b_axes, g=g)
 
     @property
     def input_axes(self) -> frozenset[int]:
@@ -84,8 +102,9 @@ class Factors:
         return frozenset(self.b_axes) - frozenset(self.a_axes) - {None}
 
 
-def factors_for(a: Any, b: Any, delta_eq: str, ndim: int, scale: float) -> Factors:
-    """`Factors` of a stored adapter on a weight of ``ndim`` axes, from its ``delta_eq``."""
+def factors_for(a: Any, b: Any, delta_eq: str, ndim: int, scale: float, g: Any = None) -> Factors:
+    """`Factors` of a stored adapter on a weight of ``ndim`` axes, from its ``delta_eq``
+    (with DoRA's output scale ``g``, laid out like ``b``, when given)."""
     a_labels, b_labels, kernel = _layout.delta_labels(delta_eq)
     n_stack = ndim - len(kernel)
     stack = tuple(range(n_stack))
@@ -94,7 +113,7 @@ def factors_for(a: Any, b: Any, delta_eq: str, ndim: int, scale: float) -> Facto
         own = tuple(kernel.index(c) + n_stack if c in kernel else None for c in labels)
         return stack + own
 
-    return Factors(a, b, axes(a_labels), axes(b_labels), scale)
+    return Factors(a, b, axes(a_labels), axes(b_labels), scale, g=g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +144,9 @@ class View:
         """The derived array's shape."""
         return tuple(math.prod(self.sizes[a] for a in group) for group in self.axes)
 
-    def with_factors(self, a: Any, b: Any) -> View:
-        """The same view with other factor arrays (e.g. one scan step's)."""
-        return dataclasses.replace(self, factors=dataclasses.replace(self.factors, a=a, b=b))
+    def with_factors(self, arrays: list[Any]) -> View:
+        """The same view with other factor arrays (`Factors.arrays`, e.g. one scan step's)."""
+        return dataclasses.replace(self, factors=self.factors.with_arrays(arrays))
 
     def scaled(self, factor: Any) -> View:
         """After multiplying the weight by a scalar: ``factor · (W + ΔW)``."""
@@ -231,20 +250,21 @@ class View:
         )
 
     def leading_factors(self) -> list[Any]:
-        """A and B with the weight axis a scan steps over moved to the front (where present)."""
+        """`Factors.arrays` with the weight axis a scan steps over moved to the front (where
+        present)."""
         atom = self.axes[0][0]
         f = self.factors
 
         def one(x, axes):
             return jnp.moveaxis(x, axes.index(atom), 0) if atom in axes else x
 
-        return [one(f.a, f.a_axes), one(f.b, f.b_axes)]
+        return [one(x, f.a_axes if i == 0 else f.b_axes) for i, x in enumerate(f.arrays)]
 
     def factor_array(self, which: str, dims: Sequence[int], rank_at: int) -> Any:
         """A or B laid out along the array axes ``dims`` (merged weight axes merged too).
 
         Args:
-          which: ``"a"`` or ``"b"``.
+          which: ``"a"``, ``"b"`` or ``"g"`` (DoRA's output scale, on B's axes).
           dims: array axes in the order wanted; together their weight axes must be exactly
             the factor's weight axes.
           rank_at: where the rank axis goes among the result's axes.
@@ -253,7 +273,7 @@ class View:
           The factor, shaped ``[size of each dim]`` with the rank inserted at ``rank_at``.
         """
         f = self.factors
-        x, axes = (f.a, f.a_axes) if which == "a" else (f.b, f.b_axes)
+        x, axes = {"a": (f.a, f.a_axes), "b": (f.b, f.b_axes), "g": (f.g, f.b_axes)}[which]
         wanted = list(self.atoms(dims))
         if sorted(wanted) != sorted(a for a in axes if a is not None):
             raise Unsupported(

@@ -224,8 +224,8 @@ def test_transposed_factors_and_rank_disagreement_are_errors(exported, base_para
     _edit_config(exported, r=3)
     with pytest.raises(ValueError, match=r"rank 4 disagrees with r=3"):
         _import(exported, base_params)
-    _edit_config(exported, r=4, use_dora=True)
-    with pytest.raises(ValueError, match="use_dora"):
+    _edit_config(exported, r=4, use_qalora=True)
+    with pytest.raises(ValueError, match="use_qalora"):
         _import(exported, base_params)
 
 

@@ -153,7 +153,7 @@ def test_local_llama_directory_trains_on_hamlet(tiny_llama_dir, tmp_path):
     assert peft_config["task_type"] == "CAUSAL_LM"
 
 
-@pytest.mark.parametrize("variant", ["pissa", "olora", "loraplus"])
+@pytest.mark.parametrize("variant", ["dora", "pissa", "olora", "loraplus"])
 def test_variants_train_and_are_recorded(tiny_llama_dir, tmp_path, variant):
     budget = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--max-eval-examples", "4"]
     flags = ["--variant", variant, *(["--loraplus-ratio", "4"] if variant == "loraplus" else [])]
@@ -166,7 +166,9 @@ def test_variants_train_and_are_recorded(tiny_llama_dir, tmp_path, variant):
     assert results["title"].split(", ")[1].startswith(finetune.VARIANT_NAMES[variant])
     assert np.isfinite(results["after"]["loss"]) and results["after"] != results["before"]
     peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert peft_config["init_lora_weights"] == (True if variant == "loraplus" else variant)
+    from_weights = variant in ("pissa", "olora")
+    assert peft_config["init_lora_weights"] == (variant if from_weights else True)
+    assert peft_config["use_dora"] == (variant == "dora")
 
 
 def one_error_line(capsys, *argv: str) -> str:

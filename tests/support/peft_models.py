@@ -2,7 +2,7 @@
 
 torch ``layers.0.q_proj`` is flax ``layers_0/q_proj`` (`jaxlora.peft_module_map()`'s rule).
 The model has every layer kind PEFT exports: Embedding, Linear, and a Linear head to use
-as ``modules_to_save``.
+as ``modules_to_save``. `NnxNet` is its NNX twin.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 import jaxlora
 
@@ -65,6 +66,50 @@ class Net(nn.Module):
         for i in range(LAYERS):
             h = Block(name=f"layers_{i}")(h)
         return nn.Dense(CLASSES, name="classifier")(h.mean(1))
+
+
+class NnxBlock(nnx.Module):
+    """NNX twin of `TorchBlock`."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.q_proj = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+        self.v_proj = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
+
+    def __call__(self, h):
+        return h + jnp.tanh(self.q_proj(h)) * self.v_proj(h)
+
+
+class NnxNet(nnx.Module):
+    """NNX twin of `TorchNet`: torch ``layers.0.q_proj`` is ``layers[0].q_proj``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+        self.layers = nnx.List([NnxBlock(rngs) for _ in range(LAYERS)])
+        self.classifier = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.classifier(h.mean(1))
+
+
+def nnx_net(model: torch.nn.Module) -> NnxNet:
+    """An `NnxNet` holding the weights of a `TorchNet` (Linear kernels transposed)."""
+    net = NnxNet(nnx.Rngs(0))
+    for name, tensor in model.state_dict().items():
+        module_name, leaf = name.rsplit(".", 1)
+        node = net
+        for part in module_name.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        value = tensor.detach().numpy()
+        if isinstance(node, nnx.Embed):
+            node.embedding[...] = value
+        elif leaf == "weight":
+            node.kernel[...] = value.T
+        else:
+            node.bias[...] = value
+    return net
 
 
 def flax_params(model: torch.nn.Module) -> dict:
