@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import string
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -44,12 +45,24 @@ def refusal(*, conv: bool, experts: bool) -> str:
     return _WHY_NOT["conv"] if conv else _WHY_NOT["experts"] if experts else ""
 
 
-def check_layers(use_dora: bool, layers: list[tuple[str, bool, bool]], *, who: str) -> None:
-    """Raises naming the first ``(name, conv, experts)`` weight DoRA cannot adapt."""
+def check_layers(
+    use_dora: bool,
+    layers: list[tuple[str, bool, bool]],
+    *,
+    who: str,
+    quantized: Sequence[str] = (),
+) -> None:
+    """Raises naming the first ``(name, conv, experts)`` weight DoRA cannot adapt, or one
+    stored quantized (``quantized``: names of weights already quantized in the params)."""
     if not use_dora:
         return
     for name, conv, experts in layers:
-        why = refusal(conv=conv, experts=experts)
+        why = refusal(conv=conv, experts=experts) or (
+            "it is stored quantized (e.g. GGUF blocks or jaxlora.quantize), and DoRA's weight "
+            "norm needs the dense weight in every step"
+            if name in quantized
+            else ""
+        )
         if why:
             raise ValueError(
                 f"{who}: use_dora=True cannot adapt weight {name!r}: {why}. Exclude it from "

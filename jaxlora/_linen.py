@@ -24,6 +24,7 @@ from flax.core import meta
 from jaxlora import (
     _dora,
     _init_from_weights,
+    _quantize,
     _quantized_base,
     _rewrite,
     _sharding,
@@ -193,7 +194,14 @@ def lorafy(
         config.init, [(c.name, c.embedding, c.conv) for c in selected], who="lorafy"
     )
     _dora.check_layers(
-        config.use_dora, [(c.name, c.conv, c.experts) for c in selected], who="lorafy"
+        config.use_dora,
+        [(c.name, c.conv, c.experts) for c in selected],
+        who="lorafy",
+        quantized=[
+            c.name
+            for c in selected
+            if _quantize.is_quantized(meta.unbox(subtree(inner, c.module)[c.weight]))
+        ],
     )
     adapted = dict(inner)
     for c in selected:

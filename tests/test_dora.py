@@ -438,7 +438,11 @@ def test_refusals_name_the_layer_and_the_reason():
         jaxlora.lorafy(experts, params, cfg, _X, key=KEY)
     with pytest.raises(ValueError, match="use_dora=True with quantize='nf4'"):
         jaxlora.LoraConfig(use_dora=True, quantize="nf4")
-    _, params, cfg, lora_params, _, _ = _mlp()
+    model, params, cfg, lora_params, (x, _), _ = _mlp()
+    stored = {**params, "dense_1": {**params["dense_1"]}}  # a base already quantized (GGUF)
+    stored["dense_1"]["kernel"] = jaxlora.quantize(params["dense_1"]["kernel"], "int8", (0,))
+    with pytest.raises(ValueError, match=r"'dense_1': it is stored quantized.*use_dora=False"):
+        jaxlora.lorafy(model, stored, cfg, x, key=KEY)
     with pytest.raises(ValueError, match=r"DoRA adapters .* cannot join a bank"):
         jaxlora.AdapterBank(params).add("a", lora_params, cfg)
     with pytest.raises(ValueError, match="is a DoRA adapter but the config has use_dora=False"):
