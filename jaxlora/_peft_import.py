@@ -3,9 +3,10 @@
 In two steps. Matching, which needs no knowledge of how the model uses its weights: every
 torch module (or parameter) of the file finds its flax weight through the module map, and
 each flax weight gets its rank and scale (`_peft_match`). Converting, which does: the factors
-are laid out over the weight's input and output axes (`_peft_layouts`), which a linen
+are laid out over the weight's input and output axes (`_peft_factors`), which a linen
 tree's 2-D kernels, embeddings and conv kernels say by themselves, an adapter already on
-the weight says by its ``delta_eq``, and for an NNX module `lorafy` finds by tracing it.
+the weight says by its ``delta_eq``, and for an NNX module `lorafy` finds by tracing it;
+then they are attached to the tree or put into the module (`_peft_attach`).
 """
 
 from __future__ import annotations
@@ -22,152 +23,20 @@ import numpy as np
 from flax import nnx
 
 from jaxlora import (
-    _attach,
     _base_checks,
     _config,
-    _dora,
-    _nnx,
+    _peft_attach,
     _peft_files,
     _peft_tokens,
     _records,
-    _sharding,
-    _targeting,
     _token_records,
 )
-from jaxlora import _peft_layouts as layouts
-from jaxlora._config import LAYER_WEIGHTS, LoraConfig
-from jaxlora._peft_files import CONFIG_NAME, PREFIX, TORCH_LEAF, Factors
-from jaxlora._peft_flax import adapted, base_tree, set_nnx
+from jaxlora._config import LoraConfig
+from jaxlora._peft_files import PREFIX, TORCH_LEAF
+from jaxlora._peft_flax import base_tree
 from jaxlora._peft_match import Plan, index_of, plans_of, resolve, targeted_missing
 from jaxlora._peft_names import ModuleMap
-from jaxlora._tree import (
-    LoraAdapter,
-    PyTree,
-    adapter_key,
-    subtree,
-    unwrap_trainable,
-    without_adapters,
-)
-
-
-def _check_factor(
-    factor: str, got: tuple[int, ...], want: tuple[int, ...], rank_axis: int, *, where: str
-) -> None:
-    """Raises unless a PEFT factor has the torch layout ``want``."""
-    if got == want:
-        return
-    layout = "(r, in)" if factor == "A" else "(out, r)"
-    if got == want[::-1]:
-        why = "it looks transposed: PEFT files hold torch's (out, in) layout."
-    elif len(got) == len(want) and all(
-        g == w for d, (g, w) in enumerate(zip(got, want, strict=True)) if d != rank_axis
-    ):
-        why = (
-            f"its rank {got[rank_axis]} disagrees with r={want[rank_axis]} that "
-            f"{CONFIG_NAME} gives this layer (r / rank_pattern); the file and config differ."
-        )
-    else:
-        why = "the adapter was trained for another base (other layer sizes)."
-    raise ValueError(
-        f"import_peft: {where}: lora_{factor} has shape {got}, expected {layout} = {want}; {why}"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Weight:
-    """A flax weight's shape and the ``delta_eq`` its adapter has (which axes are in, out)."""
-
-    shape: tuple[int, ...]
-    delta_eq: str
-
-
-def _torch_flat(
-    f: Factors, name: str, kind: str, shape: tuple[int, int, int], window, peft_config, where
-) -> layouts.Flat:
-    """The `Flat` adapter of torch module ``name`` whose flax side is ``(in, out, experts)``."""
-    n_in, n_out, experts = shape
-    rank = _peft_files.rank_of(peft_config, name)
-    want_a, want_b = layouts.torch_shapes(kind, n_in, n_out, rank, experts, window)
-    _check_factor("A", tuple(f.a.shape), want_a, 0, where=where)
-    _check_factor("B", tuple(f.b.shape), want_b, 1, where=where)
-    scale = _peft_files.scale_of(peft_config, name)
-    return layouts.from_torch(kind, f.a, f.b, experts, scale, _magnitude(f, kind, n_out, where))
-
-
-def _magnitude(f: Factors, kind: str, n_out: int, where: str) -> np.ndarray | None:
-    """DoRA's magnitude of one torch module, checked: present for every DoRA adapter (and
-    only then), ``(out,)``, on a Linear or Embedding (where PEFT and jaxlora both have DoRA)."""
-    if f.magnitude is None:
-        return None
-    if kind not in (layouts.LINEAR, layouts.EMBEDDING):
-        why = _dora.refusal(conv=kind == layouts.CONV, experts=kind == layouts.PARAMETER)
-        raise ValueError(f"import_peft: {where}: the file has a DoRA adapter here, but {why}.")
-    if tuple(f.magnitude.shape) != (n_out,):
-        raise ValueError(
-            f"import_peft: {where}: lora_magnitude_vector has shape {f.magnitude.shape}, "
-            f"expected ({n_out},), one per output feature; the file was made for another base."
-        )
-    return f.magnitude
-
-
-def _factors(
-    plan: Plan,
-    plans: Sequence[Plan],
-    weights: Mapping[str, _Weight],
-    by_name: Mapping[str, Factors],
-    peft_config: Mapping[str, Any],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """jaxlora's ``(A, B, magnitude)`` of one planned weight (magnitude None unless DoRA),
-    shapes checked against the file."""
-    weight = weights[plan.path]
-    n_in, n_out = layouts.flat_sizes(weight.delta_eq, weight.shape)
-    experts = weight.shape[0] if layouts.stacked(weight.delta_eq, len(weight.shape)) else 0
-    window = weight.shape[:-2] if plan.kind == layouts.CONV else ()
-    where = f"layer {plan.path!r} ({', '.join(plan.sources)})"
-
-    def flat(name: str, outputs: int) -> layouts.Flat:
-        sizes = (n_in, outputs, experts)
-        f = by_name[name]
-        if (f.magnitude is not None) != bool(peft_config.get("use_dora")):
-            has = "has" if f.magnitude is not None else "lacks"
-            raise ValueError(
-                f"import_peft: {where}: the file {has} a lora_magnitude_vector for {name!r} "
-                f"but its {_peft_files.CONFIG_NAME} has use_dora={peft_config.get('use_dora')}; "
-                "the file and config differ."
-            )
-        return _torch_flat(f, name, plan.kind, sizes, window, peft_config, where)
-
-    if plan.block is None:
-        parts = [flat(name, n_out // len(plan.sources)) for name in plan.sources]
-        fused = layouts.concat_outputs(parts)
-    else:  # one block of a torch weight fusing several flax weights' outputs
-        blocks = sorted((p for p in plans if p.sources == plan.sources), key=lambda p: p.block)
-        outs = [
-            layouts.flat_sizes(weights[p.path].delta_eq, weights[p.path].shape)[1] for p in blocks
-        ]
-        fused = layouts.split_outputs(flat(plan.sources[0], sum(outs)), outs)[plan.block]
-    return layouts.from_flat(fused, weight.delta_eq, weight.shape, where=where)
-
-
-def _linen_weight(plan: Plan, inner: Mapping[str, Any]) -> _Weight:
-    """The layout of a linen weight: from its adapter if it has one, else from its kind."""
-    node = subtree(inner, plan.module)
-    shape = tuple(_records.unmark(node[plan.weight_key]).shape)
-    existing = node.get(adapter_key(plan.weight_key))
-    if isinstance(existing, LoraAdapter):
-        roles = _targeting.roles_of(existing.delta_eq, len(shape))
-    elif plan.kind == layouts.CONV and len(shape) >= 3:
-        roles = (_targeting.IN,) * (len(shape) - 1) + (_targeting.OUT,)
-    elif plan.weight_key in LAYER_WEIGHTS and len(shape) == 2:
-        roles = (_targeting.IN, _targeting.OUT)
-    else:
-        raise ValueError(
-            f"import_peft: the file adapts {plan.path!r} {shape}, whose input and output axes "
-            "jaxlora learns from how the model uses it. Adapt the params first (jaxlora.lorafy "
-            f"with targets=[{plan.path!r}], any rank) and import into the adapted tree."
-        )
-    layout = _targeting.layout_of(shape, roles, plan.rank, embedding=plan.kind == layouts.EMBEDDING)
-    return _Weight(shape, layout.delta_eq)
+from jaxlora._tree import PyTree, subtree, unwrap_trainable, without_adapters
 
 
 def _flax_leaf(module: Mapping[str, Any], torch_leaf: str) -> str | None:
@@ -368,15 +237,17 @@ def import_peft(
         ids = {_exact(spec.name): spec.indices for spec in tokens[0]}
         config = dataclasses.replace(config, trainable_token_indices=ids)
     unmatched += unmatched_leaves
-    match = _Match(plans, by_name, peft_config, leaves, unmatched)
+    match = _peft_attach.Match(plans, by_name, peft_config, leaves, unmatched)
     if isinstance(model, nnx.Module):
         _base_checks.report_unmatched(
             unmatched, source=source, who=who, allow_unmatched=allow_unmatched
         )
-        module = _into_nnx(model, config, match, inputs, rngs, sharding)
+        module = _peft_attach.into_nnx(model, config, match, inputs, rngs, sharding)
         _peft_tokens.set_rows(module, *tokens, sharding)
         return config, module
-    adapted = _into_linen(model, inner, match, source, sharding, allow_unmatched, config.init)
+    adapted = _peft_attach.into_linen(
+        model, inner, match, source, sharding, allow_unmatched, config.init
+    )
     values = _token_records.placed(adapted, *tokens, sharding)
     return config, _token_records.attach(adapted, tokens[0], values)
 
@@ -409,119 +280,8 @@ def _rows_only(
         trainable_token_indices={_exact(spec.name): spec.indices for spec in specs},
     )
     if isinstance(model, nnx.Module):
-        module = _adapted_copy(model, config, inputs, rngs)
+        module = _peft_attach.adapted_copy(model, config, inputs, rngs)
         _peft_tokens.set_rows(module, specs, values, sharding)
         return config, module
     placed = _token_records.placed(model, specs, values, sharding)
     return config, _token_records.attach(model, specs, placed)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Match:
-    """What of a PEFT file matched the model: planned weights, their factors, the leaves."""
-
-    plans: list[Plan]
-    by_name: dict[str, Factors]
-    peft_config: dict[str, Any]
-    leaves: list[tuple[_records.LeafSpec, np.ndarray]]
-    unmatched: list[str]
-
-    def factors(self, plan: Plan, weights: Mapping[str, _Weight]) -> tuple:
-        """jaxlora's ``(A, B, magnitude)`` of ``plan`` (see `_factors`)."""
-        return _factors(plan, self.plans, weights, self.by_name, self.peft_config)
-
-
-def _into_nnx(
-    model: nnx.Module,
-    config: LoraConfig,
-    match: _Match,
-    inputs: tuple,
-    rngs: nnx.Rngs | None,
-    sharding: jax.sharding.Sharding | None,
-) -> nnx.Module:
-    """An adapted copy of ``model`` holding the file's factors and leaves."""
-    module = _adapted_copy(model, config, inputs, rngs)
-    weights = {
-        layer.spec.path: _Weight(layer.spec.kernel_shape, layer.spec.delta_eq)
-        for layer in adapted(module, who="import_peft").layers
-    }
-    arrays = {p.path: match.factors(p, weights) for p in match.plans}
-    set_nnx(module, arrays, {spec.path: value for spec, value in match.leaves}, sharding)
-    return module
-
-
-def _into_linen(
-    params: PyTree,
-    inner: Mapping[str, Any],
-    match: _Match,
-    source: str,
-    sharding: jax.sharding.Sharding | None,
-    allow_unmatched: bool,
-    init: str,
-) -> PyTree:
-    """``params`` with the file's adapters and leaves attached (placed like their weights);
-    for a PiSSA/OLoRA adapter, the base weights it adapts become their residuals (as PEFT
-    recomputes them when it loads one)."""
-    weights = {p.path: _linen_weight(p, inner) for p in match.plans}
-    adapters = {}
-    for p in match.plans:
-        a, b, m = match.factors(p, weights)
-        weight = _records.unmark(subtree(inner, p.module)[p.weight_key])
-        spec = _records.LayerSpec(
-            path=p.path,
-            weight_key=p.weight_key,
-            kernel_shape=weights[p.path].shape,
-            kernel_dtype=jax.numpy.dtype(weight.dtype).name,
-            a_shape=a.shape,
-            b_shape=b.shape,
-            dtype=a.dtype.name,
-            scale=p.scale,
-            delta_eq=weights[p.path].delta_eq,
-            magnitude_shape=None if m is None else m.shape,
-        )
-        adapters[spec] = (a, b, m)
-    _base_checks.plan(
-        params,
-        list(adapters),
-        [spec for spec, _ in match.leaves],
-        source=source,
-        who="import_peft",
-        allow_unmatched=allow_unmatched,
-        unmatched=match.unmatched,
-    )
-    params = _attach.to_residual(params, list(adapters), init)
-    placed = {}
-    for spec, (a, b, m) in adapters.items():
-        a_sharding, b_sharding = _attach.layer_shardings(params, spec, sharding)
-        if m is not None:
-            m_sharding = _sharding.magnitude_sharding(b_sharding, b.ndim, spec.delta_eq)
-            m = jax.device_put(m, m_sharding)
-        placed[spec] = LoraAdapter(
-            jax.device_put(a, a_sharding),
-            jax.device_put(b, b_sharding),
-            scale=spec.scale,
-            delta_eq=spec.delta_eq,
-            magnitude=m,
-        )
-    trainable = {
-        spec.path: jax.device_put(value, _attach.leaf_sharding(params, spec, sharding))
-        for spec, value in match.leaves
-    }
-    return _attach.attach(params, placed, trainable)
-
-
-def _adapted_copy(
-    model: nnx.Module, config: LoraConfig, inputs: tuple, rngs: nnx.Rngs | None
-) -> nnx.Module:
-    """A copy of an NNX module adapted by `lorafy` with ``config`` (factors still random)."""
-    module = nnx.clone(model)
-    try:
-        return _nnx.lorafy(module, config, *inputs, rngs=rngs or nnx.Rngs(0))
-    except ValueError as e:
-        if inputs:
-            raise
-        raise ValueError(
-            f"import_peft: {e}\nThe file adapts weights jaxlora finds by tracing the module: "
-            "pass example inputs of its __call__, import_peft(directory, module, *inputs, "
-            "module_map=...)."
-        ) from e
