@@ -4,10 +4,11 @@ The model's code never sees a `QuantizedArray`: jaxlora traces the model on the 
 shapes (`abstract`) and, when it evaluates the traced program (`_rewrite.call`), feeds
 each quantized weight as a `Lazy` value: the stored arrays plus the re-views the program
 applies to the weight (transpose, reshape, slice, a cast). The weight is dequantized only
-inside the operation that consumes it (`bind`), wrapped in ``jax.checkpoint`` so that the
-backward pass dequantizes it again rather than keeping the dense weight as a residual
-(bitsandbytes' ``MatMul4Bit`` does the same): no full-precision copy of the model exists
-at any point of a step. A scan over stacked layers steps the stored arrays.
+inside the operation that consumes it (`bind`), recomputed in the backward pass rather than
+kept as a residual (bitsandbytes' ``MatMul4Bit`` does the same): ``jax.checkpoint`` on GPU
+and TPU, on CPU a custom VJP that also orders each dequantization after the layer's input
+or cotangent (`_ordered`). One layer's dense weight exists at a time. A scan over stacked
+layers steps the stored arrays.
 """
 
 from __future__ import annotations
@@ -125,18 +126,55 @@ def returned(x: Any) -> Any:
     return x
 
 
+def _after(q: QuantizedArray, t: Any) -> QuantizedArray:
+    """``q`` whose arrays (codes, scales) wait for ``t``, an activation or a cotangent:
+    adding ``0 · t[0]`` is a data dependency XLA keeps, where it drops optimization barriers
+    on CPU. ``t`` with no floating array leaves ``q`` as it is."""
+    floats = [x for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+    if not floats:
+        return q
+    zero = 0.0 * jnp.nan_to_num(floats[0].reshape(-1)[0])  # exactly 0, even for inf or NaN
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), q)
+
+
+def _ordered(apply: Callable[[list, QuantizedArray], list]) -> Callable[[list, Any], list]:
+    """``apply`` whose weight is dequantized after its input in the forward pass and after
+    the output's cotangent in the backward pass, so that one layer's dense weight exists at
+    a time. XLA:CPU removes the optimization barriers of ``jax.checkpoint`` and then both
+    merges the backward's dequantization with the forward's and schedules every layer's
+    dequantization (which reads only weights) first: every dense weight was alive at the
+    step's peak."""
+
+    @jax.custom_vjp
+    def run(others, q):
+        return apply(others, _after(q, others))
+
+    def forward(others, q):
+        return run(others, q), (others, q)
+
+    def backward(residuals, g):
+        others, q = residuals
+        _, vjp = jax.vjp(lambda o: apply(o, _after(q, g)), others)
+        return (*vjp(g), None)
+
+    run.defvjp(forward, backward)
+    return run
+
+
 def _contract(eqn: Any, invals: list, pos: int, bind: Callable) -> list:
     """The contraction with its weight dequantized inside, recomputed in the backward pass."""
     lazy = invals[pos]
 
-    def run(others, q):
+    def apply(others, q):
         vals = list(others)
         vals.insert(pos, dataclasses.replace(lazy, q=q).value())
         return bind(eqn, vals)
 
+    def rematerialized(others, q):
+        return jax.checkpoint(apply, policy=jax.checkpoint_policies.nothing_saveable)(others, q)
+
     others = [x for i, x in enumerate(invals) if i != pos]
-    policy = jax.checkpoint_policies.nothing_saveable
-    return jax.checkpoint(run, policy=policy)(others, lazy.q)
+    return jax.lax.platform_dependent(others, lazy.q, cpu=_ordered(apply), default=rematerialized)
 
 
 def _deferred(eqn: Any, invals: list, pos: int, bind: Callable) -> list:
@@ -160,7 +198,7 @@ def _deferred(eqn: Any, invals: list, pos: int, bind: Callable) -> list:
 def bind(eqn: Any, invals: list, bind: Callable[[Any, list], list]) -> list:
     """``bind(eqn, invals)`` where some of ``invals`` may be `Lazy` weights.
 
-    A contraction consuming one such weight dequantizes it inside a ``jax.checkpoint``;
+    A contraction consuming one such weight dequantizes it where it is consumed (`_contract`);
     any other operation taking one weight and no subprogram is deferred to the weight's
     consumer; anything else (two weights at once, a ``while``) gets the dense values.
     """

@@ -3,6 +3,7 @@
 import re
 
 import chex
+import flax.linen as nn
 import jax
 import jax.ad_checkpoint
 import jax.numpy as jnp
@@ -172,6 +173,39 @@ def test_no_weight_gradient_and_no_dense_residual(capsys):
     saved = capsys.readouterr().out
     assert "u8[" in saved  # the codes are what the backward pass reads
     assert not re.search(r"f32\[(64,256|256,64)\]", saved), saved
+
+
+class _Stack(nn.Module):
+    layers: int
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.layers):
+            x = jnp.tanh(nn.Dense(x.shape[-1], name=f"dense_{i}")(x))
+        return x
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_the_step_holds_one_dense_weight_at_a_time(fmt):
+    """Each weight is dequantized after its layer's input (and again after its cotangent):
+    XLA:CPU scheduled every layer's dequantization first and kept the dense weights for
+    the backward pass, so that 8 more layers cost 8 dense kernels of temporary memory."""
+    x = jnp.ones((16, 512))
+
+    def temp_bytes(layers):
+        model = _Stack(layers)
+        params = model.init(jax.random.key(0), x)["params"]
+        cfg = jaxlora.LoraConfig(rank=4, quantize=fmt)
+        lora_model, lora_params = jaxlora.lorafy(model, params, cfg, x, key=jax.random.key(1))
+        tx = jaxlora.optimizer(optax.sgd(1e-2), lora_params)
+        step = jaxlora.make_train_step(
+            lambda p, b: lora_model.apply({"params": p}, b).sum(), tx, donate=False
+        )
+        compiled = step.lower(lora_params, tx.init(lora_params), x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    dense_kernel = 512 * 512 * 4
+    assert temp_bytes(16) - temp_bytes(8) < 2 * dense_kernel
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
