@@ -41,6 +41,20 @@ def path_matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern)
 
 
+def node_key(kind: str, weight: str) -> str:
+    """The key of what jaxlora keeps beside a weight in its module's params: ``kind``
+    (``"lora"``, ``"tokens"``) beside a layer's ``kernel``/``embedding``, ``"<kind>_<weight>"``
+    beside any other weight."""
+    return kind if weight in LAYER_WEIGHTS else f"{kind}_{weight}"
+
+
+def weight_of_node(kind: str, layer: Mapping[str, Any], key: str) -> str:
+    """The weight a `node_key` ``key`` of ``kind`` belongs to, in ``layer``."""
+    if key == kind:
+        return "embedding" if "embedding" in layer else "kernel"
+    return key[len(kind) + 1 :]
+
+
 def format_paths(items: Sequence[str], *, limit: int = 40, bullet: str = "") -> str:
     """Indented lines, one per item (layer paths, mismatches), for error messages.
 

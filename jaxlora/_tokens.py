@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from jaxlora._config import LAYER_WEIGHTS, adapter_name, format_paths, path_matches
+from jaxlora._config import (
+    adapter_name,
+    format_paths,
+    node_key,
+    path_matches,
+    weight_of_node,
+)
 from jaxlora._views import Factors
 
 TOKENS_KEY = "tokens"
@@ -53,15 +59,12 @@ class TrainableTokens:
 
 
 def tokens_key(weight: str) -> str:
-    """The key of a weight's `TrainableTokens` in its module: ``"tokens"`` beside a layer's
-    ``kernel``/``embedding``, ``"tokens_<weight>"`` beside any other weight."""
-    return TOKENS_KEY if weight in LAYER_WEIGHTS else f"{TOKENS_KEY}_{weight}"
+    """The key of a weight's `TrainableTokens` in its module (see `_tree.node_key`)."""
+    return node_key(TOKENS_KEY, weight)
 
 
 def _weight_of(layer: Mapping[str, Any], key: str) -> str:
-    if key == TOKENS_KEY:
-        return "embedding" if "embedding" in layer else "kernel"
-    return key[len(TOKENS_KEY) + 1 :]
+    return weight_of_node(TOKENS_KEY, layer, key)
 
 
 def iter_tokens(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Mapping]]:

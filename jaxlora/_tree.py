@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from jaxlora import _dora, _layout, _quantize, _tokens
-from jaxlora._config import LAYER_WEIGHTS, adapter_name
+from jaxlora._config import adapter_name, node_key, weight_of_node
 from jaxlora._tokens import TrainableTokens
 from jaxlora._views import Factors, factors_for
 
@@ -139,15 +139,12 @@ def module_paths(tree: Any) -> Iterator[str]:
 
 
 def adapter_key(weight: str) -> str:
-    """The key of a weight's adapter in its module's params: ``"lora"`` beside a layer's
-    ``kernel``/``embedding``, ``"lora_<weight>"`` beside any other weight."""
-    return ADAPTER_KEY if weight in LAYER_WEIGHTS else f"{ADAPTER_KEY}_{weight}"
+    """The key of a weight's adapter (see `node_key`)."""
+    return node_key(ADAPTER_KEY, weight)
 
 
 def _adapted_weight(layer: Mapping[str, Any], key: str) -> str:
-    if key == ADAPTER_KEY:
-        return "embedding" if "embedding" in layer else "kernel"
-    return key[len(ADAPTER_KEY) + 1 :]
+    return weight_of_node(ADAPTER_KEY, layer, key)
 
 
 def _adapter_keys(node: Any) -> list[str]:

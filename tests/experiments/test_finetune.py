@@ -19,22 +19,16 @@ from experiments import finetune, tasks
 from experiments.models.bert import init_classification_params
 from experiments.models.loading import load_hf_model, minilm_path
 from tests.support.gguf_files import smollm2_first_layers
+from tests.support.scripts import REPO_ROOT, run_experiment
 from tests.support.tiny_llama import write_tiny_llama
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "experiments" / "finetune.py"
 TINY_BUDGET = ["--steps", "4", "--batch-size", "4", "--max-eval-examples", "8", "--eval-every", "2"]
 
 
 def run_script(*flags: str) -> subprocess.CompletedProcess:
     """Runs the script as the README does (``python experiments/finetune.py ...``)."""
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *flags],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_experiment(SCRIPT, *flags, timeout=300)
 
 
 def peft_tensors(output_dir: Path) -> dict[str, np.ndarray]:

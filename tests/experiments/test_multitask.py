@@ -2,8 +2,6 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,20 +10,14 @@ import jaxlora
 from experiments import multitask, tasks
 from experiments.models.bert import init_classification_params
 from experiments.models.loading import load_hf_model, minilm_path
+from tests.support.scripts import REPO_ROOT, run_experiment
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "experiments" / "multitask.py"
 
 
 def run_script(*flags: str) -> subprocess.CompletedProcess:
     """Runs the script as the README does (``python experiments/multitask.py ...``)."""
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *flags],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_experiment(SCRIPT, *flags, timeout=600)
 
 
 def check_per_task(results: dict, metric: str, names: list[str]) -> None:
