@@ -18,7 +18,7 @@ from flax import nnx
 
 import jaxlora
 from tests.support import conv_twins, models, peft_models
-from tests.support.steps import compiled_dot_shapes, full_finetune_step
+from tests.support.steps import compiled_dot_shapes, full_finetune_step, moved
 from tests.test_custom_layers import Block as CustomBlock
 from tests.test_custom_layers import Experts as CustomExperts
 from tests.test_custom_layers import Scanned as CustomScanned
@@ -256,12 +256,7 @@ def test_lora_dropout_as_peft_applies_it():
 
 
 def _moved(params, scale=0.1):
-    trainable, frozen = jaxlora.split(params)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(trainable))))
-    trainable = jax.tree.map(
-        lambda v: v + scale * jax.random.normal(next(keys), v.shape), trainable
-    )
-    return jaxlora.combine(trainable, frozen)
+    return moved(params, scale)
 
 
 class _TiedLm(nn.Module):

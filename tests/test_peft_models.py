@@ -24,6 +24,7 @@ from flax import nnx
 import jaxlora
 from tests.support import conv_twins, hf_twins
 from tests.support import tunix_zoo as zoo
+from tests.support.steps import moved
 
 pytestmark = [
     # tunix's own code warns (deprecated JAX and flax APIs) on every call.
@@ -52,12 +53,7 @@ def _adapted(built, config):
 
 
 def _moved(params, scale):
-    """An adapted linen tree with every trainable leaf moved off its initial value."""
-    trainable, frozen = jaxlora.split(params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+    return moved(params, scale)
 
 
 def _peft_trained(model, config, scale=0.1):

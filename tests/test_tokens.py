@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
-from tests.support.steps import full_finetune_step
+from tests.support.steps import full_finetune_step, moved
 
 VOCAB, WIDTH, NEW = 37, 8, (3, 30, 36)
 KEY = jax.random.key(0)
@@ -54,12 +54,7 @@ def _setup(model=None, **cfg):
 
 
 def _moved(params, scale=0.5):
-    """Every trainable leaf moved off its initial value (B no longer zero, rows changed)."""
-    trainable, frozen = jaxlora.split(params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+    return moved(params, scale)
 
 
 def _lm_loss(apply):

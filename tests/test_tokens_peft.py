@@ -20,6 +20,7 @@ from experiments.models.llama import LlamaConfig, LlamaForCausalLM
 from experiments.models.loading import flax_to_hf_state_dict
 from tests.support import hf_twins
 from tests.support import tunix_zoo as zoo
+from tests.support.steps import moved
 
 SIZES = {
     "vocab_size": 48,
@@ -67,11 +68,7 @@ def _logits(model, params, config=None):
 
 
 def _moved(params, scale=0.2):
-    trainable, frozen = jaxlora.split(params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+    return moved(params, scale)
 
 
 def test_export_loads_in_peft_with_the_same_logits(tmp_path, twins):

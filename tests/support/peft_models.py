@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
 
 import jaxlora
+from tests.support.steps import moved
 
 VOCAB, WIDTH, CLASSES, LAYERS = 11, 8, 3, 2
 
@@ -157,8 +157,4 @@ def lorafied_and_moved(base_params: dict, config: jaxlora.LoraConfig, key) -> di
     """`Net` adapted by ``config``, every trainable leaf moved by 0.1·N(0, 1) (seed 1), so
     the adapters are not at their initial values."""
     _, lora_params = jaxlora.lorafy(Net(), base_params, config, ids(), key=key)
-    trainable, frozen = jaxlora.split(lora_params)
-    leaves, treedef = jax.tree.flatten(trainable)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
+    return moved(lora_params, 0.1)

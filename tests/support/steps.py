@@ -5,6 +5,8 @@ import re
 import jax
 import optax
 
+import jaxlora
+
 _DOT = re.compile(r"= f32\[([\d,]+)\]\S* (?:dot|convolution)\(")
 
 
@@ -26,3 +28,13 @@ def compiled_dot_shapes(jitted, *args) -> set[tuple[int, ...]]:
     shapes = {tuple(int(d) for d in m.group(1).split(",")) for m in _DOT.finditer(hlo)}
     assert shapes, "no dots found: the HLO pattern is stale"
     return shapes
+
+
+def moved(params, scale: float):
+    """An adapted linen tree with every trainable leaf moved by ``scale``·N(0, 1) (seed 1), so
+    the adapters are off their initial values (B no longer zero, token rows changed)."""
+    trainable, frozen = jaxlora.split(params)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jaxlora.combine(jax.tree.unflatten(treedef, leaves), frozen)
